@@ -1,3 +1,7 @@
 """ctxrestore: self-supervised pretraining by context restoration (Chen et al., MedIA 2019)."""
 
 __version__ = "0.1.0"
+
+from ctxrestore.corruption import ContextRestoration, ContextRestorationd, context_restoration
+
+__all__ = ["ContextRestoration", "ContextRestorationd", "__version__", "context_restoration"]

@@ -1,1 +1,6 @@
-"""pretext"""
+"""Pretext tasks: a corruption + a target + a loss, registered by name."""
+
+from ctxrestore.pretext import context_restoration as _context_restoration  # noqa: F401
+from ctxrestore.pretext.registry import Pretext, create_pretext, list_pretexts, register_pretext
+
+__all__ = ["Pretext", "create_pretext", "list_pretexts", "register_pretext"]

@@ -1,0 +1,162 @@
+"""Context restoration's corruption: swap pairs of isolated patches, T times per image.
+
+Chen et al., "Self-supervised learning for medical image analysis using image context
+restoration", Medical Image Analysis 58 (2019), Sec. 3.1: pick two non-overlapping patches,
+swap their contents, repeat T times; later swaps act on the result of earlier ones. The
+corrupted image is a permutation of the original's pixels, so its intensity distribution is
+unchanged and only the spatial context is wrong.
+
+`sampling.sample_swap_plan` draws where to swap from an explicit `torch.Generator`;
+`apply_swap_plan` here is deterministic. The same apply function run on an image of voxel
+indices gives the pixel permutation, so there is one mechanism for both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ctxrestore.corruption.sampling import SwapPlan, sample_swap_plan
+from ctxrestore.errors import CtxRestoreError
+
+
+def _patch_indices(corners: torch.Tensor, plan: SwapPlan) -> torch.Tensor:
+    """(B, T, P) flat indices of every voxel of every patch (P = prod(patch_size))."""
+    shape = plan.spatial_shape
+    strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
+    device = corners.device
+    offsets = torch.zeros((), dtype=torch.long, device=device)
+    for axis, (size, stride) in enumerate(zip(plan.patch_size, strides)):
+        axis_offsets = torch.arange(size, device=device) * stride
+        view = [1] * len(shape)
+        view[axis] = size
+        offsets = offsets + axis_offsets.view(view)
+    corner_flat = (corners * torch.tensor(strides, device=device)).sum(dim=-1)
+    return corner_flat[..., None] + offsets.reshape(-1)
+
+
+def apply_swap_plan(images: torch.Tensor, plan: SwapPlan) -> torch.Tensor:
+    """Swap the plan's patch pairs in order; deterministic, any dtype, all channels at once.
+
+    images: (B, C, *spatial) -> a new tensor of the same shape. Only the T swaps are looped
+    over; each is one batched gather/scatter of B * C * P values.
+    """
+    batch, channels = images.shape[:2]
+    if tuple(images.shape[2:]) != plan.spatial_shape or plan.active.shape[0] != batch:
+        raise CtxRestoreError(
+            f"swap plan is for {plan.active.shape[0]} images of spatial shape "
+            f"{plan.spatial_shape}, got a batch of shape {tuple(images.shape)}"
+        )
+    plan = plan.to(images.device)
+    # An inactive swap exchanges patch a with itself: a no-op without a branch per image.
+    corners_b = torch.where(plan.active[..., None], plan.corners_b, plan.corners_a)
+    index_a, index_b = _patch_indices(torch.stack([plan.corners_a, corners_b]), plan)
+    out = images.reshape(batch, channels, -1).clone()
+    for t in range(index_a.shape[1]):
+        idx_a = index_a[:, None, t].expand(-1, channels, -1)
+        idx_b = index_b[:, None, t].expand(-1, channels, -1)
+        values_a = out.gather(2, idx_a)
+        values_b = out.gather(2, idx_b)
+        out.scatter_(2, idx_a, values_b)
+        out.scatter_(2, idx_b, values_a)
+    return out.view_as(images)
+
+
+def undo_swap_plan(images: torch.Tensor, plan: SwapPlan) -> torch.Tensor:
+    """Inverse of `apply_swap_plan`: the same swaps, in reverse order."""
+    reverse = SwapPlan(
+        plan.corners_a.flip(1),
+        plan.corners_b.flip(1),
+        plan.active.flip(1),
+        plan.patch_size,
+        plan.spatial_shape,
+    )
+    return apply_swap_plan(images, reverse)
+
+
+def swap_permutation(plan: SwapPlan, device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, N) int64 with corrupted.flatten(2)[b, :, i] == original.flatten(2)[b, :, perm[b, i]].
+
+    N = prod(spatial_shape). Computed by swapping an image of voxel indices.
+    """
+    device = plan.corners_a.device if device is None else device
+    batch = plan.active.shape[0]
+    count = math.prod(plan.spatial_shape)
+    index_image = torch.arange(count, device=device).view(1, 1, *plan.spatial_shape)
+    return apply_swap_plan(index_image.expand(batch, 1, *plan.spatial_shape), plan).flatten(1)
+
+
+def apply_permutation(images: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+    """images: (B, C, *spatial), permutation: (B, N) -> images gathered voxel-wise."""
+    batch, channels = images.shape[:2]
+    flat = images.reshape(batch, channels, -1)
+    index = permutation.to(images.device)[:, None, :].expand(-1, channels, -1)
+    return flat.gather(2, index).view_as(images)
+
+
+def invert_permutation(permutation: torch.Tensor) -> torch.Tensor:
+    """(B, N) -> (B, N) inverse, so that apply_permutation(corrupted, inverse) restores."""
+    inverse = torch.empty_like(permutation)
+    positions = torch.arange(permutation.shape[1], device=permutation.device)
+    inverse.scatter_(1, permutation, positions.expand_as(permutation))
+    return inverse
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise CtxRestoreError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() not in (4, 5):
+        raise CtxRestoreError(
+            f"images must be a batch (B, C, H, W) or (B, C, D, H, W), got shape "
+            f"{tuple(images.shape)} with {images.dim()} dimensions"
+        )
+    if not images.is_floating_point():
+        raise CtxRestoreError(
+            f"images must be floating point (float16/bfloat16/float32/float64), got {images.dtype}"
+        )
+
+
+def context_restoration(
+    images: torch.Tensor,
+    num_swaps: int | Sequence[int],
+    patch_size: int | Sequence[int],
+    generator: torch.Generator | None = None,
+    *,
+    foreground_threshold: float | None = None,
+    return_permutation: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt a batch by swapping isolated patch pairs (Chen et al. 2019).
+
+    Args:
+        images: (B, C, H, W) or (B, C, D, H, W) float, on any device.
+        num_swaps: T swaps per image, or a (min, max) range drawn per image.
+        patch_size: patch length, one int or one per spatial axis.
+        generator: source of all randomness; the plan is sampled on its device. None uses
+            torch's default CPU generator, so `torch.manual_seed` makes runs reproducible.
+        foreground_threshold: if given, a voxel is foreground when any channel exceeds it, and
+            patches lying wholly in the background are avoided.
+        return_permutation: also return the (B, N) voxel permutation (see `swap_permutation`).
+
+    Returns:
+        The corrupted batch, same shape, dtype and device; and the permutation if asked.
+    """
+    _check_images(images)
+    if generator is None:
+        generator = torch.default_generator
+    foreground = None
+    if foreground_threshold is not None:
+        foreground = (images > foreground_threshold).any(dim=1)
+    plan = sample_swap_plan(
+        images.shape[2:],
+        images.shape[0],
+        num_swaps,
+        patch_size,
+        generator=generator,
+        foreground=foreground,
+    )
+    corrupted = apply_swap_plan(images, plan)
+    if return_permutation:
+        return corrupted, swap_permutation(plan, device=images.device)
+    return corrupted

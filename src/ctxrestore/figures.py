@@ -1,0 +1,136 @@
+"""PNG figures a person opens to check a run: image grids and loss curves.
+
+Figures are drawn on matplotlib's object API with an Agg canvas, so no global backend is
+switched and nothing needs a display. Files are written atomically: a reader never sees a
+half-written PNG, even while training keeps overwriting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ctxrestore.errors import CtxRestoreError
+
+_CELL_INCHES = 1.6
+
+
+def _save_atomically(figure: Figure, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    # Not tempfile.mkstemp: its 0600 mode would survive the rename and hide the figure from
+    # others on a shared machine; "xb" creates the file with the usual umask permissions.
+    temporary = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        with temporary.open("xb") as file:
+            figure.savefig(file, format="png")
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+def _display_slices(title: str, images: torch.Tensor, max_images: int) -> list[np.ndarray]:
+    """The first channel of the first `max_images` images; the middle slice of a volume."""
+    if images.ndim not in (4, 5):
+        raise CtxRestoreError(
+            f"image grid row {title!r} has shape {tuple(images.shape)}; "
+            "give (B, C, H, W) or (B, C, D, H, W)"
+        )
+    first_channel = images[:max_images, 0].detach().to("cpu", torch.float32)
+    if first_channel.ndim == 4:
+        first_channel = first_channel[:, first_channel.shape[1] // 2]
+    return list(first_channel.numpy())
+
+
+def _column_range(slices: list[np.ndarray]) -> tuple[float, float]:
+    values = np.concatenate([s[np.isfinite(s)] for s in slices])
+    if values.size == 0:
+        return 0.0, 1.0
+    return float(values.min()), float(values.max())
+
+
+def save_image_grid(
+    path: Path | str,
+    rows: Sequence[tuple[str, torch.Tensor]],
+    max_images: int = 8,
+) -> Path:
+    """Write a PNG grid: one row per (title, images (B, C, *spatial)), one column per image.
+
+    Shows channel 0 of the first `max_images` images of each row; a 3D image shows its middle
+    slice along the first spatial axis. All images in a column share one grey scale, so that
+    e.g. input, corrupted and restored versions of the same image compare directly.
+    """
+    if not rows:
+        raise CtxRestoreError(f"image grid {path}: no rows to draw")
+    if max_images < 1:
+        raise CtxRestoreError(f"image grid {path}: max_images {max_images} must be >= 1")
+    titled = [(title, _display_slices(title, images, max_images)) for title, images in rows]
+    num_columns = max(len(slices) for _, slices in titled)
+    if num_columns == 0:
+        raise CtxRestoreError(f"image grid {path}: every row holds 0 images")
+    ranges = [
+        _column_range([slices[c] for _, slices in titled if c < len(slices)])
+        for c in range(num_columns)
+    ]
+
+    figure = Figure(figsize=(_CELL_INCHES * num_columns, _CELL_INCHES * len(titled)))
+    axes = figure.subplots(len(titled), num_columns, squeeze=False)
+    for row, (title, slices) in enumerate(titled):
+        for column in range(num_columns):
+            ax = axes[row, column]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column < len(slices):
+                low, high = ranges[column]
+                ax.imshow(slices[column], cmap="gray", vmin=low, vmax=high)
+            else:
+                ax.set_axis_off()
+        axes[row, 0].set_ylabel(title)
+    figure.tight_layout()
+    return _save_atomically(figure, path)
+
+
+def save_loss_curve(
+    path: Path | str,
+    steps: Sequence[int],
+    losses: Sequence[float],
+    title: str = "loss",
+) -> Path:
+    """Write a PNG line plot of loss against step, with a log-scale y axis.
+
+    Falls back to a linear y axis when a finite loss is <= 0, which a log scale cannot show.
+    Non-finite losses leave gaps in the line.
+    """
+    if len(steps) != len(losses):
+        raise CtxRestoreError(
+            f"loss curve {path}: {len(steps)} steps but {len(losses)} losses; give one per step"
+        )
+    if not losses:
+        raise CtxRestoreError(f"loss curve {path}: no losses to draw")
+    values = [float(loss) for loss in losses]
+    finite = [value for value in values if math.isfinite(value)]
+
+    figure = Figure(figsize=(6.0, 4.0))
+    ax = figure.subplots()
+    ax.plot(list(steps), values, linewidth=1.2, marker="." if len(values) < 50 else None)
+    if finite and min(finite) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    return _save_atomically(figure, path)

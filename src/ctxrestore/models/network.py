@@ -1,0 +1,52 @@
+"""Encoder + decoder + head: the network trained by context restoration (Chen et al. 2019)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.models.encoder import ConvEncoder
+
+
+class EncoderDecoder(nn.Module):
+    """Pixel-wise network: (B, in_channels, *S) -> (B, out_channels, *S).
+
+    The submodules are named `encoder`, `decoder` and `head` because checkpoints select
+    weights by these prefixes (DESIGN.md, checkpoint contract): fine-tuning keeps the encoder
+    and, for segmentation, the decoder. The decoder receives the encoder's full
+    `forward_features` list. Every spatial size must be divisible by
+    `encoder.downsampling_factor`.
+    """
+
+    def __init__(self, encoder: ConvEncoder, decoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return self.head(self.decoder(self.encoder.forward_features(x)))
+
+    def _check_input(self, x: Tensor) -> None:
+        # Shape-only checks, so they cost nothing next to the convolutions.
+        spatial_dims = self.encoder.spatial_dims
+        if x.ndim != spatial_dims + 2:
+            raise CtxRestoreError(
+                f"expected input of shape (B, C, {', '.join('S' * spatial_dims)}) for a "
+                f"{spatial_dims}D network, got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.encoder.in_channels:
+            raise CtxRestoreError(
+                f"the network takes {self.encoder.in_channels} input channel(s), got "
+                f"{x.shape[1]} (input shape {tuple(x.shape)})"
+            )
+        factor = self.encoder.downsampling_factor
+        spatial = tuple(x.shape[2:])
+        if any(size % factor for size in spatial):
+            valid = tuple(max(factor, size // factor * factor) for size in spatial)
+            raise CtxRestoreError(
+                f"input spatial size {spatial} is not divisible by the network's "
+                f"downsampling factor {factor}; crop or pad each axis to a multiple of {factor}, "
+                f"e.g. {valid}"
+            )

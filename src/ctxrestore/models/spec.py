@@ -1,0 +1,65 @@
+"""Plain-dict model specs: what a checkpoint stores to rebuild its network (DESIGN.md)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.models.registry import check_kwargs, create_model, get_factory
+
+PARTS = ("encoder", "decoder", "head")
+
+
+def _to_json(value: Any) -> Any:
+    """Tuples become lists (recursively) so that the spec survives json.dumps/json.loads."""
+    if isinstance(value, (tuple, list)):
+        return [_to_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_json(item) for key, item in value.items()}
+    return value
+
+
+def model_spec(name: str, **kwargs: Any) -> dict[str, Any]:
+    """JSON-able spec of model `name` built with `kwargs`, defaults filled in.
+
+    Returns {"name", "kwargs", "prefixes": {part: "part."}, "downsampling_factor"}. The defaults
+    are recorded so that the spec still rebuilds the same network if they change later.
+    """
+    check_kwargs(name, kwargs)
+    bound = inspect.signature(get_factory(name)).bind(**kwargs)
+    bound.apply_defaults()
+    spec_kwargs = _to_json(dict(bound.arguments))
+    try:
+        json.dumps(spec_kwargs)
+    except TypeError as error:
+        raise CtxRestoreError(
+            f"model {name!r} arguments must be JSON values to go in a spec: {error}"
+        ) from None
+    # On the meta device no weights are allocated, so this costs nothing even for 3D models.
+    with torch.device("meta"):
+        model = create_model(name, **spec_kwargs)
+    children = dict(model.named_children())
+    encoder = children.get("encoder")
+    return {
+        "name": name,
+        "kwargs": spec_kwargs,
+        "prefixes": {part: f"{part}." for part in PARTS if part in children},
+        "downsampling_factor": int(getattr(encoder, "downsampling_factor", 1)),
+    }
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """Build the model that `spec` (from `model_spec`, possibly via JSON) describes."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise CtxRestoreError(
+            f"a model spec must be a dict with a 'name' and 'kwargs', got {spec!r:.200}"
+        )
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise CtxRestoreError(f"model spec 'kwargs' must be a dict, got {kwargs!r:.200}")
+    return create_model(spec["name"], **kwargs)

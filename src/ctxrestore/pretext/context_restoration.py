@@ -1,0 +1,53 @@
+"""Context restoration (Chen et al., MedIA 2019): restore images whose patch pairs were swapped.
+
+The network sees the corrupted image and is trained with an L2 loss to output the ORIGINAL
+image (using the corrupted one as the target is a known bug of public reimplementations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ctxrestore.corruption import context_restoration
+from ctxrestore.corruption.sampling import normalize_num_swaps
+from ctxrestore.pretext.registry import register_pretext
+
+
+@register_pretext("context_restoration")
+@dataclass(frozen=True)
+class ContextRestorationPretext:
+    """num_swaps: T (or a (min, max) range per image); patch_size: int or one per axis;
+    foreground_threshold: avoid swapping pure-background patches (None: anywhere)."""
+
+    num_swaps: int | Sequence[int] = 20
+    patch_size: int | Sequence[int] = 16
+    foreground_threshold: float | None = None
+    name: str = "context_restoration"
+
+    def __post_init__(self) -> None:
+        normalize_num_swaps(self.num_swaps)
+
+    def make_batch(
+        self, images: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images: (B, C, *spatial) clean -> (corrupted input, clean target)."""
+        corrupted = context_restoration(
+            images,
+            self.num_swaps,
+            self.patch_size,
+            generator,
+            foreground_threshold=self.foreground_threshold,
+        )
+        return corrupted, images
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(outputs.float(), targets.float())
+
+    def params(self) -> dict:
+        params = asdict(self)
+        params.pop("name")
+        return params

@@ -1,0 +1,234 @@
+"""Context-restoration corruption: plan properties, permutation, determinism, bugs, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from corruption_checks import (
+    assert_channels_moved_together,
+    assert_is_permutation,
+    assert_pairs_isolated,
+    distinct_images,
+)
+
+from ctxrestore.corruption import (
+    SwapPlan,
+    apply_permutation,
+    apply_swap_plan,
+    context_restoration,
+    invert_permutation,
+    sample_swap_plan,
+    swap_permutation,
+    undo_swap_plan,
+)
+from ctxrestore.errors import CtxRestoreError
+
+SHAPES = {2: (24, 20), 3: (12, 10, 14)}
+PATCHES = {2: (5, 4), 3: (3, 4, 3)}
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("channels", [1, 4])
+def test_output_is_a_permutation_given_by_the_returned_index(spatial_dims, channels):
+    images = distinct_images(3, channels, SHAPES[spatial_dims])
+    corrupted, permutation = context_restoration(
+        images, 10, PATCHES[spatial_dims], generator(), return_permutation=True
+    )
+    assert corrupted.shape == images.shape and corrupted.dtype == images.dtype
+    assert not torch.equal(corrupted, images)
+    assert_is_permutation(images, corrupted)
+    assert torch.equal(apply_permutation(images, permutation), corrupted)
+    assert torch.equal(apply_permutation(corrupted, invert_permutation(permutation)), images)
+    assert torch.equal(permutation.sort(dim=1).values[0], torch.arange(permutation.shape[1]))
+    assert_channels_moved_together(images, corrupted)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_pairs_never_overlap_even_for_large_patches(spatial_dims):
+    shape = SHAPES[spatial_dims]
+    patch = tuple(s // 2 for s in shape)  # as large as is allowed: most random pairs overlap
+    plan = sample_swap_plan(shape, 16, 30, patch, generator=generator())
+    assert_pairs_isolated(plan.corners_a, plan.corners_b, patch)
+    upper = torch.tensor(shape) - torch.tensor(patch)
+    for corners in (plan.corners_a, plan.corners_b):
+        assert bool((corners >= 0).all()) and bool((corners <= upper).all())
+
+
+def test_pairs_are_exactly_uniform_over_isolated_pairs():
+    shape, patch = (6, 5), (3, 2)
+    ranges = [s - p + 1 for s, p in zip(shape, patch)]
+    corners = [(y, x) for y in range(ranges[0]) for x in range(ranges[1])]
+    isolated = {
+        (a, b)
+        for a in corners
+        for b in corners
+        if abs(a[0] - b[0]) >= patch[0] or abs(a[1] - b[1]) >= patch[1]
+    }
+    plan = sample_swap_plan(shape, 2000, 20, patch, generator=generator(11))
+    pairs = torch.cat([plan.corners_a, plan.corners_b], dim=-1).view(-1, 4).tolist()
+    counts = {}
+    for y0, x0, y1, x1 in pairs:
+        counts[((y0, x0), (y1, x1))] = counts.get(((y0, x0), (y1, x1)), 0) + 1
+    assert set(counts) == isolated  # every isolated pair occurs, no other pair does
+    expected = len(pairs) / len(isolated)
+    # 40,000 draws over 216 pairs: ~185 each, standard deviation ~14; allow 5 of them.
+    assert all(abs(count - expected) < 5 * expected**0.5 for count in counts.values())
+
+
+def test_pairs_are_spread_over_the_whole_image():
+    plan = sample_swap_plan((64, 64), 32, 20, 8, generator=generator())
+    corners = torch.cat([plan.corners_a, plan.corners_b]).view(-1, 2)
+    assert corners.min() == 0 and corners.max() == 64 - 8
+    # Uniform placement: the mean corner sits near the middle of the valid range.
+    assert abs(corners.float().mean().item() - 28) < 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtype_and_device_are_kept(dtype):
+    images = torch.rand(2, 1, 16, 16).to(dtype)
+    corrupted = context_restoration(images, 3, 4, generator())
+    assert corrupted.dtype == dtype and corrupted.device == images.device
+    assert_is_permutation(images, corrupted)
+
+
+def test_same_seed_same_output_and_different_seeds_differ():
+    images = torch.rand(4, 2, 32, 32)
+    first = context_restoration(images, 8, 6, generator(7))
+    again = context_restoration(images, 8, 6, generator(7))
+    other = context_restoration(images, 8, 6, generator(8))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_golden_plan_for_a_fixed_seed():
+    # Pins the sampler: a change here changes every user's pretraining data for a given seed.
+    plan = sample_swap_plan((16, 16), 1, 2, 4, generator=generator(0))
+    assert plan.corners_a.tolist() == GOLDEN_A and plan.corners_b.tolist() == GOLDEN_B
+
+
+GOLDEN_A = [[[5, 11], [2, 9]]]
+GOLDEN_B = [[[8, 4], [8, 6]]]
+
+
+def test_swaps_are_sequential_and_undo_in_reverse():
+    images = distinct_images(2, 3, (20, 20))
+    plan = sample_swap_plan((20, 20), 2, 15, 6, generator=generator(3))
+    corrupted = apply_swap_plan(images, plan)
+    assert torch.equal(undo_swap_plan(corrupted, plan), images)
+    # Applying swap by swap gives the same result as the whole plan.
+    step_by_step = images
+    for t in range(15):
+        one = SwapPlan(
+            plan.corners_a[:, t : t + 1],
+            plan.corners_b[:, t : t + 1],
+            plan.active[:, t : t + 1],
+            plan.patch_size,
+            plan.spatial_shape,
+        )
+        step_by_step = apply_swap_plan(step_by_step, one)
+    assert torch.equal(step_by_step, corrupted)
+
+
+def test_a_single_swap_moves_exactly_the_two_patches():
+    images = distinct_images(1, 1, (12, 12))
+    plan = sample_swap_plan((12, 12), 1, 1, (3, 5), generator=generator(1))
+    (ay, ax), (by, bx) = plan.corners_a[0, 0].tolist(), plan.corners_b[0, 0].tolist()
+    out = apply_swap_plan(images, plan)
+    expected = images.clone()
+    expected[..., ay : ay + 3, ax : ax + 5] = images[..., by : by + 3, bx : bx + 5]
+    expected[..., by : by + 3, bx : bx + 5] = images[..., ay : ay + 3, ax : ax + 5]
+    assert torch.equal(out, expected)
+
+
+def test_inactive_swaps_are_the_identity():
+    images = torch.rand(3, 1, 16, 16)
+    plan = sample_swap_plan((16, 16), 3, 5, 4, generator=generator())
+    none = SwapPlan(plan.corners_a, plan.corners_b, torch.zeros_like(plan.active), (4, 4), (16, 16))
+    assert torch.equal(apply_swap_plan(images, none), images)
+
+
+def test_num_swaps_range_is_drawn_per_image():
+    plan = sample_swap_plan((32, 32), 64, (2, 9), 4, generator=generator())
+    counts = plan.num_swaps
+    assert int(counts.min()) >= 2 and int(counts.max()) <= 9
+    assert len(set(counts.tolist())) > 3
+    # Active swaps come first, so T_b swaps are exactly swaps 0..T_b-1.
+    assert torch.equal(plan.active, torch.arange(9)[None] < counts[:, None])
+
+
+def test_foreground_threshold_avoids_pure_background_patches():
+    images = torch.zeros(8, 1, 64, 64)
+    images[:, :, 20:44, 20:44] = torch.rand(8, 1, 24, 24) + 0.5  # foreground square
+    plan = sample_swap_plan(
+        (64, 64), 8, 20, 8, generator=generator(), foreground=(images > 0.1).any(dim=1)
+    )
+    for corners in (plan.corners_a, plan.corners_b):
+        # A patch touches the square iff its corner lies in (20 - 8, 44) on both axes.
+        assert bool(((corners > 12) & (corners < 44)).all())
+    corrupted = context_restoration(images, 20, 8, generator(), foreground_threshold=0.1)
+    assert_is_permutation(images, corrupted)
+    # Without the threshold most patches would fall in the background.
+    plain = sample_swap_plan((64, 64), 8, 20, 8, generator=generator())
+    assert not bool(((plain.corners_a > 12) & (plain.corners_a < 44)).all())
+
+
+def test_foreground_falls_back_to_uniform_when_too_small_for_a_pair():
+    images = torch.zeros(2, 1, 32, 32)
+    images[0, 0, 0, 0] = 1.0  # a single bright voxel: no isolated pair can touch it twice
+    corrupted = context_restoration(images, 5, 4, generator(), foreground_threshold=0.5)
+    assert_is_permutation(images, corrupted)
+
+
+def test_works_on_the_generator_device_and_matches_cpu_plan_on_cpu():
+    images = torch.rand(2, 1, 16, 16)
+    plan = sample_swap_plan((16, 16), 2, 3, 4, generator=generator(5))
+    assert plan.corners_a.device == images.device
+    assert torch.equal(
+        apply_swap_plan(images, plan), context_restoration(images, 3, 4, generator(5))
+    )
+
+
+def test_permutation_matches_on_large_batches():
+    images = torch.rand(16, 1, 64, 64)
+    corrupted, permutation = context_restoration(
+        images, 20, 16, generator(), return_permutation=True
+    )
+    assert torch.equal(apply_permutation(images, permutation), corrupted)
+
+
+def test_swap_permutation_equals_apply_on_index_image():
+    plan = sample_swap_plan((8, 8), 2, 4, 2, generator=generator())
+    permutation = swap_permutation(plan)
+    index_image = torch.arange(64.0).view(1, 1, 8, 8).expand(2, 1, 8, 8)
+    assert torch.equal(apply_swap_plan(index_image, plan).flatten(1).long(), permutation)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(images=torch.rand(2, 1, 20, 20), patch_size=11), "does not fit twice"),
+        (dict(images=torch.rand(2, 1, 20, 20), patch_size=(4, 4, 4)), "3 entries"),
+        (dict(images=torch.rand(2, 1, 20, 20), patch_size=0), ">= 1"),
+        (dict(images=torch.rand(2, 1, 20, 20), patch_size=30), "larger than the image"),
+        (dict(images=torch.rand(1, 20, 20)), "got shape \\(1, 20, 20\\)"),
+        (dict(images=torch.rand(1, 1, 1, 1, 20, 20)), "6 dimensions"),
+        (dict(images=torch.randint(0, 9, (1, 1, 20, 20))), "floating point"),
+        (dict(images=np.zeros((1, 1, 20, 20), np.float32)), "torch.Tensor"),
+        (dict(images=torch.rand(2, 1, 20, 20), num_swaps=0), "T must be >= 1"),
+        (dict(images=torch.rand(2, 1, 20, 20), num_swaps=(5, 2)), "min <= max"),
+        (dict(images=torch.rand(2, 1, 20, 20), num_swaps=(1, 2, 3)), "pair"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_that_say_what_is_allowed(kwargs, message):
+    arguments = dict(num_swaps=3, patch_size=4) | kwargs
+    images = arguments.pop("images")
+    with pytest.raises(ValueError, match=message):
+        context_restoration(images, generator=generator(), **arguments)
+
+
+def test_error_type_is_the_projects_own():
+    with pytest.raises(CtxRestoreError):
+        context_restoration(torch.rand(1, 1, 8, 8), 1, 5, generator())

@@ -2,6 +2,15 @@
 
 __version__ = "0.1.0"
 
+from ctxrestore.api import demo, load_pretrained, pretrain
 from ctxrestore.corruption import ContextRestoration, ContextRestorationd, context_restoration
 
-__all__ = ["ContextRestoration", "ContextRestorationd", "__version__", "context_restoration"]
+__all__ = [
+    "ContextRestoration",
+    "ContextRestorationd",
+    "__version__",
+    "context_restoration",
+    "demo",
+    "load_pretrained",
+    "pretrain",
+]

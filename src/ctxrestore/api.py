@@ -1,0 +1,157 @@
+"""The Python API. Each verb is one keyword-only function; the CLI registers the same function,
+so the help texts and defaults below are the only list of options."""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from ctxrestore.data import list_phantoms
+from ctxrestore.models import list_models
+from ctxrestore.pretext.report import write_pretraining_report
+from ctxrestore.pretext.training import PretrainConfig, PretrainResult, run_pretraining
+from ctxrestore.pretext.training import load_pretrained as _load_pretrained
+
+logger = logging.getLogger(__name__)
+
+Network = Enum("Network", {name: name for name in list_models()}, type=str)
+Phantom = Enum("Phantom", {name: name for name in list_phantoms()}, type=str)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+def _value(option: object) -> object:
+    return option.value if isinstance(option, Enum) else option
+
+
+def pretrain(
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Folder of unlabelled images (PNG/JPEG/TIFF/NumPy, read recursively). "
+            "Omit it to pretrain on a built-in phantom."
+        ),
+    ] = None,
+    *,
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoint, logs, previews.")] = Path(
+        "runs/pretrain"
+    ),
+    phantom: Annotated[
+        Phantom, typer.Option(help="Built-in phantom used when DATA is omitted.")
+    ] = "shapes",
+    num_images: Annotated[int, typer.Option(help="Number of phantom images.")] = 2000,
+    network: Annotated[Network, typer.Option(help="Network to pretrain.")] = "unet",
+    width: Annotated[
+        int, typer.Option(help="Channels of the first stage (doubled per stage in a U-Net).")
+    ] = 16,
+    spatial_dims: Annotated[int, typer.Option(help="2 for images, 3 for volumes.")] = 2,
+    image_size: Annotated[
+        int, typer.Option(help="Images are resized to this size along every axis.")
+    ] = 64,
+    in_channels: Annotated[
+        int | None, typer.Option(help="Input channels; default: as found in the data.")
+    ] = None,
+    num_swaps: Annotated[int, typer.Option(help="T, patch pairs swapped per image.")] = 20,
+    num_swaps_max: Annotated[
+        int | None, typer.Option(help="If set, T is drawn per image in [num_swaps, this].")
+    ] = None,
+    patch_size: Annotated[int, typer.Option(help="Side of the swapped patches, in pixels.")] = 8,
+    foreground_threshold: Annotated[
+        float | None,
+        typer.Option(help="Avoid swapping patches whose values all lie at or below this."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 32,
+    epochs: Annotated[int, typer.Option(help="Passes over the data (unless --max-steps).")] = 10,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many steps (overrides --epochs).")
+    ] = None,
+    learning_rate: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up, then cosine decay.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of weights, data order and swaps.")] = 0,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast on a GPU.")] = "auto",
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    log_every: Annotated[int, typer.Option(help="Steps between rows of log.csv.")] = 10,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    preview_every: Annotated[
+        int, typer.Option(help="Steps between preview grids (0: only at the end).")
+    ] = 0,
+    compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+) -> PretrainResult:
+    """Pretrain a network by context restoration on unlabelled images.
+
+    Writes OUT/model.safetensors + OUT/spec.json (load with `load_pretrained`), log.csv,
+    loss.png, preview.png and metrics.json. Runs under torchrun for several GPUs or nodes.
+    """
+    options = {key: _value(value) for key, value in locals().items()}
+    config = PretrainConfig(**options)
+    result = run_pretraining(config)
+    logger.info(
+        "pretrained %d steps: restoration MSE %.4g vs %.4g for the corrupted input; wrote %s",
+        result.steps,
+        result.restoration_mse,
+        result.identity_mse,
+        result.out,
+    )
+    return result
+
+
+def load_pretrained(folder: Path | str, device: str = "cpu") -> torch.nn.Module:
+    """Rebuild a pretrained network from its folder (spec.json + model.safetensors), in eval
+    mode on `device`. Errors name the folder when files are missing or do not fit."""
+    return _load_pretrained(folder, device)
+
+
+# Settings of `demo`: (quick: under a minute on 2 CPU cores; default: under 10 minutes).
+DEMO_SETTINGS = {
+    True: dict(num_images=256, image_size=32, width=8, batch_size=16, max_steps=60,
+               patch_size=4, num_swaps=10, warmup_steps=10, log_every=5),
+    False: dict(num_images=2000, image_size=64, width=16, batch_size=32, max_steps=1500,
+                patch_size=8, num_swaps=20, warmup_steps=50, log_every=25),
+}  # fmt: skip
+
+
+def demo(
+    *,
+    out: Annotated[Path, typer.Option(help="Folder for the demo's runs and report.md.")] = Path(
+        "runs/demo"
+    ),
+    quick: Annotated[
+        bool, typer.Option(help="A smaller run that finishes in under a minute on a CPU.")
+    ] = False,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted demo in --out.")] = False,
+) -> Path:
+    """Run the pipeline on built-in phantoms, with no data and no network access.
+
+    For now: context-restoration pretraining, then OUT/report.md with the loss curve and the
+    original / corrupted / restored preview.
+    """
+    out = Path(out)
+    pretrain(
+        out=out / "pretrain",
+        phantom="shapes",
+        device=_value(device),
+        resume=resume,
+        **DEMO_SETTINGS[quick],
+    )
+    report = write_pretraining_report(out / "pretrain", out / "report.md")
+    logger.info("demo report: %s", report)
+    return report

@@ -1,0 +1,73 @@
+"""The `ctxrestore` command: a thin typer layer over the functions in `ctxrestore.api`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+import ctxrestore
+from ctxrestore import api
+from ctxrestore.errors import CtxRestoreError
+
+app = typer.Typer(
+    name="ctxrestore",
+    help="Self-supervised pretraining of medical-imaging CNNs by context restoration.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_state = {"debug": False}
+_errors = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ctxrestore {ctxrestore.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+    debug: Annotated[bool, typer.Option(help="Show full tracebacks of errors.")] = False,
+    quiet: Annotated[bool, typer.Option(help="Only warnings and errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=_errors, show_path=False)],
+        force=True,
+    )
+
+
+def _command(function):
+    """Register an API function as is; the user's errors become one line and exit code 2."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        try:
+            function(*args, **kwargs)
+        except CtxRestoreError as error:
+            if _state["debug"]:
+                raise
+            _errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return run
+
+
+app.command("pretrain")(_command(api.pretrain))
+app.command("demo")(_command(api.demo))
+
+
+def main() -> None:
+    app()

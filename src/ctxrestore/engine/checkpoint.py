@@ -1,0 +1,105 @@
+"""Checkpoint files, written atomically and read without unpickling arbitrary objects.
+
+A checkpoint folder holds `model.safetensors` (weights) and `spec.json` (everything needed to
+rebuild and adapt the network; see DESIGN.md). Exact resume additionally needs
+`training_state.pt`: optimizer, schedule, step and random states, loaded with
+`torch.load(weights_only=True)`, which refuses arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ctxrestore.errors import CtxRestoreError
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "spec.json"
+TRAINING_STATE_FILE = "training_state.pt"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call write(temporary_path) in the target folder, then rename over `path`.
+
+    A crash leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, data: dict) -> Path:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda temporary: temporary.write_text(text))
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CtxRestoreError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CtxRestoreError(f"{path} is not valid JSON: {error}") from None
+
+
+def save_checkpoint(folder: Path, state_dict: dict[str, torch.Tensor], spec: dict) -> Path:
+    """Weights (safetensors) and spec (JSON) into `folder`; weights first, each atomic."""
+    folder = Path(folder)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    atomic_write(folder / WEIGHTS_FILE, lambda temporary: save_file(tensors, str(temporary)))
+    write_json(folder / SPEC_FILE, spec)
+    return folder
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict on CPU, spec) from a checkpoint folder, with errors that name the file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CtxRestoreError(f"checkpoint folder {folder} does not exist")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CtxRestoreError(
+            f"{folder} is not a ctxrestore checkpoint: {WEIGHTS_FILE} is missing "
+            f"(a pretraining run writes it at its first checkpoint)"
+        )
+    spec = read_json(folder / SPEC_FILE)
+    try:
+        state_dict = load_file(str(weights))
+    except (SafetensorError, OSError) as error:
+        raise CtxRestoreError(f"{weights} cannot be read as safetensors: {error}") from None
+    return state_dict, spec
+
+
+def save_training_state(folder: Path, state: dict) -> Path:
+    """Optimizer, schedule, step and RNG states for exact resume (tensors and plain types)."""
+    return atomic_write(
+        Path(folder) / TRAINING_STATE_FILE, lambda temporary: torch.save(state, temporary)
+    )
+
+
+def load_training_state(folder: Path) -> dict | None:
+    """The saved training state, or None when the folder has none (a fresh run)."""
+    path = Path(folder) / TRAINING_STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or foreign files
+        raise CtxRestoreError(f"{path} cannot be read to resume from: {error}") from None

@@ -1,0 +1,319 @@
+"""The one training loop: devices, DDP, bf16 autocast, checkpoints, CSV log, progress, resume.
+
+Pretext and downstream training both go through `fit`. What a step computes comes from a
+`TrainingTask`; everything about where and how it runs lives here.
+
+Randomness inside a step (e.g. where patches are swapped) comes from a generator reseeded from
+(seed, rank, step), and the data order from (seed, epoch): a resumed run repeats exactly what an
+uninterrupted run would have done, with no random state to store.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from ctxrestore.engine.checkpoint import (
+    load_checkpoint,
+    load_training_state,
+    save_checkpoint,
+    save_training_state,
+)
+from ctxrestore.engine.distributed import DistributedContext, barrier, mean_over_ranks
+from ctxrestore.engine.sampler import EpochSampler
+from ctxrestore.errors import CtxRestoreError
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+LOG_FILE = "log.csv"
+LOG_COLUMNS = ("step", "epoch", "loss", "learning_rate", "images_per_second", "elapsed_seconds")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How to train; validated here once. batch_size is global (all processes together)."""
+
+    max_steps: int
+    batch_size: int
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    precision: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 500
+    preview_every: int = 0
+    num_workers: int = 0
+    seed: int = 0
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "preview_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise CtxRestoreError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise CtxRestoreError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.precision not in PRECISIONS:
+            raise CtxRestoreError(f"precision '{self.precision}' is not one of {PRECISIONS}")
+
+
+class TrainingTask(Protocol):
+    """What one step computes. `batch` is the dataset's dict, already on the device."""
+
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor: ...
+
+    def save_preview(
+        self,
+        path: Path,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class FitResult:
+    steps: int
+    final_loss: float
+    resumed_from: int
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _schedule(config: LoopConfig):
+    """Linear warm-up, then cosine decay to zero at max_steps."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        span = max(1, config.max_steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
+
+    return factor
+
+
+def step_generator(generator: torch.Generator, seed: int, rank: int, step: int):
+    """Reseed in place from (seed, rank, step): exact resume without stored random state."""
+    return generator.manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+
+
+def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last and value.dim() == 4 and value.is_floating_point():
+                value = value.contiguous(memory_format=torch.channels_last)
+        moved[key] = value
+    return moved
+
+
+class _CsvLog:
+    """log.csv, appended by rank 0; on resume, rows past the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        rows = []
+        if resume_step and path.is_file():
+            with path.open() as handle:
+                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, **row: float) -> None:
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, LOG_COLUMNS).writerow(row)
+
+
+def read_log(run_dir: Path) -> list[dict[str, float]]:
+    """The rows of a run's log.csv as numbers."""
+    with (Path(run_dir) / LOG_FILE).open() as handle:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def fit(
+    *,
+    model: nn.Module,
+    dataset: Dataset,
+    task: TrainingTask,
+    config: LoopConfig,
+    context: DistributedContext,
+    run_dir: Path,
+    spec: dict,
+    resume: bool = False,
+) -> FitResult:
+    """Train `model` for config.max_steps steps, writing checkpoints into `run_dir`.
+
+    The folder gets model.safetensors + spec.json (the checkpoint), training_state.pt (for
+    resume), log.csv, and previews/. `resume=True` continues from training_state.pt.
+    """
+    run_dir = Path(run_dir)
+    device = context.device
+    channels_last = device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.dim() <= 1 or name.endswith(".bias") else decay).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+
+    start_step = 0
+    if resume:
+        state = load_training_state(run_dir)
+        if state is None:
+            raise CtxRestoreError(f"--resume: {run_dir} holds no training_state.pt to resume from")
+        weights, _ = load_checkpoint(run_dir)
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(state["step"])
+        if start_step >= config.max_steps:
+            logger.info("run already finished %d of %d steps", start_step, config.max_steps)
+
+    train_model: nn.Module = model
+    if context.is_distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(train_model, device_ids=device_ids)
+    if config.compile:  # after DDP, as PyTorch recommends, so DDP's bucketing is compiled too
+        train_model = torch.compile(train_model)
+
+    sampler = EpochSampler(
+        len(dataset),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        rank=context.rank,
+        world_size=context.world_size,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=sampler.per_rank,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=False,
+    )
+    generator = torch.Generator(device=device)
+    log = _CsvLog(run_dir / LOG_FILE, start_step) if context.is_main else None
+
+    def checkpoint(step: int) -> None:
+        if context.is_main:
+            save_checkpoint(run_dir, model.state_dict(), spec)
+            save_training_state(
+                run_dir,
+                {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "config": asdict(config),
+                },
+            )
+        barrier(context)
+
+    def preview(step: int, batch: dict) -> None:
+        if not context.is_main:
+            return
+        model.eval()
+        with torch.no_grad(), _autocast(device, config.precision):
+            task.save_preview(
+                run_dir / "previews" / f"step_{step:06d}.png",
+                model,
+                batch,
+                step_generator(torch.Generator(device=device), config.seed, 0, step),
+            )
+        model.train()
+
+    step = start_step
+    loss_value = float("nan")
+    started = time.perf_counter()
+    window_start, window_images = time.perf_counter(), 0
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]:.4g}"),
+        TimeRemainingColumn(),
+        disable=not context.is_main,
+    )
+    model.train()
+    batch = None
+    with progress:
+        bar = progress.add_task("training", total=config.max_steps, completed=step, loss=math.nan)
+        while step < config.max_steps:
+            epoch, offset = divmod(step, sampler.steps_per_epoch)
+            sampler.set_position(epoch, offset)
+            for batch in loader:
+                batch = _to_device(batch, device, channels_last)
+                step_generator(generator, config.seed, context.rank, step)
+                with _autocast(device, config.precision):
+                    loss = task.training_loss(train_model, batch, generator)
+                if not torch.isfinite(loss):
+                    raise CtxRestoreError(
+                        f"the loss became {loss.item()} at step {step + 1}; lower the "
+                        f"learning_rate (now {config.learning_rate}) or check the input data"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                window_images += config.batch_size
+
+                if step % config.log_every == 0 or step == config.max_steps:
+                    loss_value = float(mean_over_ranks(loss.detach(), context))
+                    now = time.perf_counter()
+                    if log is not None:
+                        log.append(
+                            step=step,
+                            epoch=epoch,
+                            loss=loss_value,
+                            learning_rate=scheduler.get_last_lr()[0],
+                            images_per_second=window_images / max(now - window_start, 1e-9),
+                            elapsed_seconds=now - started,
+                        )
+                    window_start, window_images = now, 0
+                    progress.update(bar, completed=step, loss=loss_value)
+                else:
+                    progress.update(bar, completed=step)
+                if config.preview_every and step % config.preview_every == 0:
+                    preview(step, batch)
+                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    checkpoint(step)
+                if step >= config.max_steps:
+                    break
+    if batch is not None:
+        preview(step, batch)
+    return FitResult(steps=step, final_loss=loss_value, resumed_from=start_step)

@@ -1,0 +1,344 @@
+"""The pretraining stage: images -> pretext task -> engine -> a checkpoint folder.
+
+`PretrainConfig` is the validated, frozen form of `ctxrestore.pretrain(...)`'s options; the
+function and the CLI share its fields (a test holds them equal).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+import ctxrestore
+from ctxrestore.data import PHANTOMS, ImageFolderDataset
+from ctxrestore.data.image_folder import ROBUST_PERCENTILES
+from ctxrestore.engine.checkpoint import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    read_json,
+    write_json,
+)
+from ctxrestore.engine.distributed import (
+    DEVICES,
+    setup_distributed,
+    teardown_distributed,
+)
+from ctxrestore.engine.loop import PRECISIONS, FitResult, LoopConfig, fit
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.figures import save_image_grid
+from ctxrestore.models import build_model, list_models, model_spec
+from ctxrestore.pretext.registry import Pretext, create_pretext
+from ctxrestore.pretext.report import write_pretraining_report
+
+logger = logging.getLogger(__name__)
+
+SPEC_FORMAT = 1
+CONFIG_FILE = "config.json"
+EVALUATION_IMAGES = 32  # held-out images for the final restoration error
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    out: Path
+    data: Path | None = None
+    phantom: str = "shapes"
+    num_images: int = 2000
+    network: str = "unet"
+    width: int = 16
+    spatial_dims: int = 2
+    image_size: int = 64
+    in_channels: int | None = None
+    num_swaps: int = 20
+    num_swaps_max: int | None = None
+    patch_size: int = 8
+    foreground_threshold: float | None = None
+    batch_size: int = 32
+    epochs: int = 10
+    max_steps: int | None = None
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    num_workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    preview_every: int = 0
+    compile: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data is None and self.phantom not in PHANTOMS:
+            raise CtxRestoreError(f"unknown phantom '{self.phantom}'; known: {sorted(PHANTOMS)}")
+        if self.network not in list_models():
+            raise CtxRestoreError(f"unknown network '{self.network}'; known: {list_models()}")
+        if self.spatial_dims not in (2, 3):
+            raise CtxRestoreError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.device not in DEVICES:
+            raise CtxRestoreError(f"device '{self.device}' is not one of {DEVICES}")
+        if self.precision not in PRECISIONS:
+            raise CtxRestoreError(f"precision '{self.precision}' is not one of {PRECISIONS}")
+        for name in ("num_images", "width", "image_size", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.in_channels is not None and self.in_channels < 1:
+            raise CtxRestoreError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise CtxRestoreError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.num_swaps_max is not None and self.num_swaps_max < self.num_swaps:
+            raise CtxRestoreError(
+                f"num_swaps_max {self.num_swaps_max} must be >= num_swaps {self.num_swaps}"
+            )
+
+    @property
+    def spatial_size(self) -> tuple[int, ...]:
+        return (self.image_size,) * self.spatial_dims
+
+    @property
+    def swaps(self) -> int | tuple[int, int]:
+        return (
+            self.num_swaps if self.num_swaps_max is None else (self.num_swaps, self.num_swaps_max)
+        )
+
+    def to_json(self) -> dict:
+        values = asdict(self)
+        return {
+            key: str(value) if isinstance(value, Path) else value for key, value in values.items()
+        }
+
+
+class PretextTraining:
+    """Adapts a pretext to the engine's TrainingTask: loss per step, and preview grids."""
+
+    def __init__(self, pretext: Pretext) -> None:
+        self.pretext = pretext
+
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        inputs, targets = self.pretext.make_batch(batch["image"], generator)
+        return self.pretext.loss(model(inputs), targets)
+
+    def save_preview(
+        self,
+        path: Path,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+    ) -> None:
+        images = batch["image"][:8]
+        inputs, targets = self.pretext.make_batch(images, generator)
+        outputs = model(inputs).float()
+        rows = [("original", targets), ("corrupted", inputs), ("restored", outputs)]
+        save_image_grid(path, rows)
+        save_image_grid(path.parent.parent / "preview.png", rows)
+
+
+def build_dataset(config: PretrainConfig, *, length: int | None = None, offset: int = 0):
+    """The unlabelled images: a folder, or `length` phantom images starting at `offset`."""
+    if config.data is not None:
+        return ImageFolderDataset(
+            config.data, spatial_size=config.spatial_size, in_channels=config.in_channels
+        )
+    phantom = PHANTOMS[config.phantom]
+    return phantom(
+        length or config.num_images,
+        seed=config.seed + offset,
+        spatial_size=config.spatial_size,
+        in_channels=config.in_channels or 1,
+    )
+
+
+def _intensity_spec(config: PretrainConfig) -> dict:
+    if config.data is None:
+        return {"method": "phantom", "range": [0.0, 1.0]}
+    return {"method": "robust_unit_range", "percentiles": list(ROBUST_PERCENTILES)}
+
+
+def _network_kwargs(config: PretrainConfig, in_channels: int) -> dict:
+    kwargs = {"spatial_dims": config.spatial_dims, "in_channels": in_channels}
+    if config.network == "unet":
+        kwargs["channels"] = [config.width * 2**level for level in range(5)]
+    else:
+        kwargs["width"] = config.width
+    return kwargs
+
+
+def build_spec(config: PretrainConfig, pretext: Pretext, in_channels: int) -> dict:
+    """The checkpoint contract (DESIGN.md): enough to rebuild and adapt the network."""
+    network = model_spec(config.network, **_network_kwargs(config, in_channels))
+    factor = network["downsampling_factor"]
+    if config.image_size % factor:
+        raise CtxRestoreError(
+            f"image_size {config.image_size} is not divisible by {factor}, the downsampling "
+            f"factor of network '{config.network}'; use a multiple of {factor}"
+        )
+    return {
+        "format": SPEC_FORMAT,
+        "ctxrestore_version": ctxrestore.__version__,
+        "model": network,
+        "spatial_dims": config.spatial_dims,
+        "in_channels": in_channels,
+        "channel_names": [f"channel_{index}" for index in range(in_channels)],
+        "image_size": list(config.spatial_size),
+        "intensity": _intensity_spec(config),
+        "pretext": {"name": pretext.name, "params": pretext.params()},
+        "data": {
+            "source": str(config.data) if config.data else f"phantom:{config.phantom}",
+            "seed": config.seed,
+        },
+    }
+
+
+def _check_resume(config: PretrainConfig) -> None:
+    """Never overwrite a finished or interrupted run by accident; resume only a matching one."""
+    out = Path(config.out)
+    has_run = (out / WEIGHTS_FILE).exists() or (out / CONFIG_FILE).exists()
+    if has_run and not config.resume:
+        raise CtxRestoreError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    if config.resume and (out / CONFIG_FILE).exists():
+        saved = read_json(out / CONFIG_FILE)
+        ignore = {"max_steps", "epochs", "resume", "device", "num_workers", "checkpoint_every"}
+        ignore |= {"log_every", "preview_every", "compile"}
+        current = config.to_json()
+        changed = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise CtxRestoreError(
+                f"--resume with options that differ from the run in {out}: {details}"
+            )
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    out: Path
+    steps: int
+    final_loss: float
+    restoration_mse: float
+    identity_mse: float
+
+
+def _evaluation_images(config: PretrainConfig, dataset: Dataset) -> Dataset:
+    """Unseen phantom images (another seed); for a folder, its first images."""
+    if config.data is None:
+        return build_dataset(config, length=EVALUATION_IMAGES, offset=1_000_003)
+    return Subset(dataset, range(min(len(dataset), EVALUATION_IMAGES)))
+
+
+@torch.no_grad()
+def evaluate_restoration(
+    model: nn.Module, pretext: Pretext, dataset: Dataset, device: torch.device, seed: int
+) -> tuple[float, float]:
+    """(MSE of the restored images, MSE of leaving the corrupted input as it is).
+
+    A network that learned nothing about context scores no better than the identity.
+    """
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    inputs, targets = pretext.make_batch(images, generator)
+    model.eval()
+    outputs = model(inputs).float()
+    restored = float(pretext.loss(outputs, targets))
+    identity = float(pretext.loss(inputs, targets))
+    return restored, identity
+
+
+def run_pretraining(config: PretrainConfig) -> PretrainResult:
+    """Pretrain by the pretext on unlabelled images; see `ctxrestore.pretrain`."""
+    context = setup_distributed(config.device)
+    try:
+        pretext = create_pretext(
+            "context_restoration",
+            num_swaps=config.swaps,
+            patch_size=config.patch_size,
+            foreground_threshold=config.foreground_threshold,
+        )
+        dataset = build_dataset(config)
+        in_channels = int(dataset[0]["image"].shape[0])
+        spec = build_spec(config, pretext, in_channels)
+        # The patch must fit the images; fail now rather than at the first step.
+        pretext.make_batch(torch.zeros(1, in_channels, *config.spatial_size), torch.Generator())
+        out = Path(config.out)
+        if context.is_main:
+            _check_resume(config)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / CONFIG_FILE, config.to_json())
+        steps_per_epoch = len(dataset) // config.batch_size
+        max_steps = config.max_steps or max(1, steps_per_epoch) * config.epochs
+        loop = LoopConfig(
+            max_steps=max_steps,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            warmup_steps=min(config.warmup_steps, max_steps // 2),
+            precision=config.precision,
+            log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every,
+            preview_every=config.preview_every,
+            num_workers=config.num_workers,
+            seed=config.seed,
+            compile=config.compile,
+        )
+        torch.manual_seed(config.seed)  # same initial weights on every rank and every run
+        model = build_model(spec["model"])
+        result: FitResult = fit(
+            model=model,
+            dataset=dataset,
+            task=PretextTraining(pretext),
+            config=loop,
+            context=context,
+            run_dir=out,
+            spec=spec,
+            resume=config.resume and (out / WEIGHTS_FILE).exists(),
+        )
+        restored, identity = evaluate_restoration(
+            model, pretext, _evaluation_images(config, dataset), context.device, config.seed
+        )
+        if context.is_main:
+            write_json(
+                out / "metrics.json",
+                {
+                    "steps": result.steps,
+                    "final_loss": result.final_loss,
+                    "restoration_mse": restored,
+                    "identity_mse": identity,
+                },
+            )
+            write_pretraining_report(out)
+        return PretrainResult(out, result.steps, result.final_loss, restored, identity)
+    finally:
+        teardown_distributed(context)
+
+
+def load_pretrained(folder: Path | str, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the network from a checkpoint folder's spec and load its weights (no pickle)."""
+    state_dict, spec = load_checkpoint(Path(folder))
+    if spec.get("format") != SPEC_FORMAT or "model" not in spec:
+        raise CtxRestoreError(
+            f"{Path(folder) / SPEC_FILE} is not a ctxrestore spec of format {SPEC_FORMAT}"
+        )
+    model = build_model(spec["model"])
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(
+        name
+        for name in set(expected) & set(state_dict)
+        if expected[name].shape != state_dict[name].shape
+    )
+    if missing or unexpected or wrong:
+        raise CtxRestoreError(
+            f"weights in {folder} do not fit the network its spec describes: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
+    model.load_state_dict(state_dict)
+    return model.to(device).eval()

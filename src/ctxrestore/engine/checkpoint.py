@@ -8,10 +8,6 @@ rebuild and adapt the network; see DESIGN.md). Exact resume additionally needs
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,44 +15,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ctxrestore.errors import CtxRestoreError
+from ctxrestore.files import atomic_write, read_json, write_json
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
 TRAINING_STATE_FILE = "training_state.pt"
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call write(temporary_path) in the target folder, then rename over `path`.
-
-    A crash leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: Path, data: dict) -> Path:
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    return atomic_write(path, lambda temporary: temporary.write_text(text))
-
-
-def read_json(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CtxRestoreError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CtxRestoreError(f"{path} is not valid JSON: {error}") from None
 
 
 def save_checkpoint(folder: Path, state_dict: dict[str, torch.Tensor], spec: dict) -> Path:

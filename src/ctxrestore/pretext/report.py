@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ctxrestore.engine.checkpoint import atomic_write, read_json
 from ctxrestore.engine.loop import read_log
 from ctxrestore.figures import save_loss_curve
+from ctxrestore.files import atomic_write, read_json
 
 SETTINGS = (
     "network", "width", "spatial_dims", "image_size", "num_swaps", "num_swaps_max",

@@ -7,6 +7,7 @@ function and the CLI share its fields (a test holds them equal).
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,13 +18,7 @@ from torch.utils.data import Dataset, Subset
 import ctxrestore
 from ctxrestore.data import PHANTOMS, ImageFolderDataset
 from ctxrestore.data.image_folder import ROBUST_PERCENTILES
-from ctxrestore.engine.checkpoint import (
-    SPEC_FILE,
-    WEIGHTS_FILE,
-    load_checkpoint,
-    read_json,
-    write_json,
-)
+from ctxrestore.engine.checkpoint import SPEC_FILE, WEIGHTS_FILE, load_checkpoint
 from ctxrestore.engine.distributed import (
     DEVICES,
     setup_distributed,
@@ -32,6 +27,7 @@ from ctxrestore.engine.distributed import (
 from ctxrestore.engine.loop import PRECISIONS, FitResult, LoopConfig, fit
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
+from ctxrestore.files import atomic_write, read_json, write_json
 from ctxrestore.models import build_model, list_models, model_spec
 from ctxrestore.pretext.registry import Pretext, create_pretext
 from ctxrestore.pretext.report import write_pretraining_report
@@ -138,7 +134,8 @@ class PretextTraining:
         outputs = model(inputs).float()
         rows = [("original", targets), ("corrupted", inputs), ("restored", outputs)]
         save_image_grid(path, rows)
-        save_image_grid(path.parent.parent / "preview.png", rows)
+        latest = path.parent.parent / "preview.png"  # the run folder's newest preview
+        atomic_write(latest, lambda temporary: shutil.copyfile(path, temporary))
 
 
 def build_dataset(config: PretrainConfig, *, length: int | None = None, offset: int = 0):
@@ -222,6 +219,7 @@ def _check_resume(config: PretrainConfig) -> None:
 class PretrainResult:
     out: Path
     steps: int
+    resumed_from: int
     final_loss: float
     restoration_mse: float
     identity_mse: float
@@ -314,7 +312,9 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
                 },
             )
             write_pretraining_report(out)
-        return PretrainResult(out, result.steps, result.final_loss, restored, identity)
+        return PretrainResult(
+            out, result.steps, result.resumed_from, result.final_loss, restored, identity
+        )
     finally:
         teardown_distributed(context)
 

@@ -1,0 +1,46 @@
+"""Files that are never half-written: atomic writes and JSON with errors that name the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ctxrestore.errors import CtxRestoreError
+
+
+def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
+    """Call write(temporary_path) in the target folder, then rename over `path`.
+
+    A crash leaves either the old file or the new one, never half of one; readers (a person
+    opening a preview during training) never see a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide results on a shared machine
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path | str, data: dict) -> Path:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda temporary: temporary.write_text(text))
+
+
+def read_json(path: Path | str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CtxRestoreError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CtxRestoreError(f"{path} is not valid JSON: {error}") from None

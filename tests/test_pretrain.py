@@ -1,0 +1,133 @@
+"""Pretraining through the Python API: files written, weights that load, exact resume."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ctxrestore
+from ctxrestore.engine.checkpoint import load_checkpoint
+from ctxrestore.engine.loop import read_log
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.pretext.training import PretextTraining
+
+
+@pytest.mark.parametrize(
+    ("network", "spatial_dims", "channels"),
+    [("unet", 2, 1), ("sononet", 2, 4), ("unet", 3, 1)],
+)
+def test_pretrain_writes_a_checkpoint_that_loads(
+    tmp_path, tiny_pretrain, network, spatial_dims, channels
+):
+    if spatial_dims == 3:
+        tiny_pretrain |= dict(image_size=16, batch_size=2, num_images=4, patch_size=3)
+    result = ctxrestore.pretrain(
+        out=tmp_path / "run",
+        network=network,
+        spatial_dims=spatial_dims,
+        in_channels=channels,
+        **tiny_pretrain,
+    )
+    run = tmp_path / "run"
+    for name in (
+        "model.safetensors",
+        "spec.json",
+        "training_state.pt",
+        "config.json",
+        "log.csv",
+        "loss.png",
+        "preview.png",
+        "metrics.json",
+        "report.md",
+    ):
+        assert (run / name).is_file(), name
+    assert result.steps == 4
+    assert [row["step"] for row in read_log(run)] == [1, 2, 3, 4]
+    model = ctxrestore.load_pretrained(run)
+    weights, spec = load_checkpoint(run)
+    assert spec["in_channels"] == channels and spec["spatial_dims"] == spatial_dims
+    assert spec["pretext"] == {
+        "name": "context_restoration",
+        "params": {
+            "num_swaps": 5,
+            "patch_size": tiny_pretrain["patch_size"],
+            "foreground_threshold": None,
+        },
+    }
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[name])
+    size = tiny_pretrain["image_size"]
+    assert model(torch.rand(1, channels, *(size,) * spatial_dims)).shape[1] == channels
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, tiny_pretrain, monkeypatch):
+    settings = tiny_pretrain | dict(max_steps=6, checkpoint_every=2)
+    straight = ctxrestore.pretrain(out=tmp_path / "straight", **settings)
+
+    # Kill the second run in step 4; its last checkpoint is from step 2, so it resumes there.
+    original = PretextTraining.training_loss
+    calls = {"count": 0}
+
+    def crash_in_step_four(self, *args):
+        calls["count"] += 1
+        if calls["count"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args)
+
+    monkeypatch.setattr(PretextTraining, "training_loss", crash_in_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        ctxrestore.pretrain(out=tmp_path / "split", **settings)
+    monkeypatch.setattr(PretextTraining, "training_loss", original)
+    assert [row["step"] for row in read_log(tmp_path / "split")] == [1, 2, 3]
+
+    resumed = ctxrestore.pretrain(out=tmp_path / "split", resume=True, **settings)
+    assert resumed.resumed_from == 2
+    a, _ = load_checkpoint(tmp_path / "straight")
+    b, _ = load_checkpoint(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.final_loss == straight.final_loss
+    assert [row["step"] for row in read_log(tmp_path / "split")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path, tiny_pretrain):
+    ctxrestore.pretrain(out=tmp_path / "run", **tiny_pretrain)
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(CtxRestoreError, match="already holds a run; pass --resume"):
+        ctxrestore.pretrain(out=tmp_path / "run", **tiny_pretrain)
+    with pytest.raises(CtxRestoreError, match="patch_size: 4 -> 6"):
+        ctxrestore.pretrain(out=tmp_path / "run", resume=True, **tiny_pretrain | dict(patch_size=6))
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+
+
+def test_pretrain_on_a_folder_of_png_and_npy(tmp_path, tiny_pretrain):
+    images = tmp_path / "images"
+    (images / "nested").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(
+            images / f"{index}.png"
+        )
+        np.save(images / "nested" / f"{index}.npy", rng.random((30, 30)).astype(np.float32))
+    tiny_pretrain.pop("num_images")
+    result = ctxrestore.pretrain(images, out=tmp_path / "run", **tiny_pretrain)
+    assert result.steps == 4
+    spec = load_checkpoint(tmp_path / "run")[1]
+    assert spec["data"]["source"] == str(images)
+    assert spec["intensity"]["method"] == "robust_unit_range"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(image_size=40), "image_size 40 is not divisible by 16"),
+        (dict(patch_size=20), "does not fit twice"),
+        (dict(num_swaps=0), "T must be >= 1"),
+        (dict(network="resnet"), "unknown network 'resnet'"),
+        (dict(batch_size=64), "fewer than batch_size 64"),
+        (dict(spatial_dims=4), "spatial_dims must be 2 or 3"),
+    ],
+)
+def test_bad_options_fail_before_training(tmp_path, tiny_pretrain, change, message):
+    with pytest.raises(CtxRestoreError, match=message):
+        ctxrestore.pretrain(out=tmp_path / "run", **tiny_pretrain | change)
+    assert not (tmp_path / "run" / "model.safetensors").exists()

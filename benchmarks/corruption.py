@@ -148,8 +148,13 @@ def compare_cpu(
     def run_ctx() -> torch.Tensor:
         return context_restoration(images, NUM_SWAPS, PATCH, generator)
 
+    buffer = torch.empty_like(images)
+
+    def run_ctx_buffer() -> torch.Tensor:  # a loader that reuses its output buffer
+        return context_restoration(images, NUM_SWAPS, PATCH, generator, out=buffer)
+
     changed_ctx = _changed_fraction(images, run_ctx())
-    functions: dict[str, Callable[[], object]] = {"ctx": run_ctx}
+    functions: dict[str, Callable[[], object]] = {"ctx": run_ctx, "ctx_out": run_ctx_buffer}
     changed_tio = None
     if torchio is not None:
         # Own storage per image, as a DataLoader yields: TorchIO deep-copies its input, and
@@ -180,6 +185,7 @@ def compare_cpu(
     rows = []
     for key, impl, changed in (
         ("ctx", "ctxrestore", changed_ctx),
+        ("ctx_out", "ctxrestore out=", changed_ctx),
         ("tio", "torchio", changed_tio),
         ("clone", "clone (floor)", 0.0),
     ):
@@ -229,7 +235,7 @@ def ctx_only(
 
 def print_table(rows: list[Row], tio_rates: dict[str, float]) -> None:
     header = (
-        f"{'case':<24} {'implementation':<14} {'device':<6} {'dtype':<8} {'batch':>5} "
+        f"{'case':<24} {'implementation':<16} {'device':<6} {'dtype':<8} {'batch':>5} "
         f"{'rate':>15} {'IQR':>5} {'rounds':>9} {'moved':>6} {'vs TorchIO':>10}"
     )
     print(header)
@@ -245,7 +251,7 @@ def print_table(rows: list[Row], tio_rates: dict[str, float]) -> None:
         else:
             ratio = "-"
         print(
-            f"{row.case:<24} {row.impl:<14} {row.device:<6} {row.dtype:<8} {row.batch:>5} "
+            f"{row.case:<24} {row.impl:<16} {row.device:<6} {row.dtype:<8} {row.batch:>5} "
             f"{rate:>15} {100 * row.spread:>4.0f}% {rounds:>9} {moved:>6} {ratio:>10}"
         )
 
@@ -363,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         "write; its 'vs TorchIO' is the ceiling for ctxrestore's ratio on this machine."
     )
     print(
+        "  - out=: the same call writing into a reused buffer (as a loader that owns its "
+        "output); a fresh 32 MB tensor costs a page fault per 4 KB on first touch."
+    )
+    print(
         "  - fg: foreground_threshold=0.0 on images that are 0 outside a centred disk (38% of "
         "the area); no TorchIO equivalent."
     )
@@ -372,16 +382,16 @@ def main(argv: list[str] | None = None) -> int:
 
     goals: dict[str, dict[str, object]] = {}
     for key, case in (("2D", case_2d), ("3D", case_3d)):
-        ctx_row = next(r for r in rows if r.case == case and r.impl == "ctxrestore")
-        if ctx_row.ratio is None:
-            print(f"goal: {key} >= {CPU_GOAL_RATIO:.0f}x TorchIO on CPU: SKIPPED (no torchio)")
-            continue
-        passed = ctx_row.ratio >= CPU_GOAL_RATIO
-        goals[f"{key.lower()}_cpu_vs_torchio"] = {"ratio": ctx_row.ratio, "pass": passed}
-        print(
-            f"goal: {key} >= {CPU_GOAL_RATIO:.0f}x TorchIO on CPU: "
-            f"{'PASS' if passed else 'FAIL'} (ratio {ctx_row.ratio:.1f})"
-        )
+        for impl, label in (("ctxrestore", "new tensor"), ("ctxrestore out=", "out= buffer")):
+            ctx_row = next(r for r in rows if r.case == case and r.impl == impl)
+            goal = f"goal: {key} >= {CPU_GOAL_RATIO:.0f}x TorchIO on CPU ({label})"
+            if ctx_row.ratio is None:
+                print(f"{goal}: SKIPPED (no torchio)")
+                continue
+            passed = ctx_row.ratio >= CPU_GOAL_RATIO
+            name = f"{key.lower()}_cpu_vs_torchio" + ("_out" if impl.endswith("=") else "")
+            goals[name] = {"ratio": ctx_row.ratio, "pass": passed}
+            print(f"{goal}: {'PASS' if passed else 'FAIL'} (ratio {ctx_row.ratio:.1f})")
     if gpu_rows:
         rate = gpu_rows["2d"].rate
         passed = rate >= GPU_TARGET_2D

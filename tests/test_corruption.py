@@ -232,3 +232,28 @@ def test_bad_arguments_raise_value_errors_that_say_what_is_allowed(kwargs, messa
 def test_error_type_is_the_projects_own():
     with pytest.raises(CtxRestoreError):
         context_restoration(torch.rand(1, 1, 8, 8), 1, 5, generator())
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_out_buffer_and_in_place_match_the_new_tensor(spatial_dims):
+    images = torch.rand(2, 3, *SHAPES[spatial_dims])
+    expected = context_restoration(images, 6, PATCHES[spatial_dims], generator(4))
+    buffer = torch.empty_like(images)
+    result = context_restoration(images, 6, PATCHES[spatial_dims], generator(4), out=buffer)
+    assert result is buffer and torch.equal(buffer, expected)
+    in_place = images.clone()
+    context_restoration(in_place, 6, PATCHES[spatial_dims], generator(4), out=in_place)
+    assert torch.equal(in_place, expected)
+
+
+def test_channels_last_input_gives_the_same_result():
+    images = torch.rand(4, 3, 16, 16)
+    expected = context_restoration(images, 5, 4, generator(2))
+    strided = images.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(context_restoration(strided, 5, 4, generator(2)), expected)
+
+
+def test_bad_out_buffer_is_refused():
+    images = torch.rand(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        context_restoration(images, 2, 4, generator(), out=torch.empty(2, 1, 16, 8))

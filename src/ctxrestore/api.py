@@ -123,8 +123,8 @@ def load_pretrained(folder: Path | str, device: str = "cpu") -> torch.nn.Module:
 DEMO_SETTINGS = {
     True: dict(num_images=256, image_size=32, width=8, batch_size=16, max_steps=60,
                patch_size=4, num_swaps=10, warmup_steps=10, log_every=5),
-    False: dict(num_images=2000, image_size=64, width=16, batch_size=32, max_steps=1500,
-                patch_size=8, num_swaps=20, warmup_steps=50, log_every=25),
+    False: dict(num_images=2000, image_size=64, width=8, batch_size=32, max_steps=800,
+                patch_size=8, num_swaps=20, warmup_steps=50, log_every=20),
 }  # fmt: skip
 
 

@@ -9,6 +9,7 @@ pair would overlap.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,6 +130,27 @@ def _overlap_box(corners: torch.Tensor, patch: torch.Tensor, ranges: torch.Tenso
     return low, high - low + 1
 
 
+@functools.lru_cache(maxsize=8)
+def _partner_table(
+    ranges: tuple[int, ...], sizes: tuple[int, ...], device: str
+) -> tuple[torch.Tensor, int]:
+    """Cumulative count of isolated partners over all corners (flat order), and its total.
+
+    Corner a's partners: all corners minus the box of corners whose patch overlaps a's; the
+    box is separable, so the table is an outer product. Cached: it depends only on shapes,
+    and building it for 3D volumes costs more than the rest of the corruption.
+    """
+    overlap = torch.ones((), dtype=torch.long, device=device)
+    for axis, (r, p) in enumerate(zip(ranges, sizes)):
+        positions = torch.arange(r, device=device)
+        length = (positions + p - 1).clamp(max=r - 1) - (positions - p + 1).clamp(min=0) + 1
+        view = [1] * len(ranges)
+        view[axis] = r
+        overlap = overlap * length.view(view)
+    cumulative = (math.prod(ranges) - overlap.reshape(-1)).cumsum(0)
+    return cumulative, int(cumulative[-1])
+
+
 def _sample_isolated_pairs(
     count: int, ranges: tuple[int, ...], sizes: tuple[int, ...], generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,19 +158,8 @@ def _sample_isolated_pairs(
     device = generator.device
     patch = torch.tensor(sizes, device=device)
     ranges_t = torch.tensor(ranges, device=device)
-    total = math.prod(ranges)
-
-    # Partners of corner a: all corners minus the box of corners overlapping it (separable).
-    overlap = torch.ones((), dtype=torch.long, device=device)
-    for axis, r in enumerate(ranges):
-        positions = torch.arange(r, device=device)[:, None]
-        _, length = _overlap_box(positions, patch[axis : axis + 1], ranges_t[axis : axis + 1])
-        view = [1] * len(ranges)
-        view[axis] = r
-        overlap = overlap * length.view(view)
-    partners = total - overlap.reshape(-1)
-    cumulative = partners.cumsum(0)
-    draw = torch.randint(0, int(cumulative[-1]), (count,), generator=generator, device=device)
+    cumulative, total = _partner_table(ranges, sizes, str(device))
+    draw = torch.randint(0, total, (count,), generator=generator, device=device)
     a = _unravel(torch.searchsorted(cumulative, draw, right=True), ranges)
 
     # b uniform outside a's overlap box. The outside splits into disjoint parts, one per axis
@@ -198,12 +209,16 @@ def _foreground_weights(foreground: torch.Tensor, patch_size: tuple[int, ...]) -
     return weights
 
 
-def _draw_weighted(weights: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, count) flat corner indices drawn per image by `weights` (B, M), by inverse CDF."""
-    cumulative = weights.cumsum(dim=1)
-    targets = torch.rand(weights.shape[0], count, generator=generator, device=weights.device)
+def _draw_weighted(
+    cumulative: torch.Tensor, count: int, generator: torch.Generator
+) -> torch.Tensor:
+    """(B, count) flat corner indices drawn per image by inverse CDF over `cumulative` (B, M)."""
+    targets = torch.rand(
+        cumulative.shape[0], count, generator=generator, device=cumulative.device,
+        dtype=cumulative.dtype,
+    )  # fmt: skip
     flat = torch.searchsorted(cumulative, targets * cumulative[:, -1:], right=True)
-    return flat.clamp_(max=weights.shape[1] - 1)
+    return flat.clamp_(max=cumulative.shape[1] - 1)
 
 
 def _place_in_foreground(
@@ -215,12 +230,14 @@ def _place_in_foreground(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rejection rounds among foreground patches; returns (a, b, placed) of shape (B, T, ...)."""
     batch, swaps = shape
+    # float64: counts stay exact far beyond float32's 2**24 corners (large 3D volumes).
+    cumulative = weights.to(torch.float64).cumsum(dim=1)
     corners_a = torch.zeros(batch, swaps, len(ranges), dtype=torch.long, device=patch.device)
     corners_b = torch.zeros_like(corners_a)
     placed = torch.zeros(batch, swaps, dtype=torch.bool, device=patch.device)
     for _ in range(MAX_ROUNDS):
         draws = [
-            _unravel(_draw_weighted(weights, swaps * CANDIDATES, generator), ranges).view(
+            _unravel(_draw_weighted(cumulative, swaps * CANDIDATES, generator), ranges).view(
                 batch, swaps, CANDIDATES, -1
             )
             for _ in range(2)

@@ -37,11 +37,35 @@ def _patch_indices(corners: torch.Tensor, plan: SwapPlan) -> torch.Tensor:
     return corner_flat[..., None] + offsets.reshape(-1)
 
 
-def apply_swap_plan(images: torch.Tensor, plan: SwapPlan) -> torch.Tensor:
+def _swap_sources(plan: SwapPlan, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, B*C*2P) flat indices: step t writes voxels `targets[t]` from voxels `sources[t]`.
+
+    Both patches of a pair move in one indexed copy ([a|b] <- [b|a]); this is safe because
+    the two patches of a pair never overlap.
+    """
+    batch = plan.active.shape[0]
+    # An inactive swap exchanges patch a with itself: a no-op without a branch per image.
+    corners_b = torch.where(plan.active[..., None], plan.corners_b, plan.corners_a)
+    index_a, index_b = _patch_indices(torch.stack([plan.corners_a, corners_b]), plan)
+    voxels = math.prod(plan.spatial_shape)
+    image_offsets = torch.arange(batch * channels, device=index_a.device).view(batch, channels)
+    image_offsets = (image_offsets * voxels)[:, :, None, None]  # (B, C, 1, 1)
+
+    def flat(indices: torch.Tensor) -> torch.Tensor:  # (B, T, 2P) -> (T, B*C*2P)
+        return (image_offsets + indices[:, None]).permute(2, 0, 1, 3).flatten(1)
+
+    return flat(torch.cat([index_b, index_a], -1)), flat(torch.cat([index_a, index_b], -1))
+
+
+def apply_swap_plan(
+    images: torch.Tensor, plan: SwapPlan, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Swap the plan's patch pairs in order; deterministic, any dtype, all channels at once.
 
-    images: (B, C, *spatial) -> a new tensor of the same shape. Only the T swaps are looped
-    over; each is one batched gather/scatter of B * C * P values.
+    images: (B, C, *spatial). Returns a new contiguous tensor, or writes into `out` (a
+    contiguous tensor of the same shape; `out=images` swaps in place). Reusing a buffer saves
+    the allocation, which on CPU costs more than the swaps for large volumes. Only the T swaps
+    are looped over; each is one indexed copy of B * C * 2P values.
     """
     batch, channels = images.shape[:2]
     if tuple(images.shape[2:]) != plan.spatial_shape or plan.active.shape[0] != batch:
@@ -49,19 +73,20 @@ def apply_swap_plan(images: torch.Tensor, plan: SwapPlan) -> torch.Tensor:
             f"swap plan is for {plan.active.shape[0]} images of spatial shape "
             f"{plan.spatial_shape}, got a batch of shape {tuple(images.shape)}"
         )
-    plan = plan.to(images.device)
-    # An inactive swap exchanges patch a with itself: a no-op without a branch per image.
-    corners_b = torch.where(plan.active[..., None], plan.corners_b, plan.corners_a)
-    index_a, index_b = _patch_indices(torch.stack([plan.corners_a, corners_b]), plan)
-    out = images.reshape(batch, channels, -1).clone()
-    for t in range(index_a.shape[1]):
-        idx_a = index_a[:, None, t].expand(-1, channels, -1)
-        idx_b = index_b[:, None, t].expand(-1, channels, -1)
-        values_a = out.gather(2, idx_a)
-        values_b = out.gather(2, idx_b)
-        out.scatter_(2, idx_a, values_b)
-        out.scatter_(2, idx_b, values_a)
-    return out.view_as(images)
+    if out is None:
+        out = torch.empty_like(images, memory_format=torch.contiguous_format)
+    elif out.shape != images.shape or out.dtype != images.dtype or not out.is_contiguous():
+        raise CtxRestoreError(
+            f"out must be a contiguous {images.dtype} tensor of shape {tuple(images.shape)}, "
+            f"got {out.dtype} {tuple(out.shape)} (contiguous: {out.is_contiguous()})"
+        )
+    if out is not images:
+        out.copy_(images)
+    sources, targets = _swap_sources(plan.to(images.device), channels)
+    flat = out.view(-1)
+    for source, target in zip(sources, targets):
+        flat[target] = flat[source]
+    return out
 
 
 def undo_swap_plan(images: torch.Tensor, plan: SwapPlan) -> torch.Tensor:
@@ -126,6 +151,7 @@ def context_restoration(
     *,
     foreground_threshold: float | None = None,
     return_permutation: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Corrupt a batch by swapping isolated patch pairs (Chen et al. 2019).
 
@@ -138,6 +164,8 @@ def context_restoration(
         foreground_threshold: if given, a voxel is foreground when any channel exceeds it, and
             patches lying wholly in the background are avoided.
         return_permutation: also return the (B, N) voxel permutation (see `swap_permutation`).
+        out: optional contiguous buffer of the same shape and dtype to write into; `images`
+            itself swaps in place.
 
     Returns:
         The corrupted batch, same shape, dtype and device; and the permutation if asked.
@@ -156,7 +184,7 @@ def context_restoration(
         generator=generator,
         foreground=foreground,
     )
-    corrupted = apply_swap_plan(images, plan)
+    corrupted = apply_swap_plan(images, plan, out=out)
     if return_permutation:
         return corrupted, swap_permutation(plan, device=images.device)
     return corrupted

@@ -11,15 +11,17 @@ from pathlib import Path
 from ctxrestore.errors import CtxRestoreError
 
 
-def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path | str, write: Callable[[Path], None], suffix: str = "") -> Path:
     """Call write(temporary_path) in the target folder, then rename over `path`.
+
+    `suffix` ends the temporary name, for writers that pick the format by it (NIfTI).
 
     A crash leaves either the old file or the new one, never half of one; readers (a person
     opening a preview during training) never see a partial file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
         write(Path(temporary))

@@ -1,0 +1,47 @@
+"""Intensity normalisation by modality, described by a plain dict that checkpoints record.
+
+The same dict is applied at pretraining, fine-tuning and prediction, so a network always sees
+inputs scaled the way it was trained on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctxrestore.errors import CtxRestoreError
+
+METHODS = ("unit", "window", "zscore_foreground", "robust_unit_range")
+
+
+def normalize_intensity(image: np.ndarray, spec: dict) -> np.ndarray:
+    """image: (C, *spatial) -> float32 (C, *spatial).
+
+    - unit: already in [0, 1] (clipped).
+    - window: CT-style, [low, high] HU -> [0, 1], clipped (spec["window"] = [low, high]).
+    - zscore_foreground: MR, per channel (x - mean) / std over voxels != 0; background stays 0.
+    - robust_unit_range: per channel, percentiles spec["percentiles"] -> [0, 1], clipped.
+    """
+    method = spec.get("method")
+    image = np.asarray(image, dtype=np.float32)
+    if method == "unit":
+        return np.clip(image, 0.0, 1.0)
+    if method == "window":
+        low, high = spec["window"]
+        return np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    if method == "zscore_foreground":
+        out = np.zeros_like(image)
+        for channel, values in enumerate(image):
+            foreground = values != 0
+            if foreground.any():
+                selected = values[foreground]
+                std = max(float(selected.std()), 1e-6)
+                out[channel][foreground] = (selected - selected.mean()) / std
+        return out
+    if method == "robust_unit_range":
+        low_q, high_q = spec.get("percentiles", (0.5, 99.5))
+        out = np.empty_like(image)
+        for channel, values in enumerate(image):
+            low, high = np.percentile(values, [low_q, high_q])
+            out[channel] = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0)
+        return out
+    raise CtxRestoreError(f"unknown intensity normalisation {spec!r}; methods: {METHODS}")

@@ -4,10 +4,10 @@ import torch
 
 from ctxrestore.data.phantoms import (
     PHANTOMS,
-    ShapesPhantomDataset,
     list_phantoms,
-    shapes_phantom,
+    phantom_dataset,
 )
+from ctxrestore.data.phantoms.shapes import shapes_phantom
 from ctxrestore.errors import CtxRestoreError
 
 SIZES = {2: (32, 24), 3: (16, 20, 12)}
@@ -66,7 +66,7 @@ def test_body_has_several_tissues():
 
 
 def test_dataset_items_and_registry():
-    dataset = ShapesPhantomDataset(3, seed=1, spatial_size=(16, 16, 16), in_channels=2)
+    dataset = phantom_dataset("shapes", 3, seed=1, spatial_size=(16, 16, 16), in_channels=2)
     assert len(dataset) == 3
     item = dataset[2]
     assert item["image"].dtype == torch.float32
@@ -76,7 +76,7 @@ def test_dataset_items_and_registry():
     with pytest.raises(IndexError):
         dataset[3]
     assert "shapes" in list_phantoms()
-    assert PHANTOMS["shapes"] is ShapesPhantomDataset
+    assert PHANTOMS["shapes"].task == "pretrain"
 
 
 @pytest.mark.parametrize(

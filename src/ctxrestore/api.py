@@ -12,6 +12,8 @@ import torch
 import typer
 
 from ctxrestore.data import list_phantoms
+from ctxrestore.data.phantoms.export import export_phantom
+from ctxrestore.data.phantoms.gallery import phantom_gallery
 from ctxrestore.models import list_models
 from ctxrestore.pretext.report import write_pretraining_report
 from ctxrestore.pretext.training import PretrainConfig, PretrainResult, run_pretraining
@@ -155,3 +157,36 @@ def demo(
     report = write_pretraining_report(out / "pretrain", out / "report.md")
     logger.info("demo report: %s", report)
     return report
+
+
+def phantoms(
+    name: Annotated[Phantom, typer.Argument(help="Which built-in phantom to write.")],
+    *,
+    out: Annotated[Path, typer.Option(help="New folder for the images and labels.")],
+    count: Annotated[int, typer.Option("--n", "--count", help="Number of samples.")] = 100,
+    spatial_dims: Annotated[
+        int, typer.Option("--dims", "--spatial-dims", help="2 for images, 3 for volumes.")
+    ] = 2,
+    image_size: Annotated[int, typer.Option(help="Size along every axis, in voxels.")] = 128,
+    seed: Annotated[int, typer.Option(help="Sample i depends on (seed, i) only.")] = 0,
+) -> Path:
+    """Write a built-in phantom in the layout real data of its task uses.
+
+    ultrasound: class sub-folders; brain: MSD/nnU-Net dataset.json + imagesTr/labelsTr;
+    abdomen: the same plus boxes.csv; shapes: a folder of unlabelled images. Also writes
+    OUT/gallery.png (samples with their labels) and OUT/phantom.json (provenance).
+    """
+    name = _value(name)
+    out = export_phantom(
+        name, Path(out), count=count, spatial_dims=spatial_dims, image_size=image_size, seed=seed
+    )
+    phantom_gallery(
+        name,
+        out / "gallery.png",
+        count=min(count, 12),
+        spatial_dims=spatial_dims,
+        image_size=image_size,
+        seed=seed,
+    )
+    logger.info("wrote %d %s phantom samples to %s", count, name, out)
+    return out

@@ -67,6 +67,7 @@ def _command(function):
 
 app.command("pretrain")(_command(api.pretrain))
 app.command("demo")(_command(api.demo))
+app.command("phantoms")(_command(api.phantoms))
 
 
 def main() -> None:

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps as matplotlib_colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import atomic_write
@@ -127,4 +129,56 @@ def save_loss_curve(
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
+    return _save(figure, path)
+
+
+def save_labelled_gallery(
+    path: Path | str,
+    panels: Sequence[dict],
+    columns: int = 6,
+    label_names: dict[int, str] | None = None,
+) -> Path:
+    """Write a PNG of labelled images: masks coloured, boxes drawn, a title per image.
+
+    Each panel: {"image": (H, W) array in [0, 1], "title": str, optionally "mask": (H, W) int
+    label map and "boxes": [(label value, ((y0, x0), (y1, x1)))] (one past the last pixel),
+    drawn in the colour of that label's mask.
+    """
+    if not panels:
+        raise CtxRestoreError(f"gallery {path}: no images to draw")
+    rows = math.ceil(len(panels) / columns)
+    columns = min(columns, len(panels))
+    figure = Figure(figsize=(2.2 * columns, 2.6 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    colours = matplotlib_colormaps["tab10"]
+    for ax, panel in zip(axes.flat, panels):
+        ax.imshow(panel["image"], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        mask = panel.get("mask")
+        if mask is not None and mask.any():
+            values = [v for v in np.unique(mask) if v != 0]
+            overlay = np.zeros((*mask.shape, 4), np.float32)
+            for value in values:
+                overlay[mask == value] = (*colours(int(value) % 10)[:3], 0.45)
+            ax.imshow(overlay, interpolation="nearest")
+        for value, box in panel.get("boxes", ()):
+            (y0, x0), (y1, x1) = box
+            ax.add_patch(
+                Rectangle(
+                    (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0,
+                    fill=False, linewidth=1.0, edgecolor=colours(int(value) % 10),
+                )
+            )  # fmt: skip
+        ax.set_title(panel.get("title", ""), fontsize=8)
+        ax.set_axis_off()
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_axis_off()
+    if label_names:
+        handles = [
+            Rectangle((0, 0), 1, 1, color=colours(value % 10), alpha=0.6)
+            for value in label_names
+            if value != 0
+        ]
+        names = [name for value, name in label_names.items() if value != 0]
+        figure.legend(handles, names, loc="lower center", ncol=min(6, len(names)), fontsize=8)
+    figure.tight_layout(rect=(0, 0.05 if label_names else 0, 1, 1))
     return _save(figure, path)

@@ -1,6 +1,6 @@
-"""Readers, dataset layouts, preprocessing and built-in phantoms."""
+"""Readers, dataset layouts, intensity normalisation and built-in phantoms."""
 
 from ctxrestore.data.image_folder import ImageFolderDataset, find_images, read_image
-from ctxrestore.data.phantoms import PHANTOMS, list_phantoms
+from ctxrestore.data.phantoms import list_phantoms, phantom_dataset
 
-__all__ = ["PHANTOMS", "ImageFolderDataset", "find_images", "list_phantoms", "read_image"]
+__all__ = ["ImageFolderDataset", "find_images", "list_phantoms", "phantom_dataset", "read_image"]

@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 import ctxrestore
-from ctxrestore.data import PHANTOMS, ImageFolderDataset
+from ctxrestore.data import ImageFolderDataset
 from ctxrestore.data.image_folder import ROBUST_PERCENTILES
+from ctxrestore.data.phantoms import get_phantom, list_phantoms, phantom_dataset
 from ctxrestore.engine.checkpoint import SPEC_FILE, WEIGHTS_FILE, load_checkpoint
 from ctxrestore.engine.distributed import (
     DEVICES,
@@ -71,8 +72,10 @@ class PretrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if self.data is None and self.phantom not in PHANTOMS:
-            raise CtxRestoreError(f"unknown phantom '{self.phantom}'; known: {sorted(PHANTOMS)}")
+        if self.data is None and self.phantom not in list_phantoms():
+            raise CtxRestoreError(
+                f"unknown phantom '{self.phantom}'; built-in phantoms: {list_phantoms()}"
+            )
         if self.network not in list_models():
             raise CtxRestoreError(f"unknown network '{self.network}'; known: {list_models()}")
         if self.spatial_dims not in (2, 3):
@@ -144,19 +147,35 @@ def build_dataset(config: PretrainConfig, *, length: int | None = None, offset: 
         return ImageFolderDataset(
             config.data, spatial_size=config.spatial_size, in_channels=config.in_channels
         )
-    phantom = PHANTOMS[config.phantom]
-    return phantom(
+    info = get_phantom(config.phantom)
+    options = {}
+    if config.phantom == "shapes":  # the one phantom with a free channel count
+        options["in_channels"] = config.in_channels or 1
+    elif config.in_channels not in (None, len(info.channel_names)):
+        raise CtxRestoreError(
+            f"phantom '{config.phantom}' has {len(info.channel_names)} channel(s) "
+            f"{info.channel_names}, but in_channels {config.in_channels} was asked for"
+        )
+    return phantom_dataset(
+        config.phantom,
         length or config.num_images,
         seed=config.seed + offset,
         spatial_size=config.spatial_size,
-        in_channels=config.in_channels or 1,
+        **options,
     )
 
 
 def _intensity_spec(config: PretrainConfig) -> dict:
     if config.data is None:
-        return {"method": "phantom", "range": [0.0, 1.0]}
+        return get_phantom(config.phantom).intensity
     return {"method": "robust_unit_range", "percentiles": list(ROBUST_PERCENTILES)}
+
+
+def _channel_names(config: PretrainConfig, in_channels: int) -> list[str]:
+    """What each input channel holds (modalities), so that fine-tuning can check the order."""
+    if config.data is None and config.phantom != "shapes":
+        return list(get_phantom(config.phantom).channel_names)
+    return [f"channel_{index}" for index in range(in_channels)]
 
 
 def _network_kwargs(config: PretrainConfig, in_channels: int) -> dict:
@@ -183,7 +202,7 @@ def build_spec(config: PretrainConfig, pretext: Pretext, in_channels: int) -> di
         "model": network,
         "spatial_dims": config.spatial_dims,
         "in_channels": in_channels,
-        "channel_names": [f"channel_{index}" for index in range(in_channels)],
+        "channel_names": _channel_names(config, in_channels),
         "image_size": list(config.spatial_size),
         "intensity": _intensity_spec(config),
         "pretext": {"name": pretext.name, "params": pretext.params()},

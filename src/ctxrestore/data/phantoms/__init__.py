@@ -1,13 +1,20 @@
 """Built-in procedural phantoms: seeded, generated on access, no download."""
 
-from ctxrestore.data.phantoms.shapes import ShapesPhantomDataset, shapes_phantom
+from ctxrestore.data.phantoms.base import PhantomDataset, PhantomSample
+from ctxrestore.data.phantoms.registry import (
+    PHANTOMS,
+    PhantomInfo,
+    get_phantom,
+    list_phantoms,
+    phantom_dataset,
+)
 
-PHANTOMS = {"shapes": ShapesPhantomDataset}
-
-
-def list_phantoms() -> list[str]:
-    """Names of the registered phantom datasets, sorted."""
-    return sorted(PHANTOMS)
-
-
-__all__ = ["PHANTOMS", "ShapesPhantomDataset", "list_phantoms", "shapes_phantom"]
+__all__ = [
+    "PHANTOMS",
+    "PhantomDataset",
+    "PhantomInfo",
+    "PhantomSample",
+    "get_phantom",
+    "list_phantoms",
+    "phantom_dataset",
+]

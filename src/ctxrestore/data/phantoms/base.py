@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ctxrestore.data.intensity import normalize_intensity
 from ctxrestore.errors import CtxRestoreError
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (first voxel, one past the last voxel) per axis
@@ -71,6 +72,8 @@ def mask_box(mask: np.ndarray) -> Box | None:
 class PhantomDataset(Dataset):
     """`length` samples of one generator as dicts of tensors, for the engine's DataLoader.
 
+    `intensity` (see data.intensity) normalises the image for a network; None keeps raw values.
+
     Keys: "image" (C, *spatial) float32, and, where the phantom has them, "label" (int64
     scalar), "mask" (*spatial) int64, "spacing" (D,) float32.
     """
@@ -82,6 +85,7 @@ class PhantomDataset(Dataset):
         *,
         seed: int = 0,
         spatial_size: Sequence[int] = (128, 128),
+        intensity: dict | None = None,
         **options,
     ) -> None:
         if length < 1:
@@ -90,6 +94,7 @@ class PhantomDataset(Dataset):
         self.length = length
         self.seed = seed
         self.spatial_size = tuple(spatial_size)
+        self.intensity = intensity
         self.options = options
 
     def __len__(self) -> int:
@@ -102,8 +107,11 @@ class PhantomDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.sample(index)
+        image = sample.image
+        if self.intensity is not None:
+            image = normalize_intensity(image, self.intensity)
         item = {
-            "image": torch.from_numpy(np.ascontiguousarray(sample.image, dtype=np.float32)),
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "spacing": torch.tensor(sample.spacing, dtype=torch.float32),
         }
         if sample.label is not None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
+from ctxrestore.data.phantoms.base import PhantomSample
 from ctxrestore.errors import CtxRestoreError
 
 _MIN_ORGANS, _MAX_ORGANS = 3, 6
@@ -145,37 +144,14 @@ def shapes_phantom(
     return image
 
 
-class ShapesPhantomDataset(Dataset):
-    """`length` shapes phantoms; item i is `{"image": (in_channels, *spatial_size) float32}`.
-
-    Images are generated on access (no cache): item i is `shapes_phantom(i, seed=seed, ...)`.
-    """
-
-    def __init__(
-        self,
-        length: int,
-        *,
-        seed: int = 0,
-        spatial_size: Sequence[int] = (64, 64),
-        in_channels: int = 1,
-    ) -> None:
-        if length < 1:
-            raise CtxRestoreError(f"shapes phantom dataset: length {length} must be >= 1")
-        self.spatial_size = _check_options(0, seed, spatial_size, in_channels)
-        self.length = int(length)
-        self.seed = int(seed)
-        self.in_channels = int(in_channels)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not -self.length <= index < self.length:
-            raise IndexError(f"index {index} is out of range for {self.length} phantoms")
-        image = shapes_phantom(
-            index % self.length,
-            seed=self.seed,
-            spatial_size=self.spatial_size,
-            in_channels=self.in_channels,
-        )
-        return {"image": torch.from_numpy(image)}
+def shapes_sample(
+    index: int,
+    *,
+    seed: int = 0,
+    spatial_size: Sequence[int] = (64, 64),
+    in_channels: int = 1,
+) -> PhantomSample:
+    """`shapes_phantom` as a PhantomSample (unlabelled; 1 mm voxels), for the registry."""
+    image = shapes_phantom(index, seed=seed, spatial_size=spatial_size, in_channels=in_channels)
+    names = tuple(f"contrast_{channel}" for channel in range(in_channels))
+    return PhantomSample(image=image, spacing=(1.0,) * (image.ndim - 1), channel_names=names)

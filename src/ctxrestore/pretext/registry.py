@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
-from ctxrestore.errors import CtxRestoreError
+from ctxrestore.registry import Registry
 
 
 class Pretext(Protocol):
@@ -30,31 +28,8 @@ class Pretext(Protocol):
     def params(self) -> dict: ...
 
 
-_PRETEXTS: dict[str, Callable[..., Pretext]] = {}
+PRETEXTS = Registry("pretext")
 
-
-def register_pretext(name: str):
-    def decorator(factory):
-        if name in _PRETEXTS:
-            raise CtxRestoreError(f"pretext '{name}' is registered twice")
-        _PRETEXTS[name] = factory
-        return factory
-
-    return decorator
-
-
-def list_pretexts() -> list[str]:
-    return sorted(_PRETEXTS)
-
-
-def create_pretext(name: str, **kwargs) -> Pretext:
-    if name not in _PRETEXTS:
-        raise CtxRestoreError(f"unknown pretext '{name}'; known pretexts: {list_pretexts()}")
-    factory = _PRETEXTS[name]
-    accepted = set(inspect.signature(factory).parameters)
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise CtxRestoreError(
-            f"pretext '{name}' does not take {unknown}; it takes {sorted(accepted)}"
-        )
-    return factory(**kwargs)
+register_pretext = PRETEXTS.register
+list_pretexts = PRETEXTS.names
+create_pretext = PRETEXTS.create

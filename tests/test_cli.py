@@ -88,6 +88,9 @@ def test_demo_quick_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     report = (out / "report.md").read_text()
     assert "![preview](pretrain/preview.png)" in report
+    for name in ("ultrasound", "abdomen", "brain"):
+        assert f"![{name} phantom](phantoms/{name}.png)" in report
+        assert (out / "phantoms" / f"{name}.png").stat().st_size > 1000
     assert (out / "pretrain" / "preview.png").stat().st_size > 1000
     assert (out / "pretrain" / "loss.png").stat().st_size > 1000
     metrics = json.loads((out / "pretrain" / "metrics.json").read_text())

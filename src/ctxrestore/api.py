@@ -121,6 +121,7 @@ def load_pretrained(folder: Path | str, device: str = "cpu") -> torch.nn.Module:
     return _load_pretrained(folder, device)
 
 
+DEMO_PHANTOMS = ("ultrasound", "abdomen", "brain")
 # Settings of `demo`: (quick: under a minute on 2 CPU cores; default: under 10 minutes).
 DEMO_SETTINGS = {
     True: dict(num_images=256, image_size=32, width=8, batch_size=16, max_steps=60,
@@ -143,8 +144,8 @@ def demo(
 ) -> Path:
     """Run the pipeline on built-in phantoms, with no data and no network access.
 
-    For now: context-restoration pretraining, then OUT/report.md with the loss curve and the
-    original / corrupted / restored preview.
+    For now: context-restoration pretraining, then OUT/report.md with the loss curve, the
+    original / corrupted / restored preview and labelled samples of the task phantoms.
     """
     out = Path(out)
     pretrain(
@@ -154,7 +155,18 @@ def demo(
         resume=resume,
         **DEMO_SETTINGS[quick],
     )
-    report = write_pretraining_report(out / "pretrain", out / "report.md")
+    section = [
+        "## The built-in phantoms of the downstream tasks",
+        "",
+        "Samples with their labels (classes, organ masks and boxes, BraTS tumour labels); "
+        "`ctxrestore phantoms NAME --out DIR` writes them as files.",
+        "",
+    ]
+    for name in DEMO_PHANTOMS:
+        gallery = out / "phantoms" / f"{name}.png"
+        phantom_gallery(name, gallery, count=6, image_size=DEMO_SETTINGS[quick]["image_size"])
+        section += [f"![{name} phantom](phantoms/{name}.png)", ""]
+    report = write_pretraining_report(out / "pretrain", out / "report.md", extra_lines=section)
     logger.info("demo report: %s", report)
     return report
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ctxrestore.engine.loop import read_log
@@ -15,8 +16,12 @@ SETTINGS = (
 )  # fmt: skip
 
 
-def write_pretraining_report(run_dir: Path, report_path: Path | None = None) -> Path:
+def write_pretraining_report(
+    run_dir: Path, report_path: Path | None = None, extra_lines: Sequence[str] = ()
+) -> Path:
     """Write loss.png into `run_dir` and a Markdown report (default run_dir/report.md).
+
+    `extra_lines` (Markdown) are appended, e.g. the demo's phantom galleries.
 
     Image links are relative to the report, so the report can live above the run folder.
     """
@@ -65,6 +70,7 @@ def write_pretraining_report(run_dir: Path, report_path: Path | None = None) -> 
         "",
         f"![preview]({link / 'preview.png'})",
         "",
+        *extra_lines,
     ]
     text = "\n".join(lines)
     return atomic_write(report_path, lambda temporary: temporary.write_text(text))

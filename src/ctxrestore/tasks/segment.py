@@ -1,0 +1,155 @@
+"""Segmentation: a U-Net whose encoder and decoder are both transferred (Chen et al. 2019,
+BraTS). Loss: Dice + cross-entropy (MONAI's DiceCELoss); metrics: Dice and HD95 per class
+(MONAI's implementations) and, for BraTS labels, per region.
+
+Label values need not be contiguous (BraTS uses 0, 1, 2, 4): the network predicts class k for
+label value `label_values[k]`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.metrics import compute_dice, compute_hausdorff_distance
+from torch import nn
+
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.figures import save_image_grid
+
+
+@dataclass(frozen=True)
+class SegmentationTask:
+    label_values: tuple[int, ...]
+    label_names: tuple[str, ...]
+    regions: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    name: str = "segment"
+
+    def __post_init__(self) -> None:
+        if len(self.label_values) != len(self.label_names) or len(self.label_values) < 2:
+            raise CtxRestoreError(
+                f"segmentation needs >= 2 labels with one name each, got values "
+                f"{self.label_values} and names {self.label_names}"
+            )
+        if self.label_values[0] != 0:
+            raise CtxRestoreError(f"label value 0 must be the background, got {self.label_values}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_values)
+
+    def class_indices(self, mask: torch.Tensor) -> torch.Tensor:
+        """Label values (*) -> class indices (*), refusing values outside the declared labels."""
+        lookup = torch.full((max(self.label_values) + 1,), -1, dtype=torch.long)
+        lookup[list(self.label_values)] = torch.arange(self.num_classes)
+        mask = mask.long()
+        if mask.numel() and (mask.min() < 0 or mask.max() >= lookup.numel()):
+            raise CtxRestoreError(
+                f"mask holds values {sorted(torch.unique(mask).tolist())[:10]}, outside the "
+                f"declared labels {self.label_values}"
+            )
+        classes = lookup.to(mask.device)[mask]
+        if (classes < 0).any():
+            bad = sorted(set(torch.unique(mask).tolist()) - set(self.label_values))
+            raise CtxRestoreError(
+                f"mask holds label values {bad} that are not declared ({self.label_values})"
+            )
+        return classes
+
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        logits = model(batch["image"]).float()
+        target = self.class_indices(batch["mask"])[:, None]
+        return DiceCELoss(to_onehot_y=True, softmax=True)(logits, target)
+
+    def save_preview(
+        self,
+        path: Path,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+    ) -> None:
+        images = batch["image"][:8]
+        prediction = model(images).argmax(dim=1, keepdim=True).float()
+        truth = self.class_indices(batch["mask"][:8])[:, None].float()
+        save_image_grid(path, [("image", images), ("truth", truth), ("prediction", prediction)])
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[dict[str, torch.Tensor]],
+        device: torch.device,
+    ) -> dict[str, float]:
+        """Mean over images of Dice (and HD95 in voxels x spacing) per class and region.
+
+        An image whose truth and prediction are both empty for a class scores Dice 1 and no
+        HD95 (nothing to measure); a false positive on an empty truth scores Dice 0.
+        """
+        model.eval()
+        totals: dict[str, list[float]] = {}
+        for batch in batches:
+            prediction = model(batch["image"].to(device)).argmax(dim=1).cpu()
+            truth = self.class_indices(batch["mask"])
+            spacing = batch.get("spacing")
+            for name, predicted, expected in self._masks(prediction, truth):
+                for index in range(predicted.shape[0]):
+                    scores = segmentation_scores(
+                        predicted[index],
+                        expected[index],
+                        None if spacing is None else spacing[index].tolist(),
+                    )
+                    for metric, value in scores.items():
+                        totals.setdefault(f"{metric}/{name}", []).append(value)
+        metrics = {key: _nanmean(values) for key, values in totals.items()}
+        foreground = [f"dice/{name}" for name in self.label_names[1:]]
+        metrics["dice/mean"] = _nanmean([metrics[key] for key in foreground])
+        return metrics
+
+    def _masks(self, prediction: torch.Tensor, truth: torch.Tensor):
+        """(name, predicted bool (B, *S), expected bool (B, *S)) per class, then per region."""
+        for index, name in enumerate(self.label_names[1:], start=1):
+            yield name, prediction == index, truth == index
+        for region, values in self.regions.items():
+            indices = [self.label_values.index(v) for v in values if v in self.label_values]
+            yield region, _isin(prediction, indices), _isin(truth, indices)
+
+
+def _isin(classes: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+    return torch.isin(classes, torch.tensor(indices, dtype=classes.dtype))
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def segmentation_scores(
+    predicted: torch.Tensor, expected: torch.Tensor, spacing: Sequence[float] | None = None
+) -> dict[str, float]:
+    """Dice and HD95 of one binary mask pair (*spatial), with MONAI's implementations.
+
+    Dice: 1.0 when both are empty. HD95 (in mm when `spacing` is given): NaN unless both
+    masks are non-empty.
+    """
+    predicted_onehot = predicted[None, None].float()
+    expected_onehot = expected[None, None].float()
+    if not expected.any() and not predicted.any():
+        return {"dice": 1.0, "hd95": float("nan")}
+    dice = float(compute_dice(predicted_onehot, expected_onehot, ignore_empty=False)[0, 0])
+    hd95 = float("nan")
+    if expected.any() and predicted.any():
+        with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal call
+            warnings.simplefilter("ignore", FutureWarning)
+            distance = compute_hausdorff_distance(
+                predicted_onehot, expected_onehot, percentile=95, spacing=spacing
+            )
+        hd95 = float(distance[0, 0])
+    return {"dice": dice, "hd95": hd95}

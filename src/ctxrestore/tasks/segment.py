@@ -88,18 +88,25 @@ class SegmentationTask:
         batches: Iterable[dict[str, torch.Tensor]],
         device: torch.device,
     ) -> dict[str, float]:
-        """Mean over images of Dice (and HD95 in voxels x spacing) per class and region.
+        """Per class and region: mean over images of Dice and HD95 (mm when the batch has
+        "spacing"), and the global Dice over all voxels of all images.
 
-        An image whose truth and prediction are both empty for a class scores Dice 1 and no
-        HD95 (nothing to measure); a false positive on an empty truth scores Dice 0.
+        In the per-image mean, an image whose truth and prediction are both empty scores Dice 1
+        and no HD95; a false positive on an empty truth scores 0. On 2D slices, many of which
+        hold no enhancing tumour, that rewards predicting nothing: read `global_dice` too.
         """
         model.eval()
         totals: dict[str, list[float]] = {}
+        overlap: dict[str, list[int]] = {}  # name -> [intersection, predicted, expected]
         for batch in batches:
             prediction = model(batch["image"].to(device)).argmax(dim=1).cpu()
             truth = self.class_indices(batch["mask"])
             spacing = batch.get("spacing")
             for name, predicted, expected in self._masks(prediction, truth):
+                counts = overlap.setdefault(name, [0, 0, 0])
+                counts[0] += int((predicted & expected).sum())
+                counts[1] += int(predicted.sum())
+                counts[2] += int(expected.sum())
                 for index in range(predicted.shape[0]):
                     scores = segmentation_scores(
                         predicted[index],
@@ -109,6 +116,9 @@ class SegmentationTask:
                     for metric, value in scores.items():
                         totals.setdefault(f"{metric}/{name}", []).append(value)
         metrics = {key: _nanmean(values) for key, values in totals.items()}
+        for name, (intersection, predicted, expected) in overlap.items():
+            total = predicted + expected
+            metrics[f"global_dice/{name}"] = 2 * intersection / total if total else 1.0
         foreground = [f"dice/{name}" for name in self.label_names[1:]]
         metrics["dice/mean"] = _nanmean([metrics[key] for key in foreground])
         return metrics

@@ -143,7 +143,8 @@ def _partner_table(
     overlap = torch.ones((), dtype=torch.long, device=device)
     for axis, (r, p) in enumerate(zip(ranges, sizes)):
         positions = torch.arange(r, device=device)
-        length = (positions + p - 1).clamp(max=r - 1) - (positions - p + 1).clamp(min=0) + 1
+        bounds = torch.tensor(p, device=device), torch.tensor(r, device=device)
+        _, length = _overlap_box(positions, *bounds)
         view = [1] * len(ranges)
         view[axis] = r
         overlap = overlap * length.view(view)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageSequence
 from torch.utils.data import Dataset
 
+from ctxrestore.data.intensity import ROBUST_UNIT_RANGE, normalize_intensity
 from ctxrestore.errors import CtxRestoreError
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -23,7 +24,6 @@ NUMPY_SUFFIXES = (".npy",)
 IMAGE_SUFFIXES = PIL_SUFFIXES + NUMPY_SUFFIXES
 # A 3D .npy whose first axis is this long or shorter is read as channels, not slices.
 MAX_CHANNELS = 8
-ROBUST_PERCENTILES = (0.5, 99.5)
 
 _NPY_MAGIC = b"\x93NUMPY"
 # Decoders raise these for files that are not images, truncated or corrupt.
@@ -142,20 +142,6 @@ def read_image(path: Path | str) -> np.ndarray:
     return _read_npy(path) if suffix in NUMPY_SUFFIXES else _read_pil(path)
 
 
-def scale_to_unit_range(image: np.ndarray) -> np.ndarray:
-    """Map each channel's 0.5th..99.5th percentile to [0, 1] and clip: (C, *spatial).
-
-    A simple, modality-agnostic choice that ignores a few outliers (hot pixels, text
-    overlays); a constant channel becomes 0. CT windowing and MR z-scores live elsewhere.
-    """
-    flat = image.reshape(image.shape[0], -1)
-    low, high = np.percentile(flat, ROBUST_PERCENTILES, axis=1).astype(np.float32)
-    width = high - low
-    scale = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
-    shape = (-1,) + (1,) * (image.ndim - 1)
-    return np.clip((image - low.reshape(shape)) * scale.reshape(shape), 0.0, 1.0)
-
-
 def _check_spatial_size(spatial_size: Sequence[int]) -> tuple[int, ...]:
     size = tuple(int(s) for s in spatial_size)
     if len(size) not in (2, 3) or min(size) < 1:
@@ -170,8 +156,8 @@ class ImageFolderDataset(Dataset):
     """Every image under `folder`, as `{"image": (C, *spatial_size) float32 in [0, 1]}`.
 
     Files are listed once, here (see `find_images`), and read on access. Each image is scaled
-    by `scale_to_unit_range` and then resized to `spatial_size` by plain (bi/tri)linear
-    interpolation, without keeping the aspect ratio; 2D downsampling is antialiased.
+    by `ROBUST_UNIT_RANGE` (data.intensity), then resized to `spatial_size` by plain
+    (bi/tri)linear interpolation, without keeping the aspect ratio; 2D downsampling is antialiased.
     `in_channels`, when given, must match every file's channel count.
     """
 
@@ -206,7 +192,7 @@ class ImageFolderDataset(Dataset):
                 f"{path} has {image.shape[0]} channels but in_channels is {self.in_channels}; "
                 "give files with that many channels or change in_channels"
             )
-        tensor = torch.from_numpy(scale_to_unit_range(image))
+        tensor = torch.from_numpy(normalize_intensity(image, ROBUST_UNIT_RANGE))
         if tuple(tensor.shape[1:]) != self.spatial_size:
             tensor = F.interpolate(
                 tensor[None],

@@ -11,6 +11,9 @@ import numpy as np
 from ctxrestore.errors import CtxRestoreError
 
 METHODS = ("unit", "window", "zscore_foreground", "robust_unit_range")
+# Modality-agnostic default for plain image folders: ignores a few outliers (hot pixels,
+# text overlays). CT windowing and MR z-scores are the other methods.
+ROBUST_UNIT_RANGE = {"method": "robust_unit_range", "percentiles": [0.5, 99.5]}
 
 
 def normalize_intensity(image: np.ndarray, spec: dict) -> np.ndarray:
@@ -38,10 +41,11 @@ def normalize_intensity(image: np.ndarray, spec: dict) -> np.ndarray:
                 out[channel][foreground] = (selected - selected.mean()) / std
         return out
     if method == "robust_unit_range":
-        low_q, high_q = spec.get("percentiles", (0.5, 99.5))
-        out = np.empty_like(image)
-        for channel, values in enumerate(image):
-            low, high = np.percentile(values, [low_q, high_q])
-            out[channel] = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0)
-        return out
+        flat = image.reshape(image.shape[0], -1)
+        low, high = np.percentile(flat, spec.get("percentiles", (0.5, 99.5)), axis=1)
+        width = (high - low).astype(np.float32)
+        scale = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
+        shape = (-1,) + (1,) * (image.ndim - 1)
+        scaled = (image - low.reshape(shape).astype(np.float32)) * scale.reshape(shape)
+        return np.clip(scaled, 0.0, 1.0)  # a constant channel becomes 0
     raise CtxRestoreError(f"unknown intensity normalisation {spec!r}; methods: {METHODS}")

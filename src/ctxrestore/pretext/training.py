@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 import ctxrestore
 from ctxrestore.data import ImageFolderDataset
-from ctxrestore.data.image_folder import ROBUST_PERCENTILES
+from ctxrestore.data.intensity import ROBUST_UNIT_RANGE
 from ctxrestore.data.phantoms import get_phantom, list_phantoms, phantom_dataset
 from ctxrestore.engine.checkpoint import SPEC_FILE, WEIGHTS_FILE, load_checkpoint
 from ctxrestore.engine.distributed import (
@@ -168,7 +168,7 @@ def build_dataset(config: PretrainConfig, *, length: int | None = None, offset: 
 def _intensity_spec(config: PretrainConfig) -> dict:
     if config.data is None:
         return get_phantom(config.phantom).intensity
-    return {"method": "robust_unit_range", "percentiles": list(ROBUST_PERCENTILES)}
+    return dict(ROBUST_UNIT_RANGE)
 
 
 def _channel_names(config: PretrainConfig, in_channels: int) -> list[str]:

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from corruption_checks import assert_channels_moved_together, assert_is_permutation
+from corruption_checks import (
+    assert_channels_moved_together,
+    assert_is_permutation,
+    distinct_images,
+)
 from monai.data import MetaTensor
 from monai.transforms import Compose, CopyItemsd
 
@@ -14,7 +18,8 @@ from ctxrestore.errors import CtxRestoreError
 @pytest.mark.parametrize("spatial", [(24, 24), (12, 12, 12)])
 @pytest.mark.parametrize("kind", ["tensor", "numpy", "meta"])
 def test_array_transform_keeps_type_and_permutes(spatial, kind):
-    image = torch.rand(2, *spatial)
+    # Distinct values: the channel check identifies each voxel by its channel-0 value.
+    image = distinct_images(1, 2, spatial)[0]
     data = {"tensor": image, "numpy": image.numpy(), "meta": MetaTensor(image)}[kind]
     transform = ContextRestoration(num_swaps=5, patch_size=4)
     transform.set_random_state(0)

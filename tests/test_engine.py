@@ -99,3 +99,81 @@ def test_sampler_and_loop_reject_bad_sizes():
         LoopConfig(max_steps=1, batch_size=1, precision="fp8")
     with pytest.raises(CtxRestoreError, match="max_steps must be >= 1"):
         LoopConfig(max_steps=0, batch_size=1)
+
+
+class _RegressTask:
+    """Fit y = 2x with one linear layer: a loss that falls, so validation improves."""
+
+    def training_loss(self, model, batch, generator):
+        return torch.nn.functional.mse_loss(model(batch["image"]), 2 * batch["image"])
+
+    def save_preview(self, path, model, batch, generator):
+        pass
+
+
+class _Points(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        return {"image": torch.tensor([index / 16.0])}
+
+
+def _fit_with_validation(run_dir, scores, *, max_steps, patience, resume=False):
+    """Train with a validation whose scores come from `scores` in order; return the result."""
+    from ctxrestore.engine.distributed import DistributedContext
+    from ctxrestore.engine.loop import Validation, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    calls = iter(scores)
+    validation = Validation(
+        every=2,
+        evaluate=lambda m: {"score": next(calls), "other": 1.0},
+        metric="score",
+        patience=patience,
+    )
+    config = LoopConfig(max_steps=max_steps, batch_size=4, checkpoint_every=2, log_every=1)
+    context = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    result = fit(
+        model=model,
+        dataset=_Points(),
+        task=_RegressTask(),
+        config=config,
+        context=context,
+        run_dir=run_dir,
+        spec={"format": 1},
+        resume=resume,
+        validation=validation,
+    )
+    return result, model
+
+
+def test_validation_keeps_the_best_checkpoint_and_stops_early(tmp_path):
+    # Scores at steps 2, 4, 6, 8, 10: best at step 4, then three without improvement.
+    result, model = _fit_with_validation(
+        tmp_path, [0.1, 0.5, 0.4, 0.3, 0.2, 0.9], max_steps=20, patience=3
+    )
+    assert result.stopped_early and result.steps == 10
+    assert (result.best_step, result.best_score) == (4, 0.5)
+    rows = (tmp_path / "validation.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["step", "epoch", "best", "score"]
+    assert [row.split(",")[2] for row in rows[1:]] == ["1", "1", "0", "0", "0"]
+    best, _ = load_checkpoint(tmp_path / "best")
+    final, _ = load_checkpoint(tmp_path)
+    assert torch.equal(final["weight"], model.weight.detach())
+    assert not torch.equal(best["weight"], final["weight"])  # best is the step-4 weights
+
+
+def test_validation_state_survives_resume(tmp_path):
+    # First run: 6 steps (validations at 2, 4, 6; best at 4, one stale).
+    _fit_with_validation(tmp_path, [0.1, 0.5, 0.4], max_steps=6, patience=2)
+    # Resumed to 20 steps: one more stale validation (step 8) reaches patience 2.
+    result, _ = _fit_with_validation(tmp_path, [0.3, 0.9], max_steps=20, patience=2, resume=True)
+    assert result.resumed_from == 6 and result.steps == 8 and result.stopped_early
+    assert (result.best_step, result.best_score) == (4, 0.5)
+    steps = [row.split(",")[0] for row in (tmp_path / "validation.csv").read_text().splitlines()]
+    assert steps == ["step", "2", "4", "6", "8"]
+    # A finished (early-stopped) run resumes to nothing.
+    again, _ = _fit_with_validation(tmp_path, [], max_steps=20, patience=2, resume=True)
+    assert again.steps == 8 and again.stopped_early

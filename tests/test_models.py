@@ -1,4 +1,6 @@
-"""Tests for ctxrestore.models: every registered model, in 2D and 3D, at tiny widths."""
+"""Tests for ctxrestore.models: every pretraining network, in 2D and 3D, at tiny widths.
+
+The downstream networks (classifier, localizer) are tested with their tasks."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import (
+    PRETRAINING_NETWORKS,
     ConvEncoder,
     EncoderDecoder,
     build_model,
@@ -21,7 +24,7 @@ from ctxrestore.models.decoders import DeconvDecoder, UNetDecoder
 # Smallest sensible arguments per registered model; a new model must add an entry here.
 TINY_KWARGS = {"sononet": {"width": 4}, "unet": {"channels": (4, 8, 16)}}
 
-MODELS = list_models()
+MODELS = list(PRETRAINING_NETWORKS)
 DIMS = (2, 3)
 
 
@@ -39,6 +42,7 @@ def tiny_input(model: EncoderDecoder, spatial_dims: int, batch: int = 2) -> torc
 
 def test_every_model_has_tiny_kwargs():
     assert set(MODELS) == set(TINY_KWARGS)
+    assert set(list_models()) == {*PRETRAINING_NETWORKS, "classifier", "localizer"}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -87,6 +91,7 @@ def test_parameters_live_under_spec_prefixes(name):
     model = build_model(spec)
     prefixes = spec["prefixes"]
     assert set(prefixes) == {"encoder", "decoder", "head"}
+    assert spec["encoder"] == model.encoder.config()
     names = [param_name for param_name, _ in model.named_parameters()]
     for part, prefix in prefixes.items():
         assert any(n.startswith(prefix) for n in names), f"{part} has no parameters"

@@ -3,6 +3,10 @@
 Pretext and downstream training both go through `fit`. What a step computes comes from a
 `TrainingTask`; everything about where and how it runs lives here.
 
+With a `Validation`, the model is scored every `every` steps: the best scoring weights go to
+`best/` (a checkpoint folder like the run's), and training stops early after `patience`
+validations without improvement. Best score and patience count are part of the resumable state.
+
 Randomness inside a step (e.g. where patches are swapped) comes from a generator reseeded from
 (seed, rank, step), and the data order from (seed, epoch): a resumed run repeats exactly what an
 uninterrupted run would have done, with no random state to store.
@@ -14,6 +18,7 @@ import csv
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +36,12 @@ from ctxrestore.engine.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from ctxrestore.engine.distributed import DistributedContext, barrier, mean_over_ranks
+from ctxrestore.engine.distributed import (
+    DistributedContext,
+    barrier,
+    broadcast_object,
+    mean_over_ranks,
+)
 from ctxrestore.engine.sampler import EpochSampler
 from ctxrestore.errors import CtxRestoreError
 
@@ -40,6 +50,8 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16")
 LOG_FILE = "log.csv"
 LOG_COLUMNS = ("step", "epoch", "loss", "learning_rate", "images_per_second", "elapsed_seconds")
+VALIDATION_FILE = "validation.csv"
+BEST_DIR = "best"
 
 
 @dataclass(frozen=True)
@@ -89,10 +101,81 @@ class TrainingTask(Protocol):
 
 
 @dataclass(frozen=True)
+class Validation:
+    """Score the model every `every` steps (and at the last step) with `evaluate`, which runs
+    on the main process and returns metrics including `metric` (higher is better). Stop after
+    `patience` validations in a row without a new best (None: never stop early)."""
+
+    every: int
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    metric: str
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise CtxRestoreError(f"validation every must be >= 1 step, got {self.every}")
+        if self.patience is not None and self.patience < 1:
+            raise CtxRestoreError(f"patience must be >= 1 validation, got {self.patience}")
+
+
+@dataclass(frozen=True)
 class FitResult:
     steps: int
     final_loss: float
     resumed_from: int
+    best_step: int | None = None
+    best_score: float | None = None
+    stopped_early: bool = False
+
+
+class _ValidationTracker:
+    """Best score, patience count and validation.csv; its state goes into training_state.pt."""
+
+    def __init__(self, validation: Validation, run_dir: Path, state: dict | None) -> None:
+        self.validation = validation
+        self.path = run_dir / VALIDATION_FILE
+        saved = (state or {}).get("validation", {})
+        self.best_score: float | None = saved.get("best_score")
+        self.best_step: int | None = saved.get("best_step")
+        self.stale: int = int(saved.get("stale", 0))
+        self.stopped: bool = bool(saved.get("stopped", False))
+        self._rows = self._read_rows(int((state or {}).get("step", 0)))
+
+    def _read_rows(self, resume_step: int) -> list[dict]:
+        if not resume_step or not self.path.is_file():
+            return []
+        with self.path.open() as handle:
+            return [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+
+    def record(self, step: int, epoch: int, metrics: dict[str, float]) -> bool:
+        """Note the metrics of `step`; True when they are a new best."""
+        if self.validation.metric not in metrics:
+            raise CtxRestoreError(
+                f"validation returned no {self.validation.metric!r}; it returned {sorted(metrics)}"
+            )
+        score = float(metrics[self.validation.metric])
+        improved = math.isfinite(score) and (self.best_score is None or score > self.best_score)
+        if improved:
+            self.best_score, self.best_step, self.stale = score, step, 0
+        else:
+            self.stale += 1
+        patience = self.validation.patience
+        self.stopped = patience is not None and self.stale >= patience
+        self._rows.append({"step": step, "epoch": epoch, "best": int(improved), **metrics})
+        columns = list(dict.fromkeys(key for row in self._rows for key in row))
+        with self.path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, restval="")
+            writer.writeheader()
+            writer.writerows(self._rows)
+        return improved
+
+    def state(self) -> dict:
+        return {
+            "best_score": self.best_score,
+            "best_step": self.best_step,
+            "stale": self.stale,
+            "stopped": self.stopped,
+        }
 
 
 def _autocast(device: torch.device, precision: str):
@@ -112,6 +195,29 @@ def _schedule(config: LoopConfig):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
 
     return factor
+
+
+def _parameter_groups(model: nn.Module, config: LoopConfig, lr_scales: dict[str, float]):
+    """AdamW groups by (learning-rate scale, weight decay): no decay on norms and biases."""
+    groups: dict[tuple[float, bool], list] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        scale = next((v for k, v in lr_scales.items() if name.startswith(k)), 1.0)
+        decays = not (parameter.dim() <= 1 or name.endswith(".bias"))
+        groups.setdefault((scale, decays), []).append(parameter)
+    if not groups:
+        raise CtxRestoreError("no parameter is trainable (all are frozen)")
+    return [
+        {
+            "params": parameters,
+            "lr": config.learning_rate * scale,
+            "weight_decay": config.weight_decay if decays else 0.0,
+        }
+        for (scale, decays), parameters in sorted(
+            groups.items(), key=lambda g: (-g[0][0], not g[0][1])
+        )
+    ]
 
 
 def step_generator(generator: torch.Generator, seed: int, rank: int, step: int):
@@ -165,11 +271,16 @@ def fit(
     run_dir: Path,
     spec: dict,
     resume: bool = False,
+    validation: Validation | None = None,
+    lr_scales: dict[str, float] | None = None,
 ) -> FitResult:
     """Train `model` for config.max_steps steps, writing checkpoints into `run_dir`.
 
     The folder gets model.safetensors + spec.json (the checkpoint), training_state.pt (for
-    resume), log.csv, and previews/. `resume=True` continues from training_state.pt.
+    resume), log.csv, and previews/; with `validation` also validation.csv and best/.
+    `resume=True` continues from training_state.pt. `lr_scales` maps weight-name prefixes to
+    learning-rate multipliers (e.g. a lower rate for pretrained layers); parameters with
+    requires_grad off (a frozen encoder) are left out of the optimizer.
     """
     run_dir = Path(run_dir)
     device = context.device
@@ -178,19 +289,13 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        (no_decay if parameter.dim() <= 1 or name.endswith(".bias") else decay).append(parameter)
     optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.learning_rate,
+        _parameter_groups(model, config, lr_scales or {}), lr=config.learning_rate
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
 
     start_step = 0
+    state = None
     if resume:
         state = load_training_state(run_dir)
         if state is None:
@@ -228,6 +333,12 @@ def fit(
     )
     generator = torch.Generator(device=device)
     log = _CsvLog(run_dir / LOG_FILE, start_step) if context.is_main else None
+    tracker = (
+        _ValidationTracker(validation, run_dir, state)
+        if validation is not None and context.is_main
+        else None
+    )
+    stopped = bool(state and state.get("validation", {}).get("stopped"))
 
     def checkpoint(step: int) -> None:
         if context.is_main:
@@ -239,9 +350,23 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "config": asdict(config),
+                    "validation": tracker.state() if tracker is not None else {},
                 },
             )
         barrier(context)
+
+    def validate(step: int, epoch: int) -> bool:
+        """Score the model; save it to best/ when it improved. True: stop early."""
+        stop = False
+        if tracker is not None:
+            model.eval()
+            with torch.no_grad(), _autocast(device, config.precision):
+                metrics = validation.evaluate(model)
+            model.train()
+            if tracker.record(step, epoch, metrics):
+                save_checkpoint(run_dir / BEST_DIR, model.state_dict(), spec)
+            stop = tracker.stopped
+        return bool(broadcast_object(stop, context))
 
     def preview(step: int, batch: dict) -> None:
         if not context.is_main:
@@ -272,7 +397,7 @@ def fit(
     batch = None
     with progress:
         bar = progress.add_task("training", total=config.max_steps, completed=step, loss=math.nan)
-        while step < config.max_steps:
+        while step < config.max_steps and not stopped:
             epoch, offset = divmod(step, sampler.steps_per_epoch)
             sampler.set_position(epoch, offset)
             for batch in loader:
@@ -310,10 +435,23 @@ def fit(
                     progress.update(bar, completed=step)
                 if config.preview_every and step % config.preview_every == 0:
                     preview(step, batch)
-                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                if validation is not None and (
+                    step % validation.every == 0 or step == config.max_steps
+                ):
+                    stopped = validate(step, epoch)
+                if step % config.checkpoint_every == 0 or step == config.max_steps or stopped:
                     checkpoint(step)
-                if step >= config.max_steps:
+                if step >= config.max_steps or stopped:
                     break
     if batch is not None:
         preview(step, batch)
-    return FitResult(steps=step, final_loss=loss_value, resumed_from=start_step)
+    best = tracker.state() if tracker is not None else {}
+    best = broadcast_object(best, context) if validation is not None else best
+    return FitResult(
+        steps=step,
+        final_loss=loss_value,
+        resumed_from=start_step,
+        best_step=best.get("best_step"),
+        best_score=best.get("best_score"),
+        stopped_early=stopped,
+    )

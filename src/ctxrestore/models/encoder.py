@@ -38,6 +38,8 @@ class ConvEncoder(nn.Module):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.in_channels = in_channels
         self.stage_channels = tuple(int(c) for c in stage_channels)
+        self.convs_per_stage = tuple(int(n) for n in convs_per_stage)
+        self.norm = norm
         self.stage_strides = tuple(2**i for i in range(len(self.stage_channels)))
         self.out_channels = self.stage_channels[-1]
         self.downsampling_factor = self.stage_strides[-1]
@@ -52,6 +54,14 @@ class ConvEncoder(nn.Module):
                 layers.append(ConvBlock(spatial_dims, channels, width, norm))
                 channels = width
             self.stages.append(nn.Sequential(*layers))
+
+    def config(self) -> dict:
+        """The arguments that rebuild this encoder's layers (and so its weight names/shapes)."""
+        return {
+            "stage_channels": list(self.stage_channels),
+            "convs_per_stage": list(self.convs_per_stage),
+            "norm": self.norm,
+        }
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """(B, in_channels, *S) -> one feature map per stage, shallow to deep (U-Net skips)."""

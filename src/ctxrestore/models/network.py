@@ -25,28 +25,30 @@ class EncoderDecoder(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        check_network_input(self.encoder, x)
         return self.head(self.decoder(self.encoder.forward_features(x)))
 
-    def _check_input(self, x: Tensor) -> None:
-        # Shape-only checks, so they cost nothing next to the convolutions.
-        spatial_dims = self.encoder.spatial_dims
-        if x.ndim != spatial_dims + 2:
-            raise CtxRestoreError(
-                f"expected input of shape (B, C, {', '.join('S' * spatial_dims)}) for a "
-                f"{spatial_dims}D network, got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.encoder.in_channels:
-            raise CtxRestoreError(
-                f"the network takes {self.encoder.in_channels} input channel(s), got "
-                f"{x.shape[1]} (input shape {tuple(x.shape)})"
-            )
-        factor = self.encoder.downsampling_factor
-        spatial = tuple(x.shape[2:])
-        if any(size % factor for size in spatial):
-            valid = tuple(max(factor, size // factor * factor) for size in spatial)
-            raise CtxRestoreError(
-                f"input spatial size {spatial} is not divisible by the network's "
-                f"downsampling factor {factor}; crop or pad each axis to a multiple of {factor}, "
-                f"e.g. {valid}"
-            )
+
+def check_network_input(encoder: ConvEncoder, x: Tensor) -> None:
+    """Clear errors for a wrong input rank, channel count or indivisible spatial size."""
+    # Shape-only checks, so they cost nothing next to the convolutions.
+    spatial_dims = encoder.spatial_dims
+    if x.ndim != spatial_dims + 2:
+        raise CtxRestoreError(
+            f"expected input of shape (B, C, {', '.join('S' * spatial_dims)}) for a "
+            f"{spatial_dims}D network, got shape {tuple(x.shape)}"
+        )
+    if x.shape[1] != encoder.in_channels:
+        raise CtxRestoreError(
+            f"the network takes {encoder.in_channels} input channel(s), got "
+            f"{x.shape[1]} (input shape {tuple(x.shape)})"
+        )
+    factor = encoder.downsampling_factor
+    spatial = tuple(x.shape[2:])
+    if any(size % factor for size in spatial):
+        valid = tuple(max(factor, size // factor * factor) for size in spatial)
+        raise CtxRestoreError(
+            f"input spatial size {spatial} is not divisible by the network's "
+            f"downsampling factor {factor}; crop or pad each axis to a multiple of {factor}, "
+            f"e.g. {valid}"
+        )

@@ -12,7 +12,8 @@ from torch import nn
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models.registry import check_kwargs, create_model, get_factory
 
-PARTS = ("encoder", "decoder", "head")
+# Weight prefixes by role; "neck" is the localiser's extra conv/pool stack.
+PARTS = ("encoder", "decoder", "neck", "head")
 
 
 def _to_json(value: Any) -> Any:
@@ -27,7 +28,9 @@ def _to_json(value: Any) -> Any:
 def model_spec(name: str, **kwargs: Any) -> dict[str, Any]:
     """JSON-able spec of model `name` built with `kwargs`, defaults filled in.
 
-    Returns {"name", "kwargs", "prefixes": {part: "part."}, "downsampling_factor"}. The defaults
+    Returns {"name", "kwargs", "prefixes": {part: "part."}, "downsampling_factor", "encoder"}
+    ("encoder": the arguments that rebuild its ConvEncoder, so that a downstream network can
+    be built around the same encoder). The defaults
     are recorded so that the spec still rebuilds the same network if they change later.
     """
     check_kwargs(name, kwargs)
@@ -50,6 +53,7 @@ def model_spec(name: str, **kwargs: Any) -> dict[str, Any]:
         "kwargs": spec_kwargs,
         "prefixes": {part: f"{part}." for part in PARTS if part in children},
         "downsampling_factor": int(getattr(encoder, "downsampling_factor", 1)),
+        "encoder": encoder.config() if hasattr(encoder, "config") else None,
     }
 
 

@@ -23,15 +23,22 @@ def unet(
     out_channels: int | None = None,
     channels: Sequence[int] = (32, 64, 128, 256, 512),
     norm: str = "batch",
+    convs_per_stage: Sequence[int] | None = None,
 ) -> nn.Module:
-    """U-Net with two ConvBlocks per level and concatenation skips.
+    """U-Net with concatenation skips and two ConvBlocks per encoder level unless
+    `convs_per_stage` says otherwise (e.g. a SonoNet encoder's (2, 2, 3, 3, 3), so that a
+    segmentation U-Net can take over the encoder of a SonoNet pretraining).
 
     (B, in_channels, *S) -> (B, out_channels, *S), S divisible by 2**(len(channels) - 1).
     `out_channels` defaults to `in_channels` (image restoration); set it to the number of
     classes for segmentation.
     """
     encoder = ConvEncoder(
-        spatial_dims, in_channels, channels, convs_per_stage=(2,) * len(channels), norm=norm
+        spatial_dims,
+        in_channels,
+        channels,
+        convs_per_stage=(2,) * len(channels) if convs_per_stage is None else convs_per_stage,
+        norm=norm,
     )
     decoder = UNetDecoder(spatial_dims, encoder.stage_channels, norm=norm)
     if out_channels is None:

@@ -1,0 +1,178 @@
+"""Pretrained weights into a downstream network, by the prefixes of the checkpoint contract.
+
+The encoder always transfers (the downstream network is built around the pretrained encoder's
+configuration, so names and shapes agree); the decoder transfers when the downstream network
+has the same decoder (segmentation after a U-Net pretraining); necks and heads are
+task-specific and start random. What moved and what did not is returned, for the run's report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ctxrestore.errors import CtxRestoreError
+
+logger = logging.getLogger(__name__)
+
+TRANSFERABLE_PARTS = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """transferred / random: part -> number of tensors; adapted: tensor name -> how."""
+
+    transferred: dict[str, int] = field(default_factory=dict)
+    random: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)  # part -> why it started random
+    adapted: dict[str, str] = field(default_factory=dict)
+    left_behind: dict[str, int] = field(default_factory=dict)  # pretrained parts not used
+
+    def to_json(self) -> dict:
+        return {
+            "transferred": self.transferred,
+            "random": self.random,
+            "reasons": self.reasons,
+            "adapted": self.adapted,
+            "left_behind": self.left_behind,
+        }
+
+
+def _part_of(name: str, prefixes: dict[str, str]) -> str:
+    for part, prefix in prefixes.items():
+        if name.startswith(prefix):
+            return part
+    return "other"
+
+
+def _split_by_part(state: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[str, dict]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        parts.setdefault(_part_of(name, prefixes), {})[name] = tensor
+    return parts
+
+
+def first_conv_name(state: dict[str, torch.Tensor], encoder_prefix: str = "encoder.") -> str:
+    """The encoder's first convolution weight: the only tensor that sees the input channels."""
+    for name, tensor in state.items():
+        if name.startswith(encoder_prefix) and name.endswith("weight") and tensor.ndim >= 4:
+            return name
+    raise CtxRestoreError("the pretrained encoder holds no convolution weight")
+
+
+def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> tuple[torch.Tensor, str]:
+    """A first-layer weight (out, in, *k) for `in_channels` inputs, and how it was made.
+
+    More channels: the pretrained ones repeat cyclically; fewer: every new channel gets their
+    average. Both are scaled by in/new so that an input whose channels are all equal gives the
+    same response as before.
+    """
+    old = weight.shape[1]
+    if in_channels == old:
+        return weight, "unchanged"
+    scale = old / in_channels
+    if in_channels > old:
+        repeats = -(-in_channels // old)
+        adapted = weight.repeat(1, repeats, *([1] * (weight.ndim - 2)))[:, :in_channels] * scale
+        return adapted, f"repeat {old} -> {in_channels} channels"
+    mean = weight.mean(dim=1, keepdim=True)
+    adapted = mean.expand(-1, in_channels, *weight.shape[2:]).clone() * scale
+    return adapted, f"average {old} -> {in_channels} channels"
+
+
+def check_compatible(
+    pretrained: dict,
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    channel_names: list[str],
+    adapt_channels: bool,
+    source: str,
+    target: str,
+) -> None:
+    """Stop before training when the checkpoint cannot initialise the task: names both sides."""
+    if pretrained["spatial_dims"] != spatial_dims:
+        raise CtxRestoreError(
+            f"{source} was pretrained in {pretrained['spatial_dims']}D, but {target} is "
+            f"{spatial_dims}D; pretrain with --spatial-dims {spatial_dims} (no adaptation "
+            "between 2D and 3D weights is offered)"
+        )
+    if pretrained["in_channels"] != in_channels and not adapt_channels:
+        raise CtxRestoreError(
+            f"{source} was pretrained on {pretrained['in_channels']} channel(s) "
+            f"{pretrained.get('channel_names')}, but {target} has {in_channels} channel(s) "
+            f"{channel_names}; pass --adapt-channels to repeat or average the first layer's "
+            "pretrained weights across the new channels"
+        )
+
+
+def transfer_weights(
+    model: nn.Module,
+    pretrained_state: dict[str, torch.Tensor],
+    pretrained_prefixes: dict[str, str],
+    model_prefixes: dict[str, str],
+    *,
+    adapt_channels: bool = False,
+    source: str = "the checkpoint",
+) -> TransferReport:
+    """Copy the encoder (and a matching decoder) from `pretrained_state` into `model`.
+
+    Raises when the encoder does not fit: that means the downstream network was not built
+    around the pretrained encoder, or the input channels differ and `adapt_channels` is off.
+    """
+    target = model.state_dict()
+    source_parts = _split_by_part(pretrained_state, pretrained_prefixes)
+    target_parts = _split_by_part(target, model_prefixes)
+    transferred, random, reasons, adapted = {}, {}, {}, {}
+    updates: dict[str, torch.Tensor] = {}
+    for part, tensors in target_parts.items():
+        pretrained = source_parts.get(part, {})
+        if part not in TRANSFERABLE_PARTS or not pretrained:
+            random[part] = len(tensors)
+            reasons[part] = (
+                "task-specific" if part not in TRANSFERABLE_PARTS else "not in the checkpoint"
+            )
+            continue
+        names_differ = set(tensors) != set(pretrained)
+        shapes_differ = [
+            n for n in tensors if n in pretrained and tensors[n].shape != pretrained[n].shape
+        ]
+        if part == "encoder":
+            first = first_conv_name(pretrained)
+            if adapt_channels and first in shapes_differ:
+                updates[first], adapted[first] = adapt_input_channels(
+                    pretrained[first], tensors[first].shape[1]
+                )
+                logger.warning("%s: first layer %s adapted (%s)", source, first, adapted[first])
+                shapes_differ.remove(first)
+            if names_differ or shapes_differ:
+                raise CtxRestoreError(
+                    f"the encoder of {source} does not fit the task's network: "
+                    f"{_difference(tensors, pretrained, shapes_differ)}"
+                )
+        elif names_differ or shapes_differ:
+            random[part] = len(tensors)
+            reasons[part] = "its architecture differs from the pretrained one"
+            continue
+        for name in tensors:
+            updates.setdefault(name, pretrained[name])
+        transferred[part] = len(tensors)
+    with torch.no_grad():
+        for name, value in updates.items():
+            target[name].copy_(value.to(target[name].dtype))
+    left_behind = {
+        part: len(tensors) for part, tensors in source_parts.items() if part not in transferred
+    }
+    return TransferReport(transferred, random, reasons, adapted, left_behind)
+
+
+def _difference(tensors: dict, pretrained: dict, shapes_differ: list[str]) -> str:
+    missing = sorted(set(tensors) - set(pretrained))[:3]
+    extra = sorted(set(pretrained) - set(tensors))[:3]
+    shapes = [
+        f"{n} {tuple(pretrained[n].shape)} vs {tuple(tensors[n].shape)}" for n in shapes_differ[:3]
+    ]
+    return f"missing {missing}, unexpected {extra}, shapes (pretrained vs task) {shapes}"

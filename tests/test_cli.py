@@ -13,11 +13,12 @@ import ctxrestore
 from ctxrestore import api
 from ctxrestore.cli import app
 from ctxrestore.pretext.training import PretrainConfig
+from ctxrestore.tasks.training import FinetuneConfig
 
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("name", ["pretrain", "demo"])
+@pytest.mark.parametrize("name", ["pretrain", "finetune", "predict", "demo", "phantoms"])
 def test_cli_and_api_share_options_and_defaults(name):
     command = get_command(app).commands[name]
     cli = {param.name: param.default for param in command.params}
@@ -25,18 +26,24 @@ def test_cli_and_api_share_options_and_defaults(name):
     python = {key: p.default for key, p in signature.items()}
     assert set(cli) == set(python)
     for key, default in python.items():
+        if default is inspect.Parameter.empty:  # a required argument
+            assert command.params[list(cli).index(key)].required, key
+            continue
         default = default.value if hasattr(default, "value") else default
         assert cli[key] == default or str(cli[key]) == str(default), key
 
 
-def test_pretrain_options_are_the_config_fields():
-    fields = {f.name: f.default for f in PretrainConfig.__dataclass_fields__.values()}
-    signature = inspect.signature(api.pretrain).parameters
+@pytest.mark.parametrize(
+    ("function", "config"), [(api.pretrain, PretrainConfig), (api.finetune, FinetuneConfig)]
+)
+def test_api_options_are_the_config_fields(function, config):
+    fields = {f.name: f.default for f in config.__dataclass_fields__.values()}
+    signature = inspect.signature(function).parameters
     assert set(fields) == set(signature)
     for key, parameter in signature.items():
         default = parameter.default
         default = default.value if hasattr(default, "value") else default
-        if key != "out":
+        if key not in ("out", "task"):
             assert fields[key] == default, key
 
 

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from ctxrestore.api import demo, load_pretrained, pretrain
+from ctxrestore.api import demo, finetune, load_pretrained, predict, pretrain
 from ctxrestore.corruption import ContextRestoration, ContextRestorationd, context_restoration
 
 __all__ = [
@@ -11,6 +11,8 @@ __all__ = [
     "__version__",
     "context_restoration",
     "demo",
+    "finetune",
     "load_pretrained",
+    "predict",
     "pretrain",
 ]

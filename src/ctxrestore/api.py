@@ -14,15 +14,18 @@ import typer
 from ctxrestore.data import list_phantoms
 from ctxrestore.data.phantoms.export import export_phantom
 from ctxrestore.data.phantoms.gallery import phantom_gallery
-from ctxrestore.models import list_models
+from ctxrestore.models import PRETRAINING_NETWORKS
 from ctxrestore.pretext.report import write_pretraining_report
 from ctxrestore.pretext.training import PretrainConfig, PretrainResult, run_pretraining
 from ctxrestore.pretext.training import load_pretrained as _load_pretrained
+from ctxrestore.tasks.predict import PredictResult, run_prediction
+from ctxrestore.tasks.training import TASK_NAMES, FinetuneConfig, FinetuneResult, run_finetuning
 
 logger = logging.getLogger(__name__)
 
-Network = Enum("Network", {name: name for name in list_models()}, type=str)
+Network = Enum("Network", {name: name for name in PRETRAINING_NETWORKS}, type=str)
 Phantom = Enum("Phantom", {name: name for name in list_phantoms()}, type=str)
+Task = Enum("Task", {name: name for name in TASK_NAMES}, type=str)
 
 
 class Device(str, Enum):
@@ -119,6 +122,116 @@ def load_pretrained(folder: Path | str, device: str = "cpu") -> torch.nn.Module:
     """Rebuild a pretrained network from its folder (spec.json + model.safetensors), in eval
     mode on `device`. Errors name the folder when files are missing or do not fit."""
     return _load_pretrained(folder, device)
+
+
+def finetune(
+    task: Annotated[Task, typer.Argument(help="classify, localize or segment.")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Labelled data: class sub-folders (classify); an MSD/nnU-Net folder with "
+            "dataset.json (segment; localize, with boxes.csv or boxes from the masks). Omit it "
+            "to use the task's built-in phantom (ultrasound, abdomen, brain)."
+        ),
+    ] = None,
+    *,
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, split, metrics, report.")] = (
+        Path("runs/finetune")
+    ),
+    init: Annotated[
+        str, typer.Option(help="A pretraining run folder, or 'random' for no pretraining.")
+    ] = "random",
+    fraction: Annotated[
+        str,
+        typer.Option(
+            help="Labelled training cases: a fraction ('0.1', '10%') of the training pool or a "
+            "count ('25')."
+        ),
+    ] = "1.0",
+    phantom: Annotated[
+        Phantom | None,
+        typer.Option(help="Phantom used when DATA is omitted (default: the task's)."),
+    ] = None,
+    num_images: Annotated[int, typer.Option(help="Phantom images (cases) in all splits.")] = 1000,
+    spatial_dims: Annotated[int, typer.Option(help="2 for images, 3 for volumes.")] = 2,
+    image_size: Annotated[int, typer.Option(help="Images are resized to this size per axis.")] = 64,
+    width: Annotated[
+        int, typer.Option(help="First-stage channels of a randomly initialised network.")
+    ] = 16,
+    test_fraction: Annotated[float, typer.Option(help="Cases held out for the test.")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Cases held out for validation.")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 16,
+    epochs: Annotated[
+        int, typer.Option(help="Epochs (at least 20 steps each) unless stopped early.")
+    ] = 30,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    learning_rate: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 1e-3,
+    pretrained_lr_scale: Annotated[
+        float, typer.Option(help="Learning-rate factor of the pretrained layers (<= 1).")
+    ] = 1.0,
+    freeze_encoder: Annotated[
+        bool, typer.Option(help="Keep the pretrained encoder fixed; train the rest.")
+    ] = False,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up, then cosine decay.")] = 20,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
+    patience: Annotated[
+        int, typer.Option(help="Stop after this many validations without improvement.")
+    ] = 10,
+    augment: Annotated[
+        bool, typer.Option(help="Affine + intensity augmentation (never left-right flips).")
+    ] = True,
+    balance: Annotated[bool, typer.Option(help="Weight the loss against class imbalance.")] = True,
+    adapt_channels: Annotated[
+        bool,
+        typer.Option(help="Repeat / average the first pretrained layer over other channel counts."),
+    ] = False,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the split, the new weights and the order.")
+    ] = 0,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast on a GPU.")] = "auto",
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    log_every: Annotated[int, typer.Option(help="Steps between rows of log.csv.")] = 10,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    preview_every: Annotated[
+        int, typer.Option(help="Steps between preview images (0: only at the end).")
+    ] = 0,
+    compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+) -> FinetuneResult:
+    """Fine-tune a network for a task, from a pretraining run or from random weights.
+
+    Splits the cases into train (the labelled fraction) / validation / test (fixed by the seed,
+    the same for every fraction), trains with validation every epoch and early stopping, keeps
+    the best weights in OUT/best/, tests them and writes OUT/metrics.json and OUT/report.md.
+    """
+    options = {key: _value(value) for key, value in locals().items()}
+    result = run_finetuning(FinetuneConfig(**options))
+    logger.info(
+        "fine-tuned %d steps; test metrics in %s", result.steps, result.out / "metrics.json"
+    )
+    return result
+
+
+def predict(
+    run: Annotated[Path, typer.Argument(help="A fine-tuning run folder.")],
+    images: Annotated[
+        Path,
+        typer.Argument(help="An image file, a folder of images, or an MSD/nnU-Net folder."),
+    ],
+    *,
+    out: Annotated[Path, typer.Option(help="Folder for the predictions.")] = Path("predictions"),
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images (or slices) per forward pass.")] = 16,
+) -> PredictResult:
+    """Predict new images with a fine-tuned run (its best checkpoint).
+
+    classify: OUT/predictions.csv; localize: OUT/boxes.csv; segment: one label map per image
+    (NIfTI, or PNG for 2D images). OUT/predictions.png shows some of them.
+    """
+    result = run_prediction(run, images, out, device=_value(device), batch_size=batch_size)
+    logger.info("predicted %d inputs into %s", result.count, result.out)
+    return result
 
 
 DEMO_PHANTOMS = ("ultrasound", "abdomen", "brain")

@@ -66,6 +66,8 @@ def _command(function):
 
 
 app.command("pretrain")(_command(api.pretrain))
+app.command("finetune")(_command(api.finetune))
+app.command("predict")(_command(api.predict))
 app.command("demo")(_command(api.demo))
 app.command("phantoms")(_command(api.phantoms))
 

@@ -104,11 +104,14 @@ def save_loss_curve(
     steps: Sequence[int],
     losses: Sequence[float],
     title: str = "loss",
+    ylabel: str = "loss",
+    log_scale: bool = True,
 ) -> Path:
-    """Write a PNG line plot of loss against step, with a log-scale y axis.
+    """Write a PNG line plot of loss (or another value: `ylabel`) against step, with a
+    log-scale y axis unless `log_scale` is off.
 
-    Falls back to a linear y axis when a finite loss is <= 0, which a log scale cannot show.
-    Non-finite losses leave gaps in the line.
+    Falls back to a linear y axis when a finite value is <= 0, which a log scale cannot show.
+    Non-finite values leave gaps in the line.
     """
     if len(steps) != len(losses):
         raise CtxRestoreError(
@@ -122,10 +125,10 @@ def save_loss_curve(
     figure = Figure(figsize=(6.0, 4.0))
     ax = figure.subplots()
     ax.plot(list(steps), values, linewidth=1.2, marker="." if len(values) < 50 else None)
-    if finite and min(finite) > 0:
+    if log_scale and finite and min(finite) > 0:
         ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
@@ -181,4 +184,51 @@ def save_labelled_gallery(
         names = [name for value, name in label_names.items() if value != 0]
         figure.legend(handles, names, loc="lower center", ncol=min(6, len(names)), fontsize=8)
     figure.tight_layout(rect=(0, 0.05 if label_names else 0, 1, 1))
+    return _save(figure, path)
+
+
+def save_confusion_matrix(
+    path: Path | str,
+    matrix: np.ndarray,
+    class_names: Sequence[str],
+    title: str = "",
+) -> Path:
+    """Write a PNG heatmap of a (K, K) confusion matrix: rows truth, columns prediction.
+
+    Each cell shows its count; its colour is the count as a fraction of its truth row (the
+    recall along the diagonal), so that rare classes are as readable as common ones.
+    """
+    matrix = np.asarray(matrix)
+    num_classes = len(class_names)
+    if matrix.shape != (num_classes, num_classes):
+        raise CtxRestoreError(
+            f"confusion matrix {path}: shape {matrix.shape} does not fit {num_classes} class "
+            f"names; give a ({num_classes}, {num_classes}) matrix"
+        )
+    row_totals = matrix.sum(axis=1, keepdims=True)
+    fractions = np.divide(
+        matrix, row_totals, out=np.zeros(matrix.shape, np.float64), where=row_totals > 0
+    )
+
+    side = max(4.0, 0.55 * num_classes + 2.5)
+    figure = Figure(figsize=(side + 1.0, side))
+    ax = figure.subplots()
+    heatmap = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    # Small fonts once the cells get small, so the counts still fit.
+    fontsize = 9 if num_classes <= 10 else 6
+    for (row, column), count in np.ndenumerate(matrix):
+        colour = "white" if fractions[row, column] > 0.5 else "black"
+        text = str(int(count)) if float(count).is_integer() else f"{count:.2f}"
+        ax.text(column, row, text, ha="center", va="center", color=colour, fontsize=fontsize)
+    ticks = list(range(num_classes))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(class_names, rotation=45, ha="right", fontsize=fontsize)
+    ax.set_yticks(ticks)
+    ax.set_yticklabels(class_names, fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    if title:
+        ax.set_title(title)
+    figure.colorbar(heatmap, ax=ax, fraction=0.046, pad=0.04, label="fraction of truth row")
+    figure.tight_layout()
     return _save(figure, path)

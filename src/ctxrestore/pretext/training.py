@@ -29,7 +29,7 @@ from ctxrestore.engine.loop import PRECISIONS, FitResult, LoopConfig, fit
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
 from ctxrestore.files import atomic_write, read_json, write_json
-from ctxrestore.models import build_model, list_models, model_spec
+from ctxrestore.models import PRETRAINING_NETWORKS, build_model, model_spec
 from ctxrestore.pretext.registry import Pretext, create_pretext
 from ctxrestore.pretext.report import write_pretraining_report
 
@@ -76,8 +76,10 @@ class PretrainConfig:
             raise CtxRestoreError(
                 f"unknown phantom '{self.phantom}'; built-in phantoms: {list_phantoms()}"
             )
-        if self.network not in list_models():
-            raise CtxRestoreError(f"unknown network '{self.network}'; known: {list_models()}")
+        if self.network not in PRETRAINING_NETWORKS:
+            raise CtxRestoreError(
+                f"unknown network '{self.network}'; pretraining networks: {PRETRAINING_NETWORKS}"
+            )
         if self.spatial_dims not in (2, 3):
             raise CtxRestoreError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.device not in DEVICES:

@@ -3,16 +3,19 @@ BraTS). Loss: Dice + cross-entropy (MONAI's DiceCELoss); metrics: Dice and HD95 
 (MONAI's implementations) and, for BraTS labels, per region.
 
 Label values need not be contiguous (BraTS uses 0, 1, 2, 4): the network predicts class k for
-label value `label_values[k]`.
+label value `label_values[k]`. Class imbalance: the Dice term weighs every class equally
+whatever its size, and `balanced` adds cross-entropy weights from the training voxel counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +25,12 @@ from torch import nn
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
+from ctxrestore.models import model_spec
+
+if TYPE_CHECKING:
+    from ctxrestore.tasks.augment import Augmentation
+
+MAX_CLASS_WEIGHT_RATIO = 10.0  # rare classes count more, but never beyond 10x the commonest
 
 
 @dataclass(frozen=True)
@@ -29,7 +38,12 @@ class SegmentationTask:
     label_values: tuple[int, ...]
     label_names: tuple[str, ...]
     regions: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    class_weights: tuple[float, ...] | None = None
+    augmentation: Augmentation | None = None
     name: str = "segment"
+    # Global Dice (all test voxels pooled) over the regions, or the classes when there are
+    # none: unlike the per-image mean it does not reward predicting nothing on empty slices.
+    metric: str = "global_dice/mean"
 
     def __post_init__(self) -> None:
         if len(self.label_values) != len(self.label_names) or len(self.label_values) < 2:
@@ -62,12 +76,79 @@ class SegmentationTask:
             )
         return classes
 
+    def network_spec(self, spatial_dims: int, in_channels: int, encoder: dict) -> dict:
+        """A U-Net on the encoder's stages: its decoder matches a U-Net pretraining's."""
+        return model_spec(
+            "unet",
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=self.num_classes,
+            channels=list(encoder["stage_channels"]),
+            convs_per_stage=list(encoder["convs_per_stage"]),
+            norm=encoder["norm"],
+        )
+
+    def balanced(self, train_items: Sequence[dict[str, torch.Tensor]]) -> SegmentationTask:
+        """Cross-entropy weights ~ 1 / sqrt(voxel frequency), at most 10x apart; the square
+        root because the Dice term already favours small classes."""
+        counts = torch.zeros(self.num_classes, dtype=torch.float64)
+        for item in train_items:
+            counts += torch.bincount(
+                self.class_indices(item["mask"]).flatten(), minlength=self.num_classes
+            )
+        present = counts > 0
+        weights = torch.ones(self.num_classes, dtype=torch.float64)
+        if present.any():
+            weights[present] = (counts[present].sum() / counts[present]).sqrt()
+            weights[~present] = weights[present].max()
+            weights = weights.clamp(max=weights.min() * MAX_CLASS_WEIGHT_RATIO)
+            weights /= weights.mean()
+        return dataclasses.replace(self, class_weights=tuple(weights.tolist()))
+
     def training_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
+        if self.augmentation is not None:
+            batch = self.augmentation(batch, generator)
         logits = model(batch["image"]).float()
         target = self.class_indices(batch["mask"])[:, None]
-        return DiceCELoss(to_onehot_y=True, softmax=True)(logits, target)
+        weight = None
+        if self.class_weights is not None:
+            weight = torch.tensor(self.class_weights, dtype=torch.float32, device=logits.device)
+        return DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)(logits, target)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"mask": (B, *S) label values, "probabilities": (B, K, *S)}."""
+        probabilities = model(images).float().softmax(dim=1)
+        values = torch.tensor(self.label_values, device=images.device)
+        return {"mask": values[probabilities.argmax(dim=1)], "probabilities": probabilities}
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "label_values": list(self.label_values),
+            "label_names": list(self.label_names),
+            "regions": {name: list(values) for name, values in self.regions.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> SegmentationTask:
+        """The task that `to_json` described (unweighted, unaugmented: what predict needs)."""
+        if (
+            not isinstance(data, dict)
+            or data.get("name") != "segment"
+            or not data.get("label_values")
+        ):
+            raise CtxRestoreError(
+                f"not a segmentation task description (need name 'segment', label_values and "
+                f"label_names), got {data!r:.200}"
+            )
+        return cls(
+            tuple(int(v) for v in data["label_values"]),
+            tuple(data["label_names"]),
+            regions={k: tuple(v) for k, v in data.get("regions", {}).items()},
+        )
 
     def save_preview(
         self,
@@ -121,6 +202,8 @@ class SegmentationTask:
             metrics[f"global_dice/{name}"] = 2 * intersection / total if total else 1.0
         foreground = [f"dice/{name}" for name in self.label_names[1:]]
         metrics["dice/mean"] = _nanmean([metrics[key] for key in foreground])
+        scored = list(self.regions) or list(self.label_names[1:])
+        metrics["global_dice/mean"] = _nanmean([metrics[f"global_dice/{n}"] for n in scored])
         return metrics
 
     def _masks(self, prediction: torch.Tensor, truth: torch.Tensor):

@@ -1,0 +1,466 @@
+"""Organ localisation: one bounding box and a presence score per organ, from a network whose
+encoder is transferred (Chen et al. 2019, multi-organ localisation in abdominal CT).
+
+Box parametrisation. Per organ the localizer (models/localizer.py) outputs
+[presence logit, D centre parameters, D size parameters]. Through a sigmoid these become the
+box centre and size along each axis as fractions of the image extent, so a box can never be
+inverted or far outside the image, and the fractions do not depend on the image size. The box
+in voxels is derived from them: first = (centre - size / 2) * extent, last = (centre +
+size / 2) * extent, clipped to the image. Boxes follow the batch format of tasks/base.py: the
+first voxel and one past the last, per spatial axis, as float voxel coordinates.
+
+Loss: binary cross-entropy with logits on presence (pos_weight per organ from
+`presence_weights`) plus a smooth-L1 on the normalised first/last coordinates of the organs
+present in the truth (an absent organ has no box to learn).
+
+Metrics (`localization_metrics`): per organ the wall distance and the centre distance in mm,
+the IoU, the detection rate and the false alarm rate, and their means over organs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.figures import save_labelled_gallery
+from ctxrestore.models.spec import model_spec
+
+if TYPE_CHECKING:
+    from ctxrestore.tasks.augment import Augmentation
+
+logger = logging.getLogger(__name__)
+
+# Smooth-L1 turns from quadratic to linear at 5% of the image extent: large errors keep a
+# constant pull, small ones fade smoothly instead of oscillating around the target.
+BOX_LOSS_BETA = 0.05
+# `balanced` clips presence pos_weights to this range: a handful of positives (or negatives)
+# must not dominate the loss.
+PRESENCE_WEIGHT_RANGE = (0.1, 10.0)
+# An instance counts as detected when it is predicted present with at least this IoU.
+DETECTION_IOU = 0.5
+PRESENCE_THRESHOLD = 0.5
+PREVIEW_IMAGES = 8
+# Fractions are kept this far from 0 and 1 when encoded, where the sigmoid's inverse is finite.
+_ENCODE_EPSILON = 1e-4
+
+
+@dataclass(frozen=True)
+class LocalizationTask:
+    """Organs are indices into `organ_names`: batch "boxes" (B, O, 2, D) and "present" (B, O).
+
+    `presence_weights` (one per organ) is the presence BCE's pos_weight; None weighs presence
+    and absence alike.
+    """
+
+    organ_names: tuple[str, ...]
+    presence_weights: tuple[float, ...] | None = None
+    augmentation: Augmentation | None = None
+    name: str = field(default="localize", init=False)
+    metric: str = field(default="iou/mean", init=False)
+
+    def __post_init__(self) -> None:
+        names = tuple(self.organ_names)
+        if not names or len(set(names)) != len(names):
+            raise CtxRestoreError(f"localisation needs >= 1 distinct organ names, got {names}")
+        object.__setattr__(self, "organ_names", names)
+        if self.presence_weights is not None:
+            weights = tuple(float(weight) for weight in self.presence_weights)
+            if len(weights) != len(names) or not all(
+                math.isfinite(weight) and weight > 0 for weight in weights
+            ):
+                raise CtxRestoreError(
+                    f"presence_weights must be {len(names)} finite values > 0, one per organ "
+                    f"{names}; got {self.presence_weights}"
+                )
+            object.__setattr__(self, "presence_weights", weights)
+
+    @property
+    def num_organs(self) -> int:
+        return len(self.organ_names)
+
+    def network_spec(self, spatial_dims: int, in_channels: int, encoder: dict) -> dict:
+        return model_spec(
+            "localizer",
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            num_organs=self.num_organs,
+            **encoder,
+        )
+
+    def balanced(self, train_items: Sequence[dict[str, torch.Tensor]]) -> LocalizationTask:
+        """A copy whose presence pos_weight per organ is negatives / positives in these items,
+        clipped to PRESENCE_WEIGHT_RANGE; an organ never present gets 1 (and a warning)."""
+        present = _stack_present(train_items, self.num_organs)
+        positives = present.sum(dim=0)
+        negatives = present.shape[0] - positives
+        low, high = PRESENCE_WEIGHT_RANGE
+        weights = (negatives / positives.clamp_min(1)).clamp(low, high)
+        never = positives == 0
+        if never.any():
+            missing = [self.organ_names[index] for index in never.nonzero().flatten().tolist()]
+            logger.warning(
+                "organs %s are never present in the %d training items; their presence cannot "
+                "be learnt (pos_weight 1)",
+                missing,
+                present.shape[0],
+            )
+            weights[never] = 1.0
+        return dataclasses.replace(self, presence_weights=tuple(float(w) for w in weights))
+
+    def training_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        if self.augmentation is not None:
+            batch = self.augmentation(batch, generator)
+        images = batch["image"]
+        outputs = model(images).float()
+        self._check_targets(batch["boxes"], batch["present"], outputs)
+        return localization_loss(
+            outputs,
+            batch["boxes"].float(),
+            batch["present"].float(),
+            images.shape[2:],
+            self.presence_weights,
+        )
+
+    def _check_targets(
+        self, boxes: torch.Tensor, present: torch.Tensor, outputs: torch.Tensor
+    ) -> None:
+        batch_size, spatial_dims = outputs.shape[0], (outputs.shape[-1] - 1) // 2
+        expected = (batch_size, self.num_organs, 2, spatial_dims)
+        if tuple(boxes.shape) != expected or tuple(present.shape) != expected[:2]:
+            raise CtxRestoreError(
+                f"batch 'boxes' {tuple(boxes.shape)} and 'present' {tuple(present.shape)} do "
+                f"not fit {self.num_organs} organs {self.organ_names} in {spatial_dims}D: "
+                f"expected {expected} and {expected[:2]}"
+            )
+
+    def save_preview(
+        self,
+        path: Path,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+    ) -> None:
+        """A gallery with two panels per image: the true boxes, then the boxes predicted
+        present. A volume shows its middle slice with the boxes projected onto it."""
+        images = batch["image"][:PREVIEW_IMAGES]
+        predicted = self.predict(model, images)
+        pairs = [
+            ("truth", batch["boxes"][:PREVIEW_IMAGES], batch["present"][:PREVIEW_IMAGES] > 0.5),
+            ("predicted", predicted["boxes"], predicted["present"]),
+        ]
+        panels = []
+        for index, image in enumerate(images):
+            display = _display_image(image)
+            for title, boxes, present in pairs:
+                panels.append(
+                    {
+                        "image": display,
+                        "title": f"{index}: {title}",
+                        "boxes": _gallery_boxes(boxes[index], present[index]),
+                    }
+                )
+        label_names = {index + 1: name for index, name in enumerate(self.organ_names)}
+        save_labelled_gallery(path, panels, columns=8, label_names=label_names)
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[dict[str, torch.Tensor]],
+        device: torch.device,
+    ) -> dict[str, float]:
+        """`localization_metrics` over all batches (distances in mm from "spacing", voxels
+        when a batch has none)."""
+        model.eval()
+        collected: dict[str, list[torch.Tensor]] = {}
+        for batch in batches:
+            images = batch["image"].to(device)
+            predicted = self.predict(model, images)
+            spacing = batch.get("spacing")
+            if spacing is None:
+                spacing = torch.ones(images.shape[0], images.ndim - 2)
+            for key, value in (
+                ("predicted_boxes", predicted["boxes"]),
+                ("predicted_present", predicted["present"]),
+                ("true_boxes", batch["boxes"]),
+                ("true_present", batch["present"] > 0.5),
+                ("spacing", spacing),
+            ):
+                collected.setdefault(key, []).append(value.detach().cpu())
+        if not collected:
+            raise CtxRestoreError("localisation metrics need at least one batch of images")
+        merged = {key: torch.cat(values) for key, values in collected.items()}
+        return localization_metrics(**merged, organ_names=self.organ_names)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images (B, C, *S) -> "presence" (B, O) probabilities, "present" (B, O) bool and
+        "boxes" (B, O, 2, D) float voxel coordinates (decoded whether present or not)."""
+        model.eval()
+        presence, boxes = decode_boxes(model(images).float(), images.shape[2:])
+        return {"presence": presence, "present": presence > PRESENCE_THRESHOLD, "boxes": boxes}
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "organ_names": list(self.organ_names)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LocalizationTask:
+        """The task that `to_json` described (unweighted, unaugmented: what predict needs)."""
+        if (
+            not isinstance(data, dict)
+            or data.get("name") != "localize"
+            or not data.get("organ_names")
+        ):
+            raise CtxRestoreError(
+                f"not a localisation task description (need name 'localize' and "
+                f"organ_names): {data!r:.200}"
+            )
+        return cls(tuple(data["organ_names"]))
+
+
+def _stack_present(items: Sequence[dict[str, torch.Tensor]], num_organs: int) -> torch.Tensor:
+    """The items' "present" flags as (N, num_organs) float64 (an item may hold one image or a
+    batch)."""
+    flags = []
+    for index, item in enumerate(items):
+        if "present" not in item:
+            raise CtxRestoreError(
+                f"training item {index} has no 'present' (organ presence flags); it holds "
+                f"{sorted(item)}"
+            )
+        present = torch.as_tensor(item["present"]).detach().cpu().double()
+        if present.numel() % num_organs or (present.ndim and present.shape[-1] != num_organs):
+            raise CtxRestoreError(
+                f"training item {index}: 'present' has shape {tuple(present.shape)}, expected "
+                f"({num_organs},) or (B, {num_organs}), one flag per organ"
+            )
+        flags.append(present.reshape(-1, num_organs))
+    if not flags:
+        raise CtxRestoreError("cannot balance organ presence over an empty training set")
+    return (torch.cat(flags) > 0.5).double()
+
+
+def _spatial_extent(spatial_size: Sequence[int], reference: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(
+        [float(size) for size in spatial_size], dtype=reference.dtype, device=reference.device
+    )
+
+
+def _check_outputs(outputs: torch.Tensor, spatial_dims: int) -> None:
+    if outputs.ndim < 1 or outputs.shape[-1] != 1 + 2 * spatial_dims:
+        raise CtxRestoreError(
+            f"localizer outputs of shape {tuple(outputs.shape)} do not fit {spatial_dims}D "
+            f"images: the last axis must hold 1 + 2 * {spatial_dims} = {1 + 2 * spatial_dims} "
+            "values per organ (presence logit, centres, sizes)"
+        )
+
+
+def box_fractions(outputs: torch.Tensor) -> torch.Tensor:
+    """Raw outputs (..., 1 + 2D) -> unclipped box corners (..., 2, D) as fractions of the image
+    extent: [centre - size / 2, centre + size / 2] with centre, size = sigmoid(parameters)."""
+    spatial_dims = (outputs.shape[-1] - 1) // 2
+    _check_outputs(outputs, spatial_dims)
+    centre = torch.sigmoid(outputs[..., 1 : 1 + spatial_dims])
+    size = torch.sigmoid(outputs[..., 1 + spatial_dims :])
+    return torch.stack([centre - size / 2, centre + size / 2], dim=-2)
+
+
+def decode_boxes(
+    outputs: torch.Tensor, spatial_size: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw outputs (B, O, 1 + 2D) of images of `spatial_size` (D,) -> presence probabilities
+    (B, O) and boxes (B, O, 2, D) in float voxel coordinates, clipped to the image."""
+    _check_outputs(outputs, len(spatial_size))
+    extent = _spatial_extent(spatial_size, outputs)
+    boxes = torch.minimum((box_fractions(outputs) * extent).clamp_min(0), extent)
+    return torch.sigmoid(outputs[..., 0]), boxes
+
+
+def encode_boxes(boxes: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
+    """Boxes (..., 2, D) in voxels -> the box parameters (..., 2D) that `decode_boxes` turns
+    back into them: logits of the centre and size fractions (kept within (0, 1))."""
+    extent = _spatial_extent(spatial_size, boxes.float())
+    first, last = boxes.float().unbind(dim=-2)
+    centre = (first + last) / 2 / extent
+    size = (last - first) / extent
+    fractions = torch.cat([centre, size], dim=-1).clamp(_ENCODE_EPSILON, 1 - _ENCODE_EPSILON)
+    return torch.logit(fractions)
+
+
+def localization_loss(
+    outputs: torch.Tensor,
+    true_boxes: torch.Tensor,
+    true_present: torch.Tensor,
+    spatial_size: Sequence[int],
+    presence_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Presence BCE-with-logits (mean over images and organs; pos_weight per organ) + smooth-L1
+    on the 2D first/last coordinates as fractions of the extent, summed per box and averaged
+    over the truly present boxes.
+
+    outputs (B, O, 1 + 2D) float32; true_boxes (B, O, 2, D) voxels; true_present (B, O) 1/0.
+    """
+    pos_weight = None
+    if presence_weights is not None:
+        pos_weight = torch.as_tensor(presence_weights, dtype=outputs.dtype, device=outputs.device)
+    presence_loss = functional.binary_cross_entropy_with_logits(
+        outputs[..., 0], true_present, pos_weight=pos_weight
+    )
+    extent = _spatial_extent(spatial_size, outputs)
+    per_box = functional.smooth_l1_loss(
+        box_fractions(outputs), true_boxes / extent, reduction="none", beta=BOX_LOSS_BETA
+    ).sum(dim=(-2, -1))
+    # No `if`: a batch without any present organ adds a zero box loss, without a host sync.
+    box_loss = (per_box * true_present).sum() / true_present.sum().clamp_min(1)
+    return presence_loss + box_loss
+
+
+def boxes_from_masks(
+    masks: torch.Tensor, label_values: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label maps (B, *S) -> boxes (B, O, 2, D) float32 and present (B, O) float32, organ k
+    being the voxels equal to `label_values[k]`.
+
+    Each box is the tight box of its organ (first voxel, one past the last, per axis), as
+    data.phantoms.base.mask_box; an absent organ has present 0 and an all-zero box.
+    """
+    spatial_dims = masks.ndim - 1
+    if spatial_dims not in (2, 3) or not len(label_values):
+        raise CtxRestoreError(
+            f"boxes_from_masks needs masks (B, H, W) or (B, D, H, W) and >= 1 label value; got "
+            f"masks of shape {tuple(masks.shape)} and label values {tuple(label_values)}"
+        )
+    values = torch.as_tensor(list(label_values), dtype=masks.dtype, device=masks.device)
+    organs = (masks[:, None] == values.view(1, -1, *(1,) * spatial_dims)).to(torch.uint8)
+    present = organs.flatten(2).amax(dim=-1)
+    firsts, lasts = [], []
+    for axis in range(spatial_dims):
+        others = tuple(2 + other for other in range(spatial_dims) if other != axis)
+        profile = organs.amax(dim=others)  # (B, O, S_axis): does the organ touch this slice?
+        # argmax returns the first maximum: the first touched slice from either end.
+        firsts.append(profile.argmax(dim=-1))
+        lasts.append(profile.shape[-1] - profile.flip(-1).argmax(dim=-1))
+    boxes = torch.stack([torch.stack(firsts, dim=-1), torch.stack(lasts, dim=-1)], dim=-2)
+    present = present.float()
+    return boxes.float() * present[..., None, None], present
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Intersection over union of boxes (..., 2, D) (first, one past the last, per axis), any
+    D; broadcasts. Two empty boxes score 0."""
+    intersection = (
+        (torch.minimum(a[..., 1, :], b[..., 1, :]) - torch.maximum(a[..., 0, :], b[..., 0, :]))
+        .clamp_min(0)
+        .prod(dim=-1)
+    )
+    union = _volume(a) + _volume(b) - intersection
+    return torch.where(union > 0, intersection / union.clamp_min(1e-12), torch.zeros_like(union))
+
+
+def _volume(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[..., 1, :] - boxes[..., 0, :]).clamp_min(0).prod(dim=-1)
+
+
+def localization_metrics(
+    predicted_boxes: torch.Tensor,
+    predicted_present: torch.Tensor,
+    true_boxes: torch.Tensor,
+    true_present: torch.Tensor,
+    spacing: torch.Tensor,
+    organ_names: Sequence[str],
+) -> dict[str, float]:
+    """Box metrics over B images and O organs; boxes (B, O, 2, D) voxels, present (B, O)
+    bool (or 1/0), spacing (B, D) mm per voxel.
+
+    Per organ, over the images where it is truly present ("instances"):
+    - "wall_mm/<organ>": mean absolute distance of the 2D box walls, in mm;
+    - "centre_mm/<organ>": mean Euclidean distance of the box centres, in mm;
+    - "iou/<organ>": mean IoU; an instance predicted absent scores 0;
+    - "detection_rate/<organ>": the fraction predicted present with IoU >= DETECTION_IOU;
+    and over the images where it is truly absent:
+    - "false_alarm_rate/<organ>": the fraction predicted present (NaN when never absent).
+    The wall and centre distances use the predicted box whether it is predicted present or
+    not: they measure the box, the rates measure the presence decision.
+    An organ never present is NaN in the first four and skipped by their "<metric>/mean" over
+    organs; "false_alarm_rate/mean" likewise skips organs never absent.
+    """
+    names = tuple(organ_names)
+    predicted_boxes, true_boxes = predicted_boxes.double().cpu(), true_boxes.double().cpu()
+    shape = tuple(true_boxes.shape)
+    if (
+        len(shape) != 4
+        or shape[1:3] != (len(names), 2)
+        or tuple(predicted_boxes.shape) != shape
+        or tuple(predicted_present.shape) != shape[:2]
+        or tuple(true_present.shape) != shape[:2]
+        or tuple(spacing.shape) != (shape[0], shape[3])
+    ):
+        raise CtxRestoreError(
+            f"localisation metrics need boxes (B, O, 2, D) with O = {len(names)} organs "
+            f"{names}, present (B, O) and spacing (B, D); got predicted boxes "
+            f"{tuple(predicted_boxes.shape)}, true boxes {shape}, predicted present "
+            f"{tuple(predicted_present.shape)}, true present {tuple(true_present.shape)}, "
+            f"spacing {tuple(spacing.shape)}"
+        )
+    predicted_present = predicted_present.cpu() > 0.5
+    true_present = true_present.cpu() > 0.5
+    millimetres = spacing.double().cpu()[:, None, None, :]  # (B, 1, 1, D)
+    wall = ((predicted_boxes - true_boxes).abs() * millimetres).mean(dim=(-2, -1))
+    centre_offset = (predicted_boxes.mean(dim=-2) - true_boxes.mean(dim=-2)) * millimetres[:, :, 0]
+    centre = centre_offset.norm(dim=-1)
+    iou = torch.where(predicted_present, box_iou(predicted_boxes, true_boxes), 0.0)
+    detected = (iou >= DETECTION_IOU).double()
+    per_instance = {"wall_mm": wall, "centre_mm": centre, "iou": iou, "detection_rate": detected}
+
+    metrics: dict[str, float] = {}
+    for index, organ in enumerate(names):
+        present, absent = true_present[:, index], ~true_present[:, index]
+        for metric, values in per_instance.items():
+            metrics[f"{metric}/{organ}"] = _mean(values[:, index][present])
+        metrics[f"false_alarm_rate/{organ}"] = _mean(predicted_present[:, index][absent].double())
+    for metric in (*per_instance, "false_alarm_rate"):
+        metrics[f"{metric}/mean"] = _nanmean([metrics[f"{metric}/{organ}"] for organ in names])
+    return metrics
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.mean()) if values.numel() else float("nan")
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [value for value in values if not math.isnan(value)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _display_image(image: torch.Tensor) -> np.ndarray:
+    """(C, *S) -> channel 0 (the middle slice of a volume) as (H, W) scaled to [0, 1]."""
+    plane = image[0].detach().to("cpu", torch.float32)
+    while plane.ndim > 2:
+        plane = plane[plane.shape[0] // 2]
+    plane = torch.nan_to_num(plane)
+    low, high = plane.min(), plane.max()
+    return ((plane - low) / (high - low).clamp_min(1e-12)).numpy()
+
+
+def _gallery_boxes(boxes: torch.Tensor, present: torch.Tensor) -> list:
+    """(O, 2, D) boxes of one image -> save_labelled_gallery's [(organ index + 1, ((y0, x0),
+    (y1, x1)))] for the organs present, on the last two axes (a volume's in-plane axes)."""
+    corners = boxes.detach().cpu()[..., -2:].tolist()
+    return [
+        (index + 1, (tuple(first), tuple(last)))
+        for index, (first, last) in enumerate(corners)
+        if bool(present[index])
+    ]

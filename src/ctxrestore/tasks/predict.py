@@ -1,0 +1,293 @@
+"""`ctxrestore predict RUN IMAGES --out DIR`: a fine-tuned run applied to new images.
+
+Inputs: one image file, a folder of images (PNG/JPEG/TIFF/NPY/NIfTI), or an MSD / nnU-Net
+folder (dataset.json; its cases, one file per channel). Each image is scaled as the run's
+training images were (spec "intensity"), resized to the run's image size, predicted, and the
+prediction is mapped back to the input's own voxel grid:
+- classify: predictions.csv (file, class, one probability per class);
+- localize: boxes.csv (the localisation layout: file, label, present, box in voxels of the
+  input, plus the presence probability and the slice for volumes seen by a 2D network);
+- segment: one label map per input, NIfTI for NIfTI inputs, PNG (label values as grey
+  levels) for 2D images.
+A 2D network reads volumes slice by slice along array axis 0. predictions.png shows a few
+inputs with their predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ctxrestore.data.image_folder import IMAGE_SUFFIXES, read_image
+from ctxrestore.data.intensity import normalize_intensity
+from ctxrestore.data.layouts import (
+    DATASET_FILE,
+    read_segmentation_case,
+    read_segmentation_layout,
+    write_image,
+)
+from ctxrestore.data.nifti import is_nifti, read_nifti, write_nifti
+from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint
+from ctxrestore.engine.distributed import resolve_device
+from ctxrestore.engine.loop import BEST_DIR
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.figures import save_labelled_gallery
+from ctxrestore.files import atomic_write
+from ctxrestore.models import build_model
+from ctxrestore.tasks.registry import task_from_json
+
+GALLERY_IMAGES = 12
+
+
+@dataclass(frozen=True)
+class PredictInput:
+    name: str  # output file stem
+    image: np.ndarray  # (C, *spatial), raw intensities
+    spacing: tuple[float, ...] | None
+    source: Path
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    out: Path
+    count: int
+    files: tuple[Path, ...]
+
+
+def load_run(run: Path, device: torch.device):
+    """(model on device, task, spec) of a fine-tuning run: its best weights when it has them."""
+    run = Path(run)
+    folder = run / BEST_DIR if (run / BEST_DIR / WEIGHTS_FILE).is_file() else run
+    state, spec = load_checkpoint(folder)
+    if "task" not in spec:
+        raise CtxRestoreError(
+            f"{run} is not a fine-tuning run (its spec.json has no 'task'); predict needs the "
+            "folder that `ctxrestore finetune` wrote"
+        )
+    model = build_model(spec["model"])
+    model.load_state_dict(state)
+    return model.to(device).eval(), task_from_json(spec["task"]), spec
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", *IMAGE_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _read_file(path: Path) -> PredictInput:
+    if is_nifti(path):
+        array, spacing = read_nifti(path)
+        return PredictInput(_stem(path), array[None].astype(np.float32), spacing, path)
+    return PredictInput(_stem(path), read_image(path), None, path)
+
+
+def find_inputs(images: Path, in_channels: int) -> list[PredictInput]:
+    """The images to predict, with their channels assembled."""
+    images = Path(images)
+    if images.is_file():
+        return [_read_file(images)]
+    if not images.is_dir():
+        raise CtxRestoreError(f"{images}: no such file or folder to predict")
+    if (images / DATASET_FILE).is_file():
+        layout = read_segmentation_layout(images)
+        inputs = []
+        for case in layout.cases:
+            image, _, spacing = read_segmentation_case(case)
+            inputs.append(PredictInput(case.name, image, spacing, case.images[0]))
+        return inputs
+    files = sorted(
+        p for p in images.iterdir()
+        if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or is_nifti(p))
+    )  # fmt: skip
+    if not files:
+        raise CtxRestoreError(
+            f"{images} holds no images (accepted: {' '.join(IMAGE_SUFFIXES)} .nii .nii.gz)"
+        )
+    if in_channels > 1 and all(is_nifti(p) for p in files):
+        return _channel_groups(files, in_channels)
+    return [_read_file(path) for path in files]
+
+
+def _channel_groups(files: list[Path], in_channels: int) -> list[PredictInput]:
+    """nnU-Net naming: CASE_0000.nii.gz .. CASE_{C-1:04d}.nii.gz make one input."""
+    groups: dict[str, dict[int, Path]] = {}
+    for path in files:
+        stem = _stem(path)
+        case, _, channel = stem.rpartition("_")
+        if not case or not channel.isdigit():
+            raise CtxRestoreError(
+                f"{path}: the network takes {in_channels} channels; name the files of a case "
+                f"CASE_0000.nii.gz .. CASE_{in_channels - 1:04d}.nii.gz"
+            )
+        groups.setdefault(case, {})[int(channel)] = path
+    inputs = []
+    for case, channels in sorted(groups.items()):
+        if sorted(channels) != list(range(in_channels)):
+            raise CtxRestoreError(
+                f"case {case}: found channel files {sorted(channels)}, the network needs "
+                f"0..{in_channels - 1}"
+            )
+        arrays = [read_nifti(channels[c]) for c in range(in_channels)]
+        image = np.stack([a for a, _ in arrays]).astype(np.float32)
+        inputs.append(PredictInput(case, image, arrays[0][1], channels[0]))
+    return inputs
+
+
+def _planes(item: PredictInput, spatial_dims: int) -> torch.Tensor:
+    """(N, C, *S): the image itself (N = 1), or the slices of a volume for a 2D network."""
+    tensor = torch.from_numpy(np.ascontiguousarray(item.image, dtype=np.float32))
+    dims = tensor.ndim - 1
+    if dims == spatial_dims:
+        return tensor[None]
+    if dims == 3 and spatial_dims == 2:
+        return tensor.permute(1, 0, 2, 3)
+    raise CtxRestoreError(
+        f"{item.source} has {dims} spatial dims; the run's network is {spatial_dims}D"
+    )
+
+
+@torch.no_grad()
+def _predict_planes(model, task, planes: torch.Tensor, size, device, batch_size: int) -> dict:
+    """Predictions for every plane, at the network's size; segmentation probabilities are
+    resampled back to the planes' own size."""
+    outputs: dict[str, list[torch.Tensor]] = {}
+    original = tuple(planes.shape[2:])
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    for start in range(0, planes.shape[0], batch_size):
+        chunk = planes[start : start + batch_size].to(device)
+        if tuple(chunk.shape[2:]) != tuple(size):
+            chunk = F.interpolate(chunk, size=size, mode=mode, align_corners=False)
+        result = task.predict(model, chunk)
+        if task.name == "segment":
+            probabilities = F.interpolate(
+                result["probabilities"], size=original, mode=mode, align_corners=False
+            )
+            values = torch.tensor(task.label_values, device=probabilities.device)
+            result = {"mask": values[probabilities.argmax(dim=1)]}
+        for key, value in result.items():
+            outputs.setdefault(key, []).append(value.cpu())
+    return {key: torch.cat(values) for key, values in outputs.items()}
+
+
+def run_prediction(
+    run: Path, images: Path, out: Path, *, device: str = "auto", batch_size: int = 16
+) -> PredictResult:
+    """Predict every input with a fine-tuned run; see the module docstring for the outputs."""
+    if batch_size < 1:
+        raise CtxRestoreError(f"batch_size must be >= 1, got {batch_size}")
+    torch_device = resolve_device(device)
+    model, task, spec = load_run(Path(run), torch_device)
+    inputs = find_inputs(Path(images), spec["in_channels"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = tuple(spec["image_size"])
+    rows: list[list] = []
+    files: list[Path] = []
+    panels: list[dict] = []
+    for item in inputs:
+        if item.image.shape[0] != spec["in_channels"]:
+            raise CtxRestoreError(
+                f"{item.source} has {item.image.shape[0]} channel(s); the run was trained on "
+                f"{spec['in_channels']} {spec['channel_names']}"
+            )
+        scaled = normalize_intensity(item.image, spec["intensity"])
+        planes = _planes(
+            PredictInput(item.name, scaled, item.spacing, item.source), spec["spatial_dims"]
+        )
+        outputs = _predict_planes(model, task, planes, size, torch_device, batch_size)
+        scale = torch.tensor(size, dtype=torch.float32) / torch.tensor(planes.shape[2:])
+        files += _write_outputs(out, task, item, outputs, scale, rows)
+        if len(panels) < GALLERY_IMAGES:
+            panels.append(_panel(task, item.name, planes, outputs, scale))
+    if task.name == "classify":
+        files.append(_write_csv(out / "predictions.csv", ["file", "class", *[
+            f"p_{name}" for name in task.class_names]], rows))  # fmt: skip
+    if task.name == "localize":
+        dims = spec["spatial_dims"]
+        columns = ["image", "label", "present", *[f"start_{a}" for a in range(dims)],
+                   *[f"stop_{a}" for a in range(dims)], "probability", "slice"]  # fmt: skip
+        files.append(_write_csv(out / "boxes.csv", columns, rows))
+    if panels:
+        files.append(save_labelled_gallery(out / "predictions.png", panels, columns=4))
+    return PredictResult(out, len(inputs), tuple(files))
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[list]) -> Path:
+    def write(temporary: Path) -> None:
+        with temporary.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            writer.writerows(rows)
+
+    return atomic_write(path, write)
+
+
+def _write_outputs(out: Path, task, item: PredictInput, outputs: dict, scale, rows) -> list[Path]:
+    if task.name == "classify":
+        for plane, probabilities in enumerate(outputs["probabilities"]):
+            name = (
+                item.source.name if len(outputs["probabilities"]) == 1 else f"{item.name}#{plane}"
+            )
+            label = task.class_names[int(probabilities.argmax())]
+            rows.append([name, label, *(f"{p:.5f}" for p in probabilities.tolist())])
+        return []
+    if task.name == "localize":
+        volume_of_slices = len(outputs["boxes"]) > 1
+        for plane, (boxes, presence) in enumerate(zip(outputs["boxes"], outputs["presence"])):
+            for organ, box, probability in zip(task.organ_names, boxes, presence.tolist()):
+                voxels = (box / scale).round().int().flatten().tolist()
+                present = int(probability > 0.5)
+                coordinates = voxels if present else [""] * len(voxels)
+                slice_index = plane if volume_of_slices else ""
+                rows.append([item.source.name, organ, present, *coordinates,
+                             f"{probability:.5f}", slice_index])  # fmt: skip
+        return []
+    mask = outputs["mask"]
+    mask = mask[0] if mask.shape[0] == 1 else mask  # a volume seen slice by slice stacks back
+    array = mask.numpy().astype(np.uint8 if mask.max() < 256 else np.int16)
+    if is_nifti(item.source) or array.ndim == 3:
+        spacing = item.spacing or (1.0,) * array.ndim
+        return [write_nifti(out / f"{item.name}.nii.gz", array, spacing)]
+    return [_write_label_png(out / f"{item.name}.png", array)]
+
+
+def _write_label_png(path: Path, array: np.ndarray) -> Path:
+    """Label values as 8-bit grey levels (write_image expects [0, 1])."""
+    return write_image(path, array.astype(np.float32) / 255.0, (1.0, 1.0))
+
+
+def _panel(task, name: str, planes: torch.Tensor, outputs: dict, scale) -> dict:
+    """A gallery panel: the middle plane, with the prediction drawn over it."""
+    index = planes.shape[0] // 2
+    image = planes[index, 0]
+    if image.ndim == 3:
+        image = image[image.shape[0] // 2]
+    low, high = float(image.min()), float(image.max())
+    panel = {"image": ((image - low) / max(high - low, 1e-6)).numpy(), "title": name}
+    if task.name == "classify":
+        probabilities = outputs["probabilities"][index]
+        label = int(probabilities.argmax())
+        panel["title"] = f"{name}: {task.class_names[label]} ({float(probabilities[label]):.2f})"
+    elif task.name == "localize":
+        boxes = []
+        for organ, (box, present) in enumerate(
+            zip(outputs["boxes"][index], outputs["present"][index])
+        ):
+            if present and box.shape[-1] == 2:
+                first, last = (box / scale).tolist()
+                boxes.append((organ + 1, (tuple(first), tuple(last))))
+        panel["boxes"] = boxes
+    else:
+        mask = outputs["mask"][index]
+        if mask.ndim == 3:
+            mask = mask[mask.shape[0] // 2]
+        panel["mask"] = mask.numpy()
+    return panel

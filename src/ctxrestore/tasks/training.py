@@ -1,0 +1,405 @@
+"""The fine-tuning stage: labelled data -> split -> network (+ pretrained weights) -> engine ->
+best checkpoint -> test metrics and report.
+
+`FinetuneConfig` is the validated, frozen form of `ctxrestore.finetune(...)`'s options; the
+function and the CLI share its fields (a test holds them equal). The run folder is itself a
+checkpoint folder (weights + spec.json with the task), so it can be predicted with, resumed,
+or used as `--init` of another task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import ctxrestore
+from ctxrestore.data.intensity import ROBUST_UNIT_RANGE
+from ctxrestore.data.phantoms import list_phantoms
+from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
+from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint
+from ctxrestore.engine.distributed import DEVICES, setup_distributed, teardown_distributed
+from ctxrestore.engine.loop import BEST_DIR, PRECISIONS, LoopConfig, Validation, fit
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.files import read_json, write_json
+from ctxrestore.models import build_model
+from ctxrestore.models.spec import model_spec
+from ctxrestore.models.transfer import TransferReport, check_compatible, transfer_weights
+from ctxrestore.tasks.augment import Augmentation
+from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS, LabelledData, folder_data, phantom_data
+from ctxrestore.tasks.report import write_finetuning_report
+
+logger = logging.getLogger(__name__)
+
+TASK_NAMES = tuple(DEFAULT_PHANTOMS)
+SPEC_FORMAT = 1
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.json"
+METRICS_FILE = "metrics.json"
+# The labelled phantom cohort is one fixed "hospital", apart from the pretraining images
+# (seed 0 upwards) and the same for every --seed: seeds vary the split and the weights.
+LABELLED_PHANTOM_SEED = 7_000_001
+# An epoch of a tiny subset (5 images) would be one step; validating that often wastes time,
+# so an epoch is at least this many steps.
+MIN_EPOCH_STEPS = 20
+EVALUATION_BATCH = 32
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    task: str
+    out: Path
+    data: Path | None = None
+    init: str = "random"
+    fraction: str = "1.0"
+    phantom: str | None = None
+    num_images: int = 1000
+    spatial_dims: int = 2
+    image_size: int = 64
+    width: int = 16
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    batch_size: int = 16
+    epochs: int = 30
+    max_steps: int | None = None
+    learning_rate: float = 1e-3
+    pretrained_lr_scale: float = 1.0
+    freeze_encoder: bool = False
+    warmup_steps: int = 20
+    weight_decay: float = 1e-4
+    patience: int = 10
+    augment: bool = True
+    balance: bool = True
+    adapt_channels: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    num_workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    preview_every: int = 0
+    compile: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_NAMES:
+            raise CtxRestoreError(f"unknown task '{self.task}'; tasks: {', '.join(TASK_NAMES)}")
+        if self.phantom is not None and self.phantom not in list_phantoms():
+            raise CtxRestoreError(
+                f"unknown phantom '{self.phantom}'; built-in phantoms: {list_phantoms()}"
+            )
+        if self.spatial_dims not in (2, 3):
+            raise CtxRestoreError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.device not in DEVICES:
+            raise CtxRestoreError(f"device '{self.device}' is not one of {DEVICES}")
+        if self.precision not in PRECISIONS:
+            raise CtxRestoreError(f"precision '{self.precision}' is not one of {PRECISIONS}")
+        for name in ("num_images", "width", "image_size", "epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise CtxRestoreError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not 0 < self.pretrained_lr_scale <= 1:
+            raise CtxRestoreError(
+                f"pretrained_lr_scale must be in (0, 1], got {self.pretrained_lr_scale}; "
+                "use --freeze-encoder to keep the encoder fixed"
+            )
+        parse_fraction(self.fraction)  # fails early on a malformed fraction
+        if self.init != "random" and not Path(self.init).is_dir():
+            raise CtxRestoreError(
+                f"--init {self.init}: no such folder; give a pretraining run folder or 'random'"
+            )
+        if self.freeze_encoder and self.init == "random":
+            raise CtxRestoreError("--freeze-encoder needs pretrained weights (--init DIR)")
+
+    @property
+    def spatial_size(self) -> tuple[int, ...]:
+        return (self.image_size,) * self.spatial_dims
+
+    @property
+    def phantom_name(self) -> str:
+        return self.phantom or DEFAULT_PHANTOMS[self.task]
+
+    def to_json(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    out: Path
+    steps: int
+    best_step: int | None
+    stopped_early: bool
+    metrics: dict[str, float]
+    transfer: dict
+
+
+class ItemsDataset(Dataset):
+    """Items held in memory, selected by index."""
+
+    def __init__(self, items: list[dict], indices: tuple[int, ...]) -> None:
+        self.items = [items[i] for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+# ----------------------------------------------------------------------------- initialisation
+def default_encoder(task: str, width: int) -> dict:
+    """The encoder of a randomly initialised network: SonoNet-like for classify / localize
+    (Chen et al.), the U-Net's for segment; the same shapes the pretraining networks use."""
+    if task == "segment":
+        return {"stage_channels": [width * 2**i for i in range(5)], "convs_per_stage": [2] * 5,
+                "norm": "batch"}  # fmt: skip
+    return {"stage_channels": [width, 2 * width, 4 * width, 8 * width, 8 * width],
+            "convs_per_stage": [2, 2, 3, 3, 3], "norm": "batch"}  # fmt: skip
+
+
+def encoder_config(pretrained_model_spec: dict) -> dict:
+    """The pretrained network's encoder arguments (rebuilt on the meta device if unrecorded)."""
+    if pretrained_model_spec.get("encoder"):
+        return dict(pretrained_model_spec["encoder"])
+    return model_spec(pretrained_model_spec["name"], **pretrained_model_spec["kwargs"])["encoder"]
+
+
+def _load_init(config: FinetuneConfig, data: LabelledData) -> tuple[dict | None, dict | None]:
+    """(pretrained state, pretrained spec), checked against the data before any training."""
+    if config.init == "random":
+        return None, None
+    state, spec = load_checkpoint(Path(config.init))
+    if "model" not in spec or "spatial_dims" not in spec or "in_channels" not in spec:
+        raise CtxRestoreError(f"{Path(config.init) / 'spec.json'} is not a ctxrestore spec")
+    check_compatible(
+        spec,
+        spatial_dims=config.spatial_dims,
+        in_channels=data.in_channels,
+        channel_names=list(data.channel_names),
+        adapt_channels=config.adapt_channels,
+        source=f"checkpoint {config.init}",
+        target=f"the {config.task} data ({data.source})",
+    )
+    if spec.get("intensity") and spec["intensity"] != data.intensity:
+        logger.warning(
+            "checkpoint %s was pretrained on intensities scaled by %s; the %s data uses %s",
+            config.init, spec["intensity"], config.task, data.intensity,
+        )  # fmt: skip
+    return state, spec
+
+
+def build_network(
+    config: FinetuneConfig, task, data: LabelledData, pretrained: tuple[dict | None, dict | None]
+) -> tuple[nn.Module, dict, TransferReport]:
+    """The task's network around the pretrained (or default) encoder, weights transferred."""
+    state, spec = pretrained
+    encoder = (
+        default_encoder(config.task, config.width)
+        if spec is None
+        else encoder_config(spec["model"])
+    )
+    network = task.network_spec(config.spatial_dims, data.in_channels, encoder)
+    factor = network["downsampling_factor"]
+    if config.image_size % factor:
+        raise CtxRestoreError(
+            f"image_size {config.image_size} is not divisible by {factor}, the downsampling "
+            f"factor of the {config.task} network; use a multiple of {factor}"
+        )
+    torch.manual_seed(config.seed)  # heads start equal for random and pretrained runs
+    model = build_model(network)
+    if state is None:
+        parts = {}
+        for name in model.state_dict():
+            part = name.split(".")[0]
+            parts[part] = parts.get(part, 0) + 1
+        report = TransferReport(random=parts, reasons=dict.fromkeys(parts, "--init random"))
+    else:
+        report = transfer_weights(
+            model,
+            state,
+            spec["model"]["prefixes"],
+            network["prefixes"],
+            adapt_channels=config.adapt_channels,
+            source=f"checkpoint {config.init}",
+        )
+    if config.freeze_encoder:
+        for module in model.encoder.modules():
+            for parameter in module.parameters(recurse=False):
+                parameter.requires_grad_(False)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = 0.0  # running statistics stay the pretrained ones
+    return model, network, report
+
+
+# ----------------------------------------------------------------------------- the stage
+def load_data(config: FinetuneConfig, intensity: dict | None) -> LabelledData:
+    if config.data is None:
+        return phantom_data(
+            config.task,
+            config.phantom_name,
+            config.num_images,
+            config.spatial_size,
+            LABELLED_PHANTOM_SEED,
+        )
+    return folder_data(
+        config.task, config.data, config.spatial_size, intensity or ROBUST_UNIT_RANGE
+    )
+
+
+def _check_resume(config: FinetuneConfig) -> None:
+    out = Path(config.out)
+    has_run = (out / WEIGHTS_FILE).exists() or (out / CONFIG_FILE).exists()
+    if has_run and not config.resume:
+        raise CtxRestoreError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    if config.resume and (out / CONFIG_FILE).exists():
+        saved = read_json(out / CONFIG_FILE)
+        ignore = {"max_steps", "epochs", "resume", "device", "num_workers", "checkpoint_every",
+                  "log_every", "preview_every", "compile", "patience"}  # fmt: skip
+        current = config.to_json()
+        changed = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise CtxRestoreError(
+                f"--resume with options that differ from the run in {out}: {details}"
+            )
+
+
+def _loader(items: list[dict], indices: tuple[int, ...]) -> DataLoader:
+    return DataLoader(ItemsDataset(items, indices), batch_size=EVALUATION_BATCH)
+
+
+def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune one task from pretrained or random weights; see `ctxrestore.finetune`."""
+    context = setup_distributed(config.device)
+    try:
+        out = Path(config.out)
+        if context.is_main:
+            _check_resume(config)
+        intensity = None
+        if config.init != "random":
+            intensity = load_checkpoint(Path(config.init))[1].get("intensity")
+        data = load_data(config, intensity)
+        pretrained = _load_init(config, data)
+        split = split_cases(
+            data.cases,
+            data.strata,
+            seed=config.seed,
+            fraction=parse_fraction(config.fraction),
+            test_fraction=config.test_fraction,
+            val_fraction=config.val_fraction,
+        )
+        train_items = [data.items[i] for i in split.train]
+        task = data.task
+        if config.balance:
+            task = task.balanced(train_items)
+        if config.augment:
+            task = dataclasses.replace(task, augmentation=Augmentation())
+        model, network, transfer = build_network(config, task, data, pretrained)
+        spec = {
+            "format": SPEC_FORMAT,
+            "ctxrestore_version": ctxrestore.__version__,
+            "model": network,
+            "spatial_dims": config.spatial_dims,
+            "in_channels": data.in_channels,
+            "channel_names": list(data.channel_names),
+            "image_size": list(config.spatial_size),
+            "intensity": data.intensity,
+            "task": task.to_json(),
+            "init": {"source": config.init, "transfer": transfer.to_json()},
+            "data": {"source": data.source, "split_seed": config.seed},
+        }
+        if context.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / CONFIG_FILE, config.to_json())
+            write_split(out / SPLIT_FILE, split)
+
+        batch_size = min(config.batch_size, len(split.train))
+        batch_size -= batch_size % context.world_size
+        if batch_size < config.batch_size:
+            logger.warning(
+                "%d training images: batch size %d instead of %d",
+                len(split.train), batch_size, config.batch_size,
+            )  # fmt: skip
+        validate_every = max(len(split.train) // batch_size, MIN_EPOCH_STEPS)
+        max_steps = validate_every * config.epochs
+        if config.max_steps is not None:
+            max_steps = min(max_steps, config.max_steps)
+        loop = LoopConfig(
+            max_steps=max_steps,
+            batch_size=batch_size,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            warmup_steps=min(config.warmup_steps, max_steps // 2),
+            precision=config.precision,
+            log_every=min(config.log_every, max_steps),
+            checkpoint_every=config.checkpoint_every,
+            preview_every=config.preview_every,
+            num_workers=config.num_workers,
+            seed=config.seed,
+            compile=config.compile,
+        )
+        device = context.device
+        validation = Validation(
+            every=validate_every,
+            evaluate=lambda m: task.evaluate(m, _loader(data.items, split.val), device),
+            metric=task.metric,
+            patience=config.patience,
+        )
+        transferred = [f"{part}." for part in transfer.transferred]
+        result = fit(
+            model=model,
+            dataset=ItemsDataset(data.items, split.train),
+            task=task,
+            config=loop,
+            context=context,
+            run_dir=out,
+            spec=spec,
+            resume=config.resume and (out / WEIGHTS_FILE).exists(),
+            validation=validation,
+            lr_scales=dict.fromkeys(transferred, config.pretrained_lr_scale),
+        )
+        metrics: dict[str, float] = {}
+        if context.is_main:
+            metrics = _test(out, model, task, data, split, device)
+            summary = {
+                "task": config.task,
+                "init": config.init,
+                "fraction": config.fraction,
+                "seed": config.seed,
+                "split": {
+                    name: {"cases": len(split.case_ids(name)), "items": len(getattr(split, name))}
+                    for name in ("train", "val", "test")
+                },
+                "split_summary": split.summary(),
+                "steps": result.steps,
+                "best_step": result.best_step,
+                "best_validation": {task.metric: result.best_score},
+                "stopped_early": result.stopped_early,
+                "transfer": transfer.to_json(),
+                "test": metrics,
+            }
+            write_json(out / METRICS_FILE, summary)
+            write_finetuning_report(out, task, model, data, split, device)
+        return FinetuneResult(
+            out, result.steps, result.best_step, result.stopped_early, metrics,
+            transfer.to_json(),
+        )  # fmt: skip
+    finally:
+        teardown_distributed(context)
+
+
+def _test(out: Path, model: nn.Module, task, data: LabelledData, split: Split, device):
+    """Test metrics of the best checkpoint (the last weights when validation never improved)."""
+    if (out / BEST_DIR / WEIGHTS_FILE).is_file():
+        weights, _ = load_checkpoint(out / BEST_DIR)
+        model.load_state_dict(weights)
+    model.to(device).eval()
+    return task.evaluate(model, _loader(data.items, split.test), device)

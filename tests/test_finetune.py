@@ -1,0 +1,201 @@
+"""Fine-tuning end to end: each task from random and pretrained weights through the CLI, what
+transfer really loads, the errors for checkpoints that do not fit, splits, resume, predict."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_PRETRAIN
+from typer.testing import CliRunner
+
+import ctxrestore
+from ctxrestore.cli import app
+from ctxrestore.data.layouts import read_boxes_csv
+from ctxrestore.data.nifti import read_nifti
+from ctxrestore.data.splits import read_split
+from ctxrestore.engine.checkpoint import load_checkpoint
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.models.transfer import adapt_input_channels
+from ctxrestore.tasks.training import FinetuneConfig, build_network, load_data
+
+runner = CliRunner()
+TINY_FINETUNE = dict(num_images=40, image_size=32, width=4, batch_size=8, max_steps=6,
+                     warmup_steps=1, log_every=1, device="cpu")  # fmt: skip
+# The pretraining each task's test starts from: (network, phantom).
+PRETRAINING = {"classify": ("sononet", "ultrasound"), "localize": ("sononet", "abdomen"),
+               "segment": ("unet", "brain")}  # fmt: skip
+HEADLINE = {"classify": "macro_f1", "localize": "iou/mean", "segment": "global_dice/mean"}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One tiny pretraining run per task, shared by the tests of this module."""
+    folders = {}
+    for task, (network, phantom) in PRETRAINING.items():
+        folder = tmp_path_factory.mktemp(f"pretrain_{task}")
+        ctxrestore.pretrain(out=folder, network=network, phantom=phantom, **TINY_PRETRAIN)
+        folders[task] = folder
+    return folders
+
+
+def _cli_options(options: dict) -> list[str]:
+    return [part for key, value in options.items()
+            for part in (f"--{key.replace('_', '-')}", str(value))]  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["classify", "localize", "segment"])
+@pytest.mark.parametrize("init", ["random", "pretrained"])
+def test_finetune_end_to_end_through_the_cli(tmp_path, pretrained, task, init):
+    out = tmp_path / "run"
+    source = str(pretrained[task]) if init == "pretrained" else "random"
+    arguments = ["finetune", task, "--out", str(out), "--init", source, "--fraction", "0.5"]
+    result = runner.invoke(app, [*arguments, *_cli_options(TINY_FINETUNE)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= summary["test"][HEADLINE[task]] <= 1.0
+    assert summary["split"]["train"]["cases"] == 14  # half of the 28 left after test and val
+    report = (out / "report.md").read_text()
+    assert HEADLINE[task] in report and "What was transferred" in report
+    expected = "pretrained" if init == "pretrained" else "random (--init random)"
+    encoder_row = next(line for line in report.splitlines() if line.startswith("| encoder |"))
+    assert encoder_row.endswith(f"| {expected} |")
+    for name in ("best/model.safetensors", "split.json", "validation.csv", "test_predictions.png"):
+        assert (out / name).is_file(), name
+    if task == "classify":
+        assert (out / "confusion.png").is_file()
+
+
+def test_transfer_loads_the_pretrained_tensors(pretrained):
+    config = FinetuneConfig(task="segment", out="unused", init=str(pretrained["segment"]),
+                            **TINY_FINETUNE)  # fmt: skip
+    data = load_data(config, None)
+    state, spec = load_checkpoint(pretrained["segment"])
+    model, _, report = build_network(config, data.task, data, (state, spec))
+    assert report.transferred == {"encoder": report.transferred["encoder"], "decoder": 56}
+    loaded = model.state_dict()
+    for name, tensor in state.items():
+        if name.startswith(("encoder.", "decoder.")):
+            assert torch.equal(loaded[name], tensor), name
+    assert loaded["head.conv.weight"].shape[0] == 4  # BraTS classes, not restored channels
+    # A SonoNet pretraining has a deconvolution decoder: the U-Net decoder starts random.
+    sononet = FinetuneConfig(task="segment", out="unused", init=str(pretrained["classify"]),
+                             adapt_channels=True, **TINY_FINETUNE)  # fmt: skip
+    state, spec = load_checkpoint(pretrained["classify"])
+    model, _, report = build_network(sononet, data.task, data, (state, spec))
+    assert "decoder" in report.random and "encoder" in report.transferred
+    assert report.adapted == {"encoder.stages.0.0.conv.weight": "repeat 1 -> 4 channels"}
+    first = model.state_dict()["encoder.stages.0.0.conv.weight"]
+    assert torch.allclose(first, state["encoder.stages.0.0.conv.weight"].repeat(1, 4, 1, 1) / 4)
+
+
+def test_channel_adaptation_keeps_the_response_to_equal_channels():
+    weight = torch.randn(8, 4, 3, 3)
+    fewer, how = adapt_input_channels(weight, 1)
+    assert how == "average 4 -> 1 channels"
+    assert torch.allclose(fewer[:, 0], weight.sum(dim=1))  # same output for an image x4
+    more, how = adapt_input_channels(weight[:, :1], 3)
+    assert how == "repeat 1 -> 3 channels"
+    assert torch.allclose(more.sum(dim=1), weight[:, 0])
+
+
+def test_mismatched_checkpoints_stop_before_training(tmp_path, pretrained):
+    # The brain U-Net has 4 channels (T1, T1ce, T2, FLAIR); the ultrasound data has 1.
+    with pytest.raises(CtxRestoreError) as error:
+        ctxrestore.finetune("classify", out=tmp_path / "a", init=str(pretrained["segment"]),
+                            **TINY_FINETUNE)  # fmt: skip
+    message = str(error.value)
+    assert "4 channel(s) ['t1', 't1ce', 't2', 'flair']" in message.lower()
+    assert "1 channel(s) ['ultrasound']" in message and "--adapt-channels" in message
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    three_d = tmp_path / "pre3d"
+    ctxrestore.pretrain(out=three_d, network="unet", phantom="brain",
+                        **{**TINY_PRETRAIN, "spatial_dims": 3, "image_size": 16})  # fmt: skip
+    with pytest.raises(CtxRestoreError, match="pretrained in 3D, but the segment data"):
+        ctxrestore.finetune("segment", out=tmp_path / "b", init=str(three_d), **TINY_FINETUNE)
+    result = runner.invoke(app, ["finetune", "classify", "--out", str(tmp_path / "c"),
+                                 "--init", str(pretrained["segment"]),
+                                 *_cli_options(TINY_FINETUNE)])  # fmt: skip
+    assert result.exit_code == 2 and "--adapt-channels" in result.output
+
+
+def test_frozen_encoder_keeps_its_pretrained_values(tmp_path, pretrained):
+    out = tmp_path / "frozen"
+    options = dict(init=str(pretrained["localize"]), freeze_encoder=True, **TINY_FINETUNE)
+    ctxrestore.finetune("localize", out=out, **options)
+    before, spec = load_checkpoint(pretrained["localize"])
+    after, _ = load_checkpoint(out)
+    # Weights and BN running statistics; num_batches_tracked only counts (momentum is set).
+    encoder = [n for n in before if n.startswith("encoder.") and "num_batches" not in n]
+    assert encoder and all(torch.equal(before[n], after[n]) for n in encoder)
+    config = FinetuneConfig(task="localize", out="unused", **options)
+    data = load_data(config, None)
+    initial, _, _ = build_network(config, data.task, data, (before, spec))
+    trained = [n for n, t in initial.state_dict().items()
+               if not torch.equal(t, after[n]) and "num_batches" not in n]  # fmt: skip
+    assert trained and all(n.startswith(("neck.", "head.")) for n in trained)
+
+
+def test_volumes_are_split_by_case_and_predicted_back(tmp_path):
+    """A 2D segmentation on 3D volumes: slices of one volume stay on one side of the split."""
+    data = tmp_path / "brain3d"
+    ctxrestore.api.phantoms("brain", out=data, count=12, spatial_dims=3, image_size=16)
+    out = tmp_path / "run"
+    options = {**TINY_FINETUNE, "image_size": 16}
+    options.pop("num_images")
+    ctxrestore.finetune("segment", data, out=out, **options)
+    split = read_split(out / "split.json")
+    sides = [set(split.case_ids(name)) for name in ("train", "val", "test")]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    assert len(split.train) == 16 * len(sides[0])  # every slice of each training volume
+    predictions = tmp_path / "predictions"
+    ctxrestore.predict(out, data, out=predictions)
+    labels, spacing = read_nifti(predictions / "brain_00000.nii.gz")
+    image, image_spacing = read_nifti(data / "imagesTr" / "brain_00000_0000.nii.gz")
+    assert labels.shape == image.shape and np.allclose(spacing, image_spacing)
+    assert set(np.unique(labels)) <= {0, 1, 2, 4}
+
+
+def test_predict_writes_each_task_output(tmp_path, pretrained):
+    runs = {}
+    for task in ("classify", "localize"):
+        runs[task] = tmp_path / task
+        ctxrestore.finetune(task, out=runs[task], **TINY_FINETUNE)
+    images = tmp_path / "ultrasound"
+    ctxrestore.api.phantoms("ultrasound", out=images, count=9, image_size=32)
+    pngs = sorted(images.rglob("*.png"))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in pngs[:4]:
+        if path.name != "gallery.png":
+            (flat / path.name).write_bytes(path.read_bytes())
+    result = ctxrestore.predict(runs["classify"], flat, out=tmp_path / "p_classify")
+    with (tmp_path / "p_classify" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == result.count == len(list(flat.iterdir()))
+    assert all(abs(sum(float(v) for k, v in row.items() if k.startswith("p_")) - 1) < 1e-3
+               for row in rows)  # fmt: skip
+    abdomen = tmp_path / "abdomen"
+    ctxrestore.api.phantoms("abdomen", out=abdomen, count=3, image_size=32)
+    ctxrestore.predict(runs["localize"], abdomen, out=tmp_path / "p_localize")
+    boxes = read_boxes_csv(tmp_path / "p_localize" / "boxes.csv")
+    assert len(boxes) == 3 and all(len(organs) == 5 for organs in boxes.values())
+    with pytest.raises(CtxRestoreError, match="has 4 channel"):
+        brain = tmp_path / "brain"
+        ctxrestore.api.phantoms("brain", out=brain, count=1, image_size=32)
+        ctxrestore.predict(runs["classify"], brain, out=tmp_path / "p_bad")
+
+
+def test_fraction_counts_and_resume(tmp_path):
+    out = tmp_path / "run"
+    first = ctxrestore.finetune("classify", out=out, fraction="9", checkpoint_every=3,
+                                **{**TINY_FINETUNE, "max_steps": 3})  # fmt: skip
+    assert first.steps == 3 and len(read_split(out / "split.json").train) == 9
+    with pytest.raises(CtxRestoreError, match="already holds a run"):
+        ctxrestore.finetune("classify", out=out, fraction="9", **TINY_FINETUNE)
+    resumed = ctxrestore.finetune("classify", out=out, fraction="9", resume=True,
+                                  **TINY_FINETUNE)  # fmt: skip
+    assert resumed.steps == 6
+    with pytest.raises(CtxRestoreError, match="fraction: '9' -> '10'"):
+        ctxrestore.finetune("classify", out=out, fraction="10", resume=True, **TINY_FINETUNE)

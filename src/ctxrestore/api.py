@@ -15,6 +15,7 @@ from ctxrestore.data import list_phantoms
 from ctxrestore.data.phantoms.export import export_phantom
 from ctxrestore.data.phantoms.gallery import phantom_gallery
 from ctxrestore.models import PRETRAINING_NETWORKS
+from ctxrestore.pretext import list_pretexts
 from ctxrestore.pretext.report import write_pretraining_report
 from ctxrestore.pretext.training import PretrainConfig, PretrainResult, run_pretraining
 from ctxrestore.pretext.training import load_pretrained as _load_pretrained
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 Network = Enum("Network", {name: name for name in PRETRAINING_NETWORKS}, type=str)
 Phantom = Enum("Phantom", {name: name for name in list_phantoms()}, type=str)
+Method = Enum("Method", {name: name for name in list_pretexts()}, type=str)
 Task = Enum("Task", {name: name for name in TASK_NAMES}, type=str)
 
 
@@ -60,7 +62,12 @@ def pretrain(
         Phantom, typer.Option(help="Built-in phantom used when DATA is omitted.")
     ] = "shapes",
     num_images: Annotated[int, typer.Option(help="Number of phantom images.")] = 2000,
-    network: Annotated[Network, typer.Option(help="Network to pretrain.")] = "unet",
+    method: Annotated[
+        Method, typer.Option(help="Pretext task (context_restoration is the paper's method).")
+    ] = "context_restoration",
+    network: Annotated[
+        Network, typer.Option(help="Image-to-image network whose encoder is pretrained.")
+    ] = "unet",
     width: Annotated[
         int, typer.Option(help="Channels of the first stage (doubled per stage in a U-Net).")
     ] = 16,
@@ -108,13 +115,7 @@ def pretrain(
     options = {key: _value(value) for key, value in locals().items()}
     config = PretrainConfig(**options)
     result = run_pretraining(config)
-    logger.info(
-        "pretrained %d steps: restoration MSE %.4g vs %.4g for the corrupted input; wrote %s",
-        result.steps,
-        result.restoration_mse,
-        result.identity_mse,
-        result.out,
-    )
+    logger.info("pretrained %d steps; wrote %s", result.steps, result.out)
     return result
 
 

@@ -10,11 +10,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ctxrestore.corruption import context_restoration
 from ctxrestore.corruption.sampling import normalize_num_swaps
 from ctxrestore.pretext.registry import register_pretext
+from ctxrestore.pretext.restoration import (
+    restoration_loss,
+    restoration_metrics,
+    restoration_summary,
+)
 
 
 @register_pretext("context_restoration")
@@ -31,6 +35,9 @@ class ContextRestorationPretext:
     def __post_init__(self) -> None:
         normalize_num_swaps(self.num_swaps)
 
+    def network_spec(self, base: dict) -> dict:
+        return base
+
     def make_batch(
         self, images: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +52,16 @@ class ContextRestorationPretext:
         return corrupted, images
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(outputs.float(), targets.float())
+        return restoration_loss(outputs, targets)
+
+    def evaluate(self, inputs, targets, outputs) -> dict[str, float]:
+        return restoration_metrics(inputs, targets, outputs)
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        return restoration_summary(metrics)
+
+    def preview_rows(self, inputs, targets, outputs) -> list[tuple[str, torch.Tensor]]:
+        return [("original", targets), ("corrupted", inputs), ("restored", outputs)]
 
     def params(self) -> dict:
         params = asdict(self)

@@ -11,13 +11,15 @@ from ctxrestore.figures import save_loss_curve
 from ctxrestore.files import atomic_write, read_json
 
 SETTINGS = (
-    "network", "width", "spatial_dims", "image_size", "num_swaps", "num_swaps_max",
+    "method", "network", "width", "spatial_dims", "image_size", "num_swaps", "num_swaps_max",
     "patch_size", "foreground_threshold", "batch_size", "learning_rate", "seed",
 )  # fmt: skip
 
 
 def write_pretraining_report(
-    run_dir: Path, report_path: Path | None = None, extra_lines: Sequence[str] = ()
+    run_dir: Path,
+    report_path: Path | None = None,
+    extra_lines: Sequence[str] = (),
 ) -> Path:
     """Write loss.png into `run_dir` and a Markdown report (default run_dir/report.md).
 
@@ -37,10 +39,9 @@ def write_pretraining_report(
         title="context restoration: training loss (MSE)",
     )
     link = Path(os.path.relpath(run_dir, report_path.parent))
-    gain = metrics["identity_mse"] / max(metrics["restoration_mse"], 1e-12)
     source = config["data"] or f"built-in phantom '{config['phantom']}'"
     lines = [
-        "# Context-restoration pretraining",
+        f"# Pretraining: {config.get('method', 'context_restoration')}",
         "",
         f"Data: {source}. Steps: {metrics['steps']}. Checkpoint: `{run_dir}` "
         "(`ctxrestore.load_pretrained` rebuilds it).",
@@ -49,24 +50,23 @@ def write_pretraining_report(
         "| --- | --- |",
         *(f"| {key} | {config[key]} |" for key in SETTINGS),
         "",
-        "## Restoration error on held-out images",
+        "## Held-out metrics",
         "",
-        "| | MSE |",
+        "| metric | value |",
         "| --- | --- |",
-        f"| corrupted input, left as it is | {metrics['identity_mse']:.5f} |",
-        f"| restored by the network | {metrics['restoration_mse']:.5f} |",
+        *(
+            f"| {key} | {value:.5g} |"
+            for key, value in metrics.items()
+            if key not in ("steps", "summary")
+        ),
         "",
-        f"The network removes {100 * (1 - 1 / gain):.1f}% of the corruption's error "
-        f"({gain:.2f}x lower MSE than the corrupted input)."
-        if gain > 1
-        else "The network does not restore better than leaving the corrupted input as it is: "
-        "it has not learned the context yet (train longer, or check the data).",
+        metrics.get("summary", ""),
         "",
         "## Loss",
         "",
         f"![training loss]({link / 'loss.png'})",
         "",
-        "## Original / corrupted / restored",
+        "## Preview (held-out images)",
         "",
         f"![preview]({link / 'preview.png'})",
         "",

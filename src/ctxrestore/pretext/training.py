@@ -6,6 +6,7 @@ function and the CLI share its fields (a test holds them equal).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 from dataclasses import asdict, dataclass
@@ -30,7 +31,12 @@ from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
 from ctxrestore.files import atomic_write, read_json, write_json
 from ctxrestore.models import PRETRAINING_NETWORKS, build_model, model_spec
-from ctxrestore.pretext.registry import Pretext, create_pretext
+from ctxrestore.pretext.registry import (
+    Pretext,
+    create_pretext,
+    get_pretext_factory,
+    list_pretexts,
+)
 from ctxrestore.pretext.report import write_pretraining_report
 
 logger = logging.getLogger(__name__)
@@ -46,6 +52,7 @@ class PretrainConfig:
     data: Path | None = None
     phantom: str = "shapes"
     num_images: int = 2000
+    method: str = "context_restoration"
     network: str = "unet"
     width: int = 16
     spatial_dims: int = 2
@@ -75,6 +82,10 @@ class PretrainConfig:
         if self.data is None and self.phantom not in list_phantoms():
             raise CtxRestoreError(
                 f"unknown phantom '{self.phantom}'; built-in phantoms: {list_phantoms()}"
+            )
+        if self.method not in list_pretexts():
+            raise CtxRestoreError(
+                f"unknown pretraining method '{self.method}'; methods: {list_pretexts()}"
             )
         if self.network not in PRETRAINING_NETWORKS:
             raise CtxRestoreError(
@@ -137,8 +148,7 @@ class PretextTraining:
         images = batch["image"][:8]
         inputs, targets = self.pretext.make_batch(images, generator)
         outputs = model(inputs).float()
-        rows = [("original", targets), ("corrupted", inputs), ("restored", outputs)]
-        save_image_grid(path, rows)
+        save_image_grid(path, self.pretext.preview_rows(inputs, targets, outputs))
         latest = path.parent.parent / "preview.png"  # the run folder's newest preview
         atomic_write(latest, lambda temporary: shutil.copyfile(path, temporary))
 
@@ -191,7 +201,9 @@ def _network_kwargs(config: PretrainConfig, in_channels: int) -> dict:
 
 def build_spec(config: PretrainConfig, pretext: Pretext, in_channels: int) -> dict:
     """The checkpoint contract (DESIGN.md): enough to rebuild and adapt the network."""
-    network = model_spec(config.network, **_network_kwargs(config, in_channels))
+    network = pretext.network_spec(
+        model_spec(config.network, **_network_kwargs(config, in_channels))
+    )
     factor = network["downsampling_factor"]
     if config.image_size % factor:
         raise CtxRestoreError(
@@ -238,12 +250,13 @@ def _check_resume(config: PretrainConfig) -> None:
 
 @dataclass(frozen=True)
 class PretrainResult:
+    """metrics: the pretext's held-out metrics (e.g. restoration_mse and identity_mse)."""
+
     out: Path
     steps: int
     resumed_from: int
     final_loss: float
-    restoration_mse: float
-    identity_mse: float
+    metrics: dict[str, float]
 
 
 def _evaluation_images(config: PretrainConfig, dataset: Dataset) -> Dataset:
@@ -254,33 +267,33 @@ def _evaluation_images(config: PretrainConfig, dataset: Dataset) -> Dataset:
 
 
 @torch.no_grad()
-def evaluate_restoration(
+def evaluate_pretext(
     model: nn.Module, pretext: Pretext, dataset: Dataset, device: torch.device, seed: int
-) -> tuple[float, float]:
-    """(MSE of the restored images, MSE of leaving the corrupted input as it is).
-
-    A network that learned nothing about context scores no better than the identity.
-    """
+) -> dict[str, float]:
+    """The pretext's metrics on held-out images (see Pretext.evaluate)."""
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     inputs, targets = pretext.make_batch(images, generator)
     model.eval()
-    outputs = model(inputs).float()
-    restored = float(pretext.loss(outputs, targets))
-    identity = float(pretext.loss(inputs, targets))
-    return restored, identity
+    return pretext.evaluate(inputs, targets, model(inputs).float())
+
+
+def pretext_options(config: PretrainConfig) -> dict:
+    """The shared pretrain options that the chosen pretext's factory takes."""
+    offered = {
+        "num_swaps": config.swaps,
+        "patch_size": config.patch_size,
+        "foreground_threshold": config.foreground_threshold,
+    }
+    accepted = inspect.signature(get_pretext_factory(config.method)).parameters
+    return {key: value for key, value in offered.items() if key in accepted}
 
 
 def run_pretraining(config: PretrainConfig) -> PretrainResult:
     """Pretrain by the pretext on unlabelled images; see `ctxrestore.pretrain`."""
     context = setup_distributed(config.device)
     try:
-        pretext = create_pretext(
-            "context_restoration",
-            num_swaps=config.swaps,
-            patch_size=config.patch_size,
-            foreground_threshold=config.foreground_threshold,
-        )
+        pretext = create_pretext(config.method, **pretext_options(config))
         dataset = build_dataset(config)
         in_channels = int(dataset[0]["image"].shape[0])
         spec = build_spec(config, pretext, in_channels)
@@ -319,7 +332,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
             spec=spec,
             resume=config.resume and (out / WEIGHTS_FILE).exists(),
         )
-        restored, identity = evaluate_restoration(
+        metrics = evaluate_pretext(
             model, pretext, _evaluation_images(config, dataset), context.device, config.seed
         )
         if context.is_main:
@@ -328,14 +341,12 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
                 {
                     "steps": result.steps,
                     "final_loss": result.final_loss,
-                    "restoration_mse": restored,
-                    "identity_mse": identity,
+                    **metrics,
+                    "summary": pretext.summary(metrics),
                 },
             )
             write_pretraining_report(out)
-        return PretrainResult(
-            out, result.steps, result.resumed_from, result.final_loss, restored, identity
-        )
+        return PretrainResult(out, result.steps, result.resumed_from, result.final_loss, metrics)
     finally:
         teardown_distributed(context)
 

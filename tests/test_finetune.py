@@ -199,3 +199,13 @@ def test_fraction_counts_and_resume(tmp_path):
     assert resumed.steps == 6
     with pytest.raises(CtxRestoreError, match="fraction: '9' -> '10'"):
         ctxrestore.finetune("classify", out=out, fraction="10", resume=True, **TINY_FINETUNE)
+
+
+def test_localize_in_3d_regresses_one_box_per_organ(tmp_path):
+    out = tmp_path / "run3d"
+    options = {**TINY_FINETUNE, "num_images": 20, "image_size": 16, "batch_size": 4}
+    ctxrestore.finetune("localize", out=out, spatial_dims=3, **options)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= summary["test"]["iou/mean"] <= 1.0 and summary["test"]["wall_mm/mean"] > 0
+    _, spec = load_checkpoint(out)
+    assert spec["model"]["name"] == "localizer" and spec["model"]["kwargs"]["spatial_dims"] == 3

@@ -42,7 +42,12 @@ def tiny_input(model: EncoderDecoder, spatial_dims: int, batch: int = 2) -> torc
 
 def test_every_model_has_tiny_kwargs():
     assert set(MODELS) == set(TINY_KWARGS)
-    assert set(list_models()) == {*PRETRAINING_NETWORKS, "classifier", "localizer"}
+    assert set(list_models()) == {
+        *PRETRAINING_NETWORKS,
+        "classifier",
+        "localizer",
+        "relative_position",
+    }
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -3,6 +3,7 @@
 # Importing the architecture modules registers their factories.
 from ctxrestore.models import classifier as _classifier  # noqa: F401
 from ctxrestore.models import localizer as _localizer  # noqa: F401
+from ctxrestore.models import relative_position as _relative_position  # noqa: F401
 from ctxrestore.models import sononet as _sononet  # noqa: F401
 from ctxrestore.models import unet as _unet  # noqa: F401
 from ctxrestore.models.encoder import ConvEncoder

@@ -36,7 +36,7 @@ def write_pretraining_report(
         run_dir / "loss.png",
         [int(row["step"]) for row in rows],
         [row["loss"] for row in rows],
-        title="context restoration: training loss (MSE)",
+        title=f"{config.get('method', 'context_restoration')}: training loss",
     )
     link = Path(os.path.relpath(run_dir, report_path.parent))
     source = config["data"] or f"built-in phantom '{config['phantom']}'"

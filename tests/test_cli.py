@@ -18,7 +18,9 @@ from ctxrestore.tasks.training import FinetuneConfig
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("name", ["pretrain", "finetune", "predict", "demo", "phantoms"])
+@pytest.mark.parametrize(
+    "name", ["pretrain", "finetune", "benchmark", "ablate", "predict", "demo", "phantoms"]
+)
 def test_cli_and_api_share_options_and_defaults(name):
     command = get_command(app).commands[name]
     cli = {param.name: param.default for param in command.params}

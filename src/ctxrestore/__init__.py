@@ -2,13 +2,23 @@
 
 __version__ = "0.1.0"
 
-from ctxrestore.api import demo, finetune, load_pretrained, predict, pretrain
+from ctxrestore.api import (
+    ablate,
+    benchmark,
+    demo,
+    finetune,
+    load_pretrained,
+    predict,
+    pretrain,
+)
 from ctxrestore.corruption import ContextRestoration, ContextRestorationd, context_restoration
 
 __all__ = [
     "ContextRestoration",
     "ContextRestorationd",
     "__version__",
+    "ablate",
+    "benchmark",
     "context_restoration",
     "demo",
     "finetune",

@@ -11,6 +11,7 @@ from typing import Annotated
 import torch
 import typer
 
+from ctxrestore.bench import BenchmarkOptions, BenchmarkResult, run_ablation, run_benchmark
 from ctxrestore.data import list_phantoms
 from ctxrestore.data.phantoms.export import export_phantom
 from ctxrestore.data.phantoms.gallery import phantom_gallery
@@ -212,6 +213,181 @@ def finetune(
         "fine-tuned %d steps; test metrics in %s", result.steps, result.out / "metrics.json"
     )
     return result
+
+
+# Options that `benchmark` and `ablate` share: one help text each.
+_BenchData = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Labelled data, as for finetune. Omit it to use the task's phantom (ultrasound, "
+        "abdomen, brain), whose unlabelled images are then pretrained on too."
+    ),
+]
+_BenchTask = Annotated[Task, typer.Option(help="classify, localize or segment.")]
+_Fractions = Annotated[
+    str,
+    typer.Option(help="Comma-separated label fractions ('0.1', '10%') or case counts ('25')."),
+]
+_Seeds = Annotated[
+    int | None,
+    typer.Option(
+        help="Fine-tuning seeds per fraction (split, head, order); default 3 on CPU, 5 on a GPU."
+    ),
+]
+_Metric = Annotated[
+    str | None,
+    typer.Option(
+        help="Test metric to summarise; default macro_f1 (classify), wall_mm/mean "
+        "(localize, lower is better), global_dice/mean (segment)."
+    ),
+]
+_BenchNetwork = Annotated[
+    Network | None,
+    typer.Option(help="Pretrained network; default sononet (classify, localize), unet (segment)."),
+]
+_BenchWidth = Annotated[int, typer.Option(help="Channels of the first encoder stage.")]
+_BenchImageSize = Annotated[int, typer.Option(help="Images are resized to this size per axis.")]
+_BenchImages = Annotated[int, typer.Option(help="Labelled phantom cases (all splits).")]
+_PretrainData = Annotated[
+    Path | None,
+    typer.Option(
+        help="Unlabelled images to pretrain on (PNG/JPEG/TIFF/NumPy); default: DATA for "
+        "classify, the phantom without DATA."
+    ),
+]
+_PretrainImages = Annotated[int, typer.Option(help="Unlabelled phantom images to pretrain on.")]
+_PretrainSteps = Annotated[int, typer.Option(help="Pretraining steps, the same for every method.")]
+_PretrainBatch = Annotated[int, typer.Option(help="Pretraining images per step.")]
+_PretrainRate = Annotated[float, typer.Option(help="Pretraining AdamW peak learning rate.")]
+_BenchBatch = Annotated[int, typer.Option(help="Fine-tuning images per step.")]
+_BenchEpochs = Annotated[int, typer.Option(help="Fine-tuning epochs unless stopped early.")]
+_BenchMaxSteps = Annotated[int | None, typer.Option(help="Stop each fine-tuning at this step.")]
+_BenchRate = Annotated[float, typer.Option(help="Fine-tuning AdamW peak learning rate.")]
+_BenchLrScale = Annotated[
+    float, typer.Option(help="Learning-rate factor of the pretrained layers (<= 1).")
+]
+_BenchPatience = Annotated[
+    int, typer.Option(help="Stop fine-tuning after this many validations without improvement.")
+]
+_BenchResume = Annotated[
+    bool,
+    typer.Option(
+        help="Continue interrupted runs from their last checkpoint (--no-resume: restart them). "
+        "Finished runs are always skipped."
+    ),
+]
+
+
+def benchmark(
+    data: _BenchData = None,
+    *,
+    task: _BenchTask,
+    out: Annotated[
+        Path, typer.Option(help="Folder for the runs, results.csv, summary, plot and report.")
+    ] = Path("runs/benchmark"),
+    fractions: _Fractions = "0.05,0.1,0.25,0.5,1.0",
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated initialisations: 'random' and pretext names; default: random "
+            "and every registered pretext."
+        ),
+    ] = None,
+    seeds: _Seeds = None,
+    metric: _Metric = None,
+    network: _BenchNetwork = None,
+    width: _BenchWidth = 16,
+    image_size: _BenchImageSize = 64,
+    num_images: _BenchImages = 1000,
+    pretrain_data: _PretrainData = None,
+    pretrain_images: _PretrainImages = 2000,
+    pretrain_steps: _PretrainSteps = 1000,
+    pretrain_batch_size: _PretrainBatch = 32,
+    pretrain_learning_rate: _PretrainRate = 1e-3,
+    patch_size: Annotated[
+        int, typer.Option(help="Side of the swapped / masked patches (pretexts that use one).")
+    ] = 8,
+    num_swaps: Annotated[int, typer.Option(help="T, context restoration's swaps per image.")] = 20,
+    foreground_threshold: Annotated[
+        float | None, typer.Option(help="Avoid patches whose values all lie at or below this.")
+    ] = None,
+    batch_size: _BenchBatch = 16,
+    epochs: _BenchEpochs = 30,
+    max_steps: _BenchMaxSteps = None,
+    learning_rate: _BenchRate = 1e-3,
+    pretrained_lr_scale: _BenchLrScale = 1.0,
+    patience: _BenchPatience = 10,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast on a GPU.")] = "auto",
+    resume: _BenchResume = True,
+) -> BenchmarkResult:
+    """Compare initialisations over label fractions and seeds: is pretraining worth it here?
+
+    Pretrains every method once (same network, steps x batch and images) into OUT/pretrain/,
+    fine-tunes each one and random weights with the same recipe for every fraction x seed into
+    OUT/runs/, and writes OUT/results.csv (one row per run), summary.csv (mean and 95% interval
+    per fraction x method, paired difference from random), plot.png and report.md. Rerunning
+    skips finished runs and continues interrupted ones; other settings in the same OUT are
+    refused.
+    """
+    options = {key: _value(value) for key, value in locals().items()}
+    methods = options.pop("methods")
+    return run_benchmark(BenchmarkOptions(**options), methods)
+
+
+def ablate(
+    data: _BenchData = None,
+    *,
+    task: _BenchTask,
+    out: Annotated[
+        Path, typer.Option(help="Folder for the runs, results.csv, summary, plot and report.")
+    ] = Path("runs/ablation"),
+    patch_sizes: Annotated[
+        str, typer.Option(help="Patch sizes; the first is the default the others are varied from.")
+    ] = "8,4,16",
+    num_swaps: Annotated[
+        str, typer.Option(help="Swaps per image (T); the first is the default.")
+    ] = "20,5,50",
+    placements: Annotated[
+        str,
+        typer.Option(help="uniform and/or foreground (avoid background patches); first: default."),
+    ] = "uniform,foreground",
+    foreground_threshold: Annotated[
+        float,
+        typer.Option(help="Foreground placement: values at or below this are background."),
+    ] = 0.0,
+    fractions: _Fractions = "0.1",
+    seeds: _Seeds = None,
+    metric: _Metric = None,
+    network: _BenchNetwork = None,
+    width: _BenchWidth = 16,
+    image_size: _BenchImageSize = 64,
+    num_images: _BenchImages = 1000,
+    pretrain_data: _PretrainData = None,
+    pretrain_images: _PretrainImages = 2000,
+    pretrain_steps: _PretrainSteps = 1000,
+    pretrain_batch_size: _PretrainBatch = 32,
+    pretrain_learning_rate: _PretrainRate = 1e-3,
+    batch_size: _BenchBatch = 16,
+    epochs: _BenchEpochs = 30,
+    max_steps: _BenchMaxSteps = None,
+    learning_rate: _BenchRate = 1e-3,
+    pretrained_lr_scale: _BenchLrScale = 1.0,
+    patience: _BenchPatience = 10,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast on a GPU.")] = "auto",
+    resume: _BenchResume = True,
+) -> BenchmarkResult:
+    """Ablate context restoration's patch size, T and placement on one task.
+
+    Varies one setting at a time around the default (the first value of each list), pretrains
+    each once and fine-tunes it and random weights for every fraction x seed, with the
+    benchmark's statistics, plot and report in OUT.
+    """
+    options = {key: _value(value) for key, value in locals().items()}
+    ablation = {key: options.pop(key) for key in
+                ("patch_sizes", "num_swaps", "placements", "foreground_threshold")}  # fmt: skip
+    return run_ablation(BenchmarkOptions(**options), **ablation)
 
 
 def predict(

@@ -67,6 +67,8 @@ def _command(function):
 
 app.command("pretrain")(_command(api.pretrain))
 app.command("finetune")(_command(api.finetune))
+app.command("benchmark")(_command(api.benchmark))
+app.command("ablate")(_command(api.ablate))
 app.command("predict")(_command(api.predict))
 app.command("demo")(_command(api.demo))
 app.command("phantoms")(_command(api.phantoms))

@@ -22,14 +22,14 @@ from ctxrestore.data.intensity import ROBUST_UNIT_RANGE
 from ctxrestore.data.phantoms import get_phantom, list_phantoms, phantom_dataset
 from ctxrestore.engine.checkpoint import SPEC_FILE, WEIGHTS_FILE, load_checkpoint
 from ctxrestore.engine.distributed import (
-    DEVICES,
     setup_distributed,
     teardown_distributed,
 )
-from ctxrestore.engine.loop import PRECISIONS, FitResult, LoopConfig, fit
+from ctxrestore.engine.loop import FitResult, LoopConfig, fit
+from ctxrestore.engine.run_folder import CONFIG_FILE, check_run_folder, check_stage_options
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
-from ctxrestore.files import atomic_write, read_json, write_json
+from ctxrestore.files import atomic_write, write_json
 from ctxrestore.models import PRETRAINING_NETWORKS, build_model, model_spec
 from ctxrestore.pretext.registry import (
     Pretext,
@@ -42,7 +42,6 @@ from ctxrestore.pretext.report import write_pretraining_report
 logger = logging.getLogger(__name__)
 
 SPEC_FORMAT = 1
-CONFIG_FILE = "config.json"
 EVALUATION_IMAGES = 32  # held-out images for the final restoration error
 
 
@@ -91,19 +90,9 @@ class PretrainConfig:
             raise CtxRestoreError(
                 f"unknown network '{self.network}'; pretraining networks: {PRETRAINING_NETWORKS}"
             )
-        if self.spatial_dims not in (2, 3):
-            raise CtxRestoreError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
-        if self.device not in DEVICES:
-            raise CtxRestoreError(f"device '{self.device}' is not one of {DEVICES}")
-        if self.precision not in PRECISIONS:
-            raise CtxRestoreError(f"precision '{self.precision}' is not one of {PRECISIONS}")
-        for name in ("num_images", "width", "image_size", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_stage_options(self, ("num_images", "width", "image_size", "epochs", "batch_size"))
         if self.in_channels is not None and self.in_channels < 1:
             raise CtxRestoreError(f"in_channels must be >= 1, got {self.in_channels}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise CtxRestoreError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.num_swaps_max is not None and self.num_swaps_max < self.num_swaps:
             raise CtxRestoreError(
                 f"num_swaps_max {self.num_swaps_max} must be >= num_swaps {self.num_swaps}"
@@ -227,27 +216,6 @@ def build_spec(config: PretrainConfig, pretext: Pretext, in_channels: int) -> di
     }
 
 
-def _check_resume(config: PretrainConfig) -> None:
-    """Never overwrite a finished or interrupted run by accident; resume only a matching one."""
-    out = Path(config.out)
-    has_run = (out / WEIGHTS_FILE).exists() or (out / CONFIG_FILE).exists()
-    if has_run and not config.resume:
-        raise CtxRestoreError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
-        )
-    if config.resume and (out / CONFIG_FILE).exists():
-        saved = read_json(out / CONFIG_FILE)
-        ignore = {"max_steps", "epochs", "resume", "device", "num_workers", "checkpoint_every"}
-        ignore |= {"log_every", "preview_every", "compile"}
-        current = config.to_json()
-        changed = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
-        if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-            raise CtxRestoreError(
-                f"--resume with options that differ from the run in {out}: {details}"
-            )
-
-
 @dataclass(frozen=True)
 class PretrainResult:
     """metrics: the pretext's held-out metrics (e.g. restoration_mse and identity_mse)."""
@@ -301,7 +269,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         pretext.make_batch(torch.zeros(1, in_channels, *config.spatial_size), torch.Generator())
         out = Path(config.out)
         if context.is_main:
-            _check_resume(config)
+            check_run_folder(out, config.to_json(), config.resume)
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / CONFIG_FILE, config.to_json())
         steps_per_epoch = len(dataset) // config.batch_size

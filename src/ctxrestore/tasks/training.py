@@ -23,10 +23,11 @@ from ctxrestore.data.intensity import ROBUST_UNIT_RANGE
 from ctxrestore.data.phantoms import list_phantoms
 from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
 from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint
-from ctxrestore.engine.distributed import DEVICES, setup_distributed, teardown_distributed
-from ctxrestore.engine.loop import BEST_DIR, PRECISIONS, LoopConfig, Validation, fit
+from ctxrestore.engine.distributed import setup_distributed, teardown_distributed
+from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
+from ctxrestore.engine.run_folder import CONFIG_FILE, check_run_folder, check_stage_options
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.files import read_json, write_json
+from ctxrestore.files import write_json
 from ctxrestore.models import build_model
 from ctxrestore.models.spec import model_spec
 from ctxrestore.models.transfer import TransferReport, check_compatible, transfer_weights
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 TASK_NAMES = tuple(DEFAULT_PHANTOMS)
 SPEC_FORMAT = 1
-CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.json"
 METRICS_FILE = "metrics.json"
 # The labelled phantom cohort is one fixed "hospital", apart from the pretraining images
@@ -93,17 +93,9 @@ class FinetuneConfig:
             raise CtxRestoreError(
                 f"unknown phantom '{self.phantom}'; built-in phantoms: {list_phantoms()}"
             )
-        if self.spatial_dims not in (2, 3):
-            raise CtxRestoreError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
-        if self.device not in DEVICES:
-            raise CtxRestoreError(f"device '{self.device}' is not one of {DEVICES}")
-        if self.precision not in PRECISIONS:
-            raise CtxRestoreError(f"precision '{self.precision}' is not one of {PRECISIONS}")
-        for name in ("num_images", "width", "image_size", "epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise CtxRestoreError(f"max_steps must be >= 1, got {self.max_steps}")
+        check_stage_options(
+            self, ("num_images", "width", "image_size", "epochs", "batch_size", "patience")
+        )
         if not 0 < self.pretrained_lr_scale <= 1:
             raise CtxRestoreError(
                 f"pretrained_lr_scale must be in (0, 1], got {self.pretrained_lr_scale}; "
@@ -252,26 +244,6 @@ def load_data(config: FinetuneConfig, intensity: dict | None) -> LabelledData:
     )
 
 
-def _check_resume(config: FinetuneConfig) -> None:
-    out = Path(config.out)
-    has_run = (out / WEIGHTS_FILE).exists() or (out / CONFIG_FILE).exists()
-    if has_run and not config.resume:
-        raise CtxRestoreError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
-        )
-    if config.resume and (out / CONFIG_FILE).exists():
-        saved = read_json(out / CONFIG_FILE)
-        ignore = {"max_steps", "epochs", "resume", "device", "num_workers", "checkpoint_every",
-                  "log_every", "preview_every", "compile", "patience"}  # fmt: skip
-        current = config.to_json()
-        changed = sorted(k for k in current if k not in ignore and saved.get(k) != current[k])
-        if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-            raise CtxRestoreError(
-                f"--resume with options that differ from the run in {out}: {details}"
-            )
-
-
 def _loader(items: list[dict], indices: tuple[int, ...]) -> DataLoader:
     return DataLoader(ItemsDataset(items, indices), batch_size=EVALUATION_BATCH)
 
@@ -282,7 +254,7 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
     try:
         out = Path(config.out)
         if context.is_main:
-            _check_resume(config)
+            check_run_folder(out, config.to_json(), config.resume, may_change=("patience",))
         intensity = None
         if config.init != "random":
             intensity = load_checkpoint(Path(config.init))[1].get("intensity")

@@ -1,0 +1,357 @@
+"""`benchmark` and `ablate`: options -> a validated run grid -> runs -> results.csv,
+summary.csv, plot.png and report.md.
+
+A benchmark's initialisations are random weights and every registered pretext (read from the
+registry when the benchmark runs); an ablation's are random weights and settings of context
+restoration, varied one at a time around a default. Both go through the same protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ctxrestore.bench.plots import fraction_axis, save_metric_plot
+from ctxrestore.bench.protocol import (
+    RANDOM,
+    RESULTS_FILE,
+    Arm,
+    Protocol,
+    run_grid,
+    stored_settings,
+    write_results,
+)
+from ctxrestore.bench.report import DEFAULT_SETTING, write_report
+from ctxrestore.bench.summary import extra_metrics, summarize, write_summary
+from ctxrestore.data.phantoms import get_phantom
+from ctxrestore.data.splits import parse_fraction
+from ctxrestore.engine.distributed import resolve_device
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.models import PRETRAINING_NETWORKS
+from ctxrestore.pretext import create_pretext, list_pretexts
+from ctxrestore.pretext.training import PretrainConfig, pretext_options
+from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS
+from ctxrestore.tasks.training import TASK_NAMES
+
+logger = logging.getLogger(__name__)
+
+# The metric each task is summarised by when --metric is not given.
+TASK_METRICS = {"classify": "macro_f1", "localize": "wall_mm/mean", "segment": "global_dice/mean"}
+# The network whose encoder is pretrained (Chen et al.): SonoNet-like for classification and
+# localisation, a U-Net for segmentation. Random initialisation builds the same encoder.
+TASK_NETWORKS = {"classify": "sononet", "localize": "sononet", "segment": "unet"}
+SEEDS_ON_CPU, SEEDS_ON_GPU = 3, 5
+PLACEMENTS = ("uniform", "foreground")
+CONTEXT_RESTORATION = "context_restoration"
+
+
+@dataclass(frozen=True)
+class BenchmarkOptions:
+    """The options `benchmark` and `ablate` share, validated (see `ctxrestore.benchmark`)."""
+
+    task: str
+    out: Path
+    data: Path | None = None
+    fractions: str = "0.05,0.1,0.25,0.5,1.0"
+    seeds: int | None = None
+    metric: str | None = None
+    network: str | None = None
+    width: int = 16
+    image_size: int = 64
+    num_images: int = 1000
+    pretrain_data: Path | None = None
+    pretrain_images: int = 2000
+    pretrain_steps: int = 1000
+    pretrain_batch_size: int = 32
+    pretrain_learning_rate: float = 1e-3
+    patch_size: int = 8
+    num_swaps: int = 20
+    foreground_threshold: float | None = None
+    batch_size: int = 16
+    epochs: int = 30
+    max_steps: int | None = None
+    learning_rate: float = 1e-3
+    pretrained_lr_scale: float = 1.0
+    patience: int = 10
+    device: str = "auto"
+    precision: str = "auto"
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("out", "data", "pretrain_data"):  # Python callers may pass strings
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.task not in TASK_NAMES:
+            raise CtxRestoreError(f"unknown task '{self.task}'; tasks: {', '.join(TASK_NAMES)}")
+        if self.network is not None and self.network not in PRETRAINING_NETWORKS:
+            raise CtxRestoreError(
+                f"unknown network '{self.network}'; networks: {', '.join(PRETRAINING_NETWORKS)}"
+            )
+        if self.seeds is not None and self.seeds < 1:
+            raise CtxRestoreError(f"seeds must be >= 1, got {self.seeds}")
+        for name in ("pretrain_images", "pretrain_steps", "pretrain_batch_size"):
+            if getattr(self, name) < 1:
+                raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
+        parse_fractions(self.fractions)
+
+    def settings(self) -> dict:
+        """The options as OUT/benchmark.json stores them (paths as absolute strings)."""
+        values = dataclasses.asdict(self)
+        del values["out"]
+        for key in ("data", "pretrain_data"):
+            if values[key] is not None:
+                values[key] = str(Path(values[key]).resolve())
+        return values
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """The files a benchmark wrote, and how many fine-tuning runs it trained now and found
+    finished. `summary_rows`: summary.csv's rows."""
+
+    out: Path
+    results: Path
+    summary: Path
+    plot: Path
+    report: Path
+    runs: int
+    trained: int
+    skipped: int
+    summary_rows: list[dict]
+
+
+# ----------------------------------------------------------------------------- parsing
+def _items(text: str, name: str) -> list[str]:
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if not items:
+        raise CtxRestoreError(f"{name} '{text}' is empty; give a comma-separated list")
+    if len(set(items)) < len(items):
+        raise CtxRestoreError(f"{name} '{text}' names a value twice")
+    return items
+
+
+def parse_fractions(text: str) -> tuple[str, ...]:
+    """'0.05,0.1,10%' -> each checked by the finetune rule (share, percent or case count)."""
+    fractions = _items(text, "fractions")
+    values = [parse_fraction(fraction) for fraction in fractions]
+    if len(set(values)) < len(values):
+        raise CtxRestoreError(f"fractions '{text}' give the same fraction twice")
+    return tuple(fractions)
+
+
+def parse_methods(text: str | None) -> tuple[str, ...]:
+    """None: random and every registered pretext; else the named ones, checked."""
+    known = [RANDOM, *list_pretexts()]
+    if text is None:
+        return tuple(known)
+    methods = _items(text, "methods")
+    unknown = [method for method in methods if method not in known]
+    if unknown:
+        raise CtxRestoreError(
+            f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(known)}"
+        )
+    return tuple(sorted(methods, key=known.index))
+
+
+def _integers(text: str, name: str) -> list[int]:
+    items = _items(text, name)
+    try:
+        values = [int(item) for item in items]
+    except ValueError:
+        raise CtxRestoreError(f"{name} '{text}' must be whole numbers, e.g. 8,4,16") from None
+    if min(values) < 1:
+        raise CtxRestoreError(f"{name} '{text}' must all be >= 1")
+    return values
+
+
+# ----------------------------------------------------------------------------- the grid
+def _default_seeds(options: BenchmarkOptions) -> int:
+    stored = stored_settings(options.out)
+    if stored and stored.get("seeds"):  # continue an OUT with the seeds it started with
+        return int(stored["seeds"])
+    on_gpu = resolve_device(options.device).type == "cuda"
+    return SEEDS_ON_GPU if on_gpu else SEEDS_ON_CPU
+
+
+def _pretrain_source(options: BenchmarkOptions, arms: tuple[Arm, ...]) -> dict:
+    if options.pretrain_data is not None:
+        return {"data": options.pretrain_data}
+    if options.data is None:
+        return {"phantom": DEFAULT_PHANTOMS[options.task]}
+    if options.task == "classify":  # class sub-folders: the images, their labels unused
+        return {"data": options.data}
+    if any(arm.pretrain is not None for arm in arms):
+        raise CtxRestoreError(
+            f"the {options.task} data {options.data} is a dataset.json layout; give the "
+            "unlabelled images to pretrain on with --pretrain-data (a folder of "
+            "PNG/JPEG/TIFF/NumPy images)"
+        )
+    return {}
+
+
+def build_protocol(
+    options: BenchmarkOptions,
+    kind: str,
+    arms: tuple[Arm, ...],
+    extra_settings: dict,
+    unused: tuple[str, ...] = (),
+) -> Protocol:
+    """The run grid, every run's configuration checked before anything trains. `unused`:
+    options that this kind of grid sets per arm instead, left out of the stored settings."""
+    task = options.task
+    network = options.network or TASK_NETWORKS[task]
+    if network != TASK_NETWORKS[task] and any(arm.pretrain is None for arm in arms):
+        raise CtxRestoreError(
+            f"network '{network}': random initialisation builds the {task} task's own "
+            f"{TASK_NETWORKS[task]} encoder, so the comparison would not be of one "
+            f"architecture; use --network {TASK_NETWORKS[task]} or leave out random"
+        )
+    seeds = options.seeds or _default_seeds(options)
+    pretrain_options = {
+        **_pretrain_source(options, arms),
+        "num_images": options.pretrain_images, "network": network, "width": options.width,
+        "image_size": options.image_size, "patch_size": options.patch_size,
+        "num_swaps": options.num_swaps, "foreground_threshold": options.foreground_threshold,
+        "batch_size": options.pretrain_batch_size, "max_steps": options.pretrain_steps,
+        "learning_rate": options.pretrain_learning_rate, "seed": 0, "device": options.device,
+        "precision": options.precision,
+    }  # fmt: skip
+    finetune_options = {
+        "data": options.data, "num_images": options.num_images, "image_size": options.image_size,
+        "width": options.width, "batch_size": options.batch_size, "epochs": options.epochs,
+        "max_steps": options.max_steps, "learning_rate": options.learning_rate,
+        "pretrained_lr_scale": options.pretrained_lr_scale, "patience": options.patience,
+        "device": options.device, "precision": options.precision,
+    }  # fmt: skip
+    settings = {**options.settings(), "kind": kind, "network": network, "seeds": seeds,
+                "metric": options.metric or TASK_METRICS[task], **extra_settings}  # fmt: skip
+    if "phantom" in pretrain_options:
+        settings["phantom"] = pretrain_options["phantom"]
+    for key in unused:
+        del settings[key]
+    protocol = Protocol(
+        kind=kind,
+        task=task,
+        out=Path(options.out),
+        arms=arms,
+        fractions=parse_fractions(options.fractions),
+        seeds=tuple(range(seeds)),
+        metric=options.metric or TASK_METRICS[task],
+        pretrain_options=pretrain_options,
+        finetune_options=finetune_options,
+        settings=settings,
+        resume=options.resume,
+    )
+    for arm in arms:
+        protocol.finetune_config(arm, protocol.fractions[0], 0, init=RANDOM)
+        if arm.pretrain is not None:
+            _check_pretext(protocol.pretrain_config(arm), arm)
+    return protocol
+
+
+def _check_pretext(config: PretrainConfig, arm: Arm) -> None:
+    """Corrupt a blank batch: a patch that does not fit fails now, not after other arms."""
+    pretext = create_pretext(config.method, **pretext_options(config))
+    channels = 1 if config.data is not None else len(get_phantom(config.phantom).channel_names)
+    try:
+        pretext.make_batch(torch.zeros(2, channels, *config.spatial_size), torch.Generator())
+    except CtxRestoreError as error:
+        raise CtxRestoreError(f"initialisation {arm.title}: {error}") from None
+
+
+def run_protocol(protocol: Protocol) -> BenchmarkResult:
+    """Run the grid (resuming), then write results.csv, summary.csv, plot.png, report.md."""
+    grid = run_grid(protocol)
+    out, rows, metric = protocol.out, grid.rows, protocol.metric
+    results = write_results(out / RESULTS_FILE, rows)
+    methods = [arm.name for arm in protocol.arms]
+    reference = protocol.reference if protocol.reference in methods else None
+    table = summarize(
+        rows,
+        methods=methods,
+        fractions=protocol.fractions,
+        metric=metric,
+        reference=reference,
+        extras=extra_metrics(protocol.task, metric, list(rows[0])),
+    )
+    summary = write_summary(out / "summary.csv", table)
+    x_values, x_label = fraction_axis(protocol.fractions, rows)
+    plot = save_metric_plot(
+        out / "plot.png",
+        table,
+        methods=methods,
+        fractions=protocol.fractions,
+        x_values=x_values,
+        x_label=x_label,
+        metric=metric,
+        labels={arm.name: arm.title for arm in protocol.arms},
+        title=f"{protocol.task}: test {metric} against labelled data",
+    )
+    report = write_report(out / "report.md", protocol, rows, table, plot)
+    logger.info("%d runs (%d trained now, %d finished before); report: %s",
+                len(rows), grid.trained, grid.skipped, report)  # fmt: skip
+    return BenchmarkResult(out, results, summary, plot, report, len(rows), grid.trained,
+                           grid.skipped, table)  # fmt: skip
+
+
+def run_benchmark(options: BenchmarkOptions, methods: str | None = None) -> BenchmarkResult:
+    """Fine-tune every initialisation in `methods` (default: random + every registered
+    pretext) for every fraction x seed; see `ctxrestore.benchmark`."""
+    arms = []
+    for method in parse_methods(methods):
+        pretrain = None if method == RANDOM else {"method": method}
+        arms.append(Arm(method, pretrain))
+    settings = {"methods": [arm.name for arm in arms]}
+    return run_protocol(build_protocol(options, "benchmark", tuple(arms), settings))
+
+
+def ablation_arms(
+    patch_sizes: str, num_swaps: str, placements: str, foreground_threshold: float
+) -> tuple[Arm, ...]:
+    """Random weights, the default setting (the first value of each list), and one arm per
+    other value, varying one of patch size, T and placement at a time."""
+    sizes, swaps = _integers(patch_sizes, "patch_sizes"), _integers(num_swaps, "num_swaps")
+    where = _items(placements, "placements")
+    unknown = [placement for placement in where if placement not in PLACEMENTS]
+    if unknown:
+        raise CtxRestoreError(
+            f"unknown placement(s) {', '.join(unknown)}; placements: {', '.join(PLACEMENTS)}"
+        )
+
+    def threshold(placement: str) -> float | None:
+        return foreground_threshold if placement == "foreground" else None
+
+    default = {"method": CONTEXT_RESTORATION, "patch_size": sizes[0], "num_swaps": swaps[0],
+               "foreground_threshold": threshold(where[0])}  # fmt: skip
+    label = f"default (patch {sizes[0]}, T {swaps[0]}, {where[0]})"
+    arms = [Arm(RANDOM), Arm(DEFAULT_SETTING, default, label)]
+    arms += [Arm(f"patch_size_{size}", {**default, "patch_size": size}, f"patch {size}")
+             for size in sizes[1:]]  # fmt: skip
+    arms += [Arm(f"num_swaps_{count}", {**default, "num_swaps": count}, f"T {count}")
+             for count in swaps[1:]]  # fmt: skip
+    arms += [Arm(f"placement_{place}", {**default, "foreground_threshold": threshold(place)},
+                 f"{place} placement") for place in where[1:]]  # fmt: skip
+    return tuple(arms)
+
+
+def run_ablation(
+    options: BenchmarkOptions,
+    *,
+    patch_sizes: str = "8,4,16",
+    num_swaps: str = "20,5,50",
+    placements: str = "uniform,foreground",
+    foreground_threshold: float = 0.0,
+) -> BenchmarkResult:
+    """An ablation of context restoration's patch size, T and placement; see
+    `ctxrestore.ablate`."""
+    if CONTEXT_RESTORATION not in list_pretexts():
+        raise CtxRestoreError(f"pretext '{CONTEXT_RESTORATION}' is not registered")
+    arms = ablation_arms(patch_sizes, num_swaps, placements, foreground_threshold)
+    settings = {"patch_sizes": patch_sizes, "num_swaps": num_swaps, "placements": placements,
+                "foreground_threshold": foreground_threshold}  # fmt: skip
+    protocol = build_protocol(options, "ablation", arms, settings, unused=("patch_size",))
+    return run_protocol(protocol)

@@ -1,0 +1,243 @@
+"""The run grid of the label-efficiency protocol: initialisations x label fractions x seeds.
+
+Every pretrained initialisation ("arm") is pretrained once, with the same network, budget
+(steps x batch) and unlabelled images, into OUT/pretrain/<arm>/; then every arm is fine-tuned
+with the same recipe for every fraction x seed into OUT/runs/<arm>/fraction_<f>/seed_<s>/.
+A seed fixes the split, the head's first weights and the data order for every arm, so arms
+are compared pair by pair. Pretraining runs once per arm (seed 0): its own seed-to-seed
+variance is not sampled, and the paired differences are conditional on that one pretraining.
+
+The grid resumes by itself: a run whose metrics.json exists is skipped, a pretraining whose
+metrics.json exists is reused, and an interrupted one (a folder without metrics.json) is
+continued from its last checkpoint (or restarted with resume off). OUT/benchmark.json holds
+the settings; another configuration in the same OUT is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.files import atomic_write, read_json, write_json
+from ctxrestore.pretext.training import PretrainConfig, run_pretraining
+from ctxrestore.tasks.training import METRICS_FILE, FinetuneConfig, run_finetuning
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "benchmark.json"
+RESULTS_FILE = "results.csv"
+RANDOM = "random"
+# Settings that change neither the runs nor their pairing, so an OUT may be continued with
+# other values: where the work runs, and which metric the summary reads.
+NOT_COMPARED = ("device", "metric", "resume")
+RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "best_step")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One initialisation. `pretrain`: the pretraining options that differ from the shared
+    ones (method, patch_size, ...); None for random weights. `label`: what tables show."""
+
+    name: str
+    pretrain: dict | None = None
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A validated run grid. `settings` is what OUT/benchmark.json stores and compares (the
+    user's option names); the option dicts are the shared PretrainConfig / FinetuneConfig
+    fields."""
+
+    kind: str  # "benchmark" or "ablation"
+    task: str
+    out: Path
+    arms: tuple[Arm, ...]
+    fractions: tuple[str, ...]
+    seeds: tuple[int, ...]
+    metric: str
+    pretrain_options: dict
+    finetune_options: dict
+    settings: dict
+    reference: str = RANDOM
+    resume: bool = True
+
+    def arm(self, name: str) -> Arm:
+        return next(arm for arm in self.arms if arm.name == name)
+
+    def pretrain_folder(self, arm: Arm) -> Path:
+        return self.out / "pretrain" / arm.name
+
+    def run_folder(self, arm: Arm, fraction: str, seed: int) -> Path:
+        return self.out / "runs" / arm.name / f"fraction_{fraction}" / f"seed_{seed}"
+
+    def pretrain_config(self, arm: Arm, *, resume: bool = False) -> PretrainConfig:
+        options = {**self.pretrain_options, **(arm.pretrain or {})}
+        return PretrainConfig(out=self.pretrain_folder(arm), resume=resume, **options)
+
+    def finetune_config(
+        self, arm: Arm, fraction: str, seed: int, *, resume: bool = False, init: str | None = None
+    ) -> FinetuneConfig:
+        if init is None:
+            init = RANDOM if arm.pretrain is None else str(self.pretrain_folder(arm))
+        return FinetuneConfig(
+            task=self.task,
+            out=self.run_folder(arm, fraction, seed),
+            init=init,
+            fraction=fraction,
+            seed=seed,
+            resume=resume,
+            **self.finetune_options,
+        )
+
+    def grid(self) -> Iterator[tuple[Arm, str, int]]:
+        """Seeds outermost: after the first seed, every arm has a paired result."""
+        for seed in self.seeds:
+            for fraction in self.fractions:
+                for arm in self.arms:
+                    yield arm, fraction, seed
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Write OUT/benchmark.json, or refuse settings that differ from the ones stored there."""
+    path = Path(out) / SETTINGS_FILE
+    current = {k: v for k, v in settings.items() if k not in NOT_COMPARED}
+    if not path.exists():
+        if (Path(out) / "runs").exists() or (Path(out) / "pretrain").exists():
+            raise CtxRestoreError(
+                f"{out} holds runs but no {SETTINGS_FILE}; it was not written by a benchmark. "
+                "Choose another --out"
+            )
+        write_json(path, current)
+        return
+    stored = {k: v for k, v in read_json(path).items() if k not in NOT_COMPARED}
+    changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise CtxRestoreError(
+            f"{out} holds a benchmark with other settings ({details}); runs of different "
+            f"settings would be mixed in one table. Use the settings in {path} to continue it, "
+            "or choose another --out"
+        )
+
+
+def stored_settings(out: Path) -> dict | None:
+    path = Path(out) / SETTINGS_FILE
+    return read_json(path) if path.exists() else None
+
+
+def _is_finished(folder: Path) -> bool:
+    return (folder / METRICS_FILE).is_file()
+
+
+def _prepare_unfinished(folder: Path, resume: bool) -> bool:
+    """Whether to continue the interrupted run in `folder`; without resume it starts over."""
+    if not folder.exists():
+        return False
+    if resume:
+        return True
+    logger.info("restarting the interrupted run in %s (resume is off)", folder)
+    shutil.rmtree(folder)
+    return False
+
+
+def run_pretrainings(protocol: Protocol) -> None:
+    pretrained = [arm for arm in protocol.arms if arm.pretrain is not None]
+    for index, arm in enumerate(pretrained, start=1):
+        folder = protocol.pretrain_folder(arm)
+        if _is_finished(folder):
+            logger.info("pretraining %d/%d: %s is done; reusing %s", index, len(pretrained),
+                        arm.title, folder)  # fmt: skip
+            continue
+        resume = _prepare_unfinished(folder, protocol.resume)
+        config = protocol.pretrain_config(arm, resume=resume)
+        logger.info(
+            "pretraining %d/%d: %s, %d steps x %d images%s",
+            index, len(pretrained), arm.title, config.max_steps, config.batch_size,
+            " (resumed)" if resume else "",
+        )  # fmt: skip
+        run_pretraining(config)
+
+
+def check_metric(metric: str, test_metrics: dict, source: Path) -> None:
+    if metric not in test_metrics:
+        raise CtxRestoreError(
+            f"metric '{metric}' is not among the test metrics of {source}; "
+            f"available: {', '.join(sorted(test_metrics))}"
+        )
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """What one pass over the grid did: rows (one per finished run), and how many runs it
+    trained now and found finished."""
+
+    rows: list[dict]
+    trained: int
+    skipped: int
+
+
+def run_grid(protocol: Protocol) -> GridRun:
+    """Pretrain every arm once, then fine-tune every arm x fraction x seed (resuming)."""
+    check_settings(protocol.out, protocol.settings)
+    run_pretrainings(protocol)
+    grid = list(protocol.grid())
+    pending = [cell for cell in grid if not _is_finished(protocol.run_folder(*cell))]
+    logger.info(
+        "%d fine-tuning runs: %d finished, %d to run", len(grid), len(grid) - len(pending),
+        len(pending),
+    )  # fmt: skip
+    metric_checked = False
+    for index, (arm, fraction, seed) in enumerate(pending, start=1):
+        folder = protocol.run_folder(arm, fraction, seed)
+        resume = _prepare_unfinished(folder, protocol.resume)
+        logger.info(
+            "fine-tuning %d/%d: %s, fraction %s, seed %d%s", index, len(pending), arm.title,
+            fraction, seed, " (resumed)" if resume else "",
+        )  # fmt: skip
+        result = run_finetuning(protocol.finetune_config(arm, fraction, seed, resume=resume))
+        if not metric_checked:  # fail after one run, not after the whole grid
+            check_metric(protocol.metric, result.metrics, folder)
+            metric_checked = True
+    rows = [result_row(protocol, *cell) for cell in grid]
+    first_test = {k: v for k, v in rows[0].items() if k not in RUN_COLUMNS}
+    check_metric(protocol.metric, first_test, protocol.run_folder(*grid[0]))
+    return GridRun(rows, trained=len(pending), skipped=len(grid) - len(pending))
+
+
+def result_row(protocol: Protocol, arm: Arm, fraction: str, seed: int) -> dict:
+    """One results.csv row from a finished run's metrics.json."""
+    summary = read_json(protocol.run_folder(arm, fraction, seed) / METRICS_FILE)
+    row = {
+        "task": protocol.task,
+        "method": arm.name,
+        "fraction": fraction,
+        "seed": seed,
+        "train_cases": summary["split"]["train"]["cases"],
+        "steps": summary["steps"],
+        "best_step": summary["best_step"],
+    }
+    return {**row, **summary["test"]}
+
+
+def write_results(path: Path, rows: list[dict]) -> Path:
+    """results.csv: one row per run, the run columns then every test metric (sorted)."""
+    metrics = sorted({key for row in rows for key in row} - set(RUN_COLUMNS))
+    columns = [*RUN_COLUMNS, *metrics]
+
+    def write(temporary: Path) -> None:
+        with temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_write(path, write)

@@ -1,0 +1,249 @@
+"""report.md of a benchmark or an ablation: what the numbers show, in words generated from
+them (best initialisation per fraction, each against random with the 95% interval of the
+paired difference), the summary table, the plot, the pretraining runs and the settings."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from ctxrestore.bench.protocol import Protocol
+from ctxrestore.bench.stats import PairedDifference, higher_is_better
+from ctxrestore.bench.summary import compare, interval, markdown_table, number
+from ctxrestore.data.splits import parse_fraction
+from ctxrestore.files import atomic_write, read_json
+from ctxrestore.tasks.training import METRICS_FILE
+
+CONTEXT_RESTORATION = "context_restoration"
+DEFAULT_SETTING = "default"  # the centre arm of an ablation
+FOCUS_TITLES = {"benchmark": "Context restoration, the paper's method",
+                "ablation": "Context restoration at its default setting"}  # fmt: skip
+
+
+def verdict(difference: PairedDifference, metric: str) -> str:
+    """'better', 'worse' or 'no clear difference' by the 95% interval of a - b; or why not."""
+    if difference.n < 2 or not (math.isfinite(difference.low) and math.isfinite(difference.high)):
+        return f"too few paired runs to tell ({difference.n})"
+    above, below = difference.low > 0, difference.high < 0
+    if higher_is_better(metric):
+        return "better" if above else "worse" if below else "no clear difference"
+    return "better" if below else "worse" if above else "no clear difference"
+
+
+def _difference_text(difference: PairedDifference) -> str:
+    spread = interval(difference.mean, difference.low, difference.high, signed=True)
+    return f"{spread}, better in {difference.wins}/{difference.n} seeds"
+
+
+def _ranked(summary: Sequence[dict], fraction: str, metric: str) -> list[dict]:
+    entries = [e for e in summary if e["fraction"] == fraction and math.isfinite(e["mean"])]
+    return sorted(entries, key=lambda e: e["mean"], reverse=higher_is_better(metric))
+
+
+def best_per_fraction(
+    protocol: Protocol, rows: Sequence[dict], summary: Sequence[dict]
+) -> list[str]:
+    metric, lines = protocol.metric, []
+    for fraction in protocol.fractions:
+        ranked = _ranked(summary, fraction, metric)
+        if not ranked:
+            lines.append(f"- Fraction {fraction}: no finite {metric} in any run.")
+            continue
+        best = ranked[0]
+        text = (f"- Fraction {fraction}: best mean {metric} is "
+                f"**{protocol.arm(best['method']).title}** ({number(best['mean'])})")  # fmt: skip
+        if len(ranked) > 1:
+            second = ranked[1]
+            difference = compare(rows, metric, best["method"], second["method"], fraction)
+            if second["mean"] == best["mean"]:
+                standing = "tied with"
+            elif verdict(difference, metric) == "better":
+                standing = "clearly ahead of"
+            else:
+                standing = "not clearly ahead of"
+            text += (
+                f"; {standing} {protocol.arm(second['method']).title} "
+                f"({number(second['mean'])}; paired difference {_difference_text(difference)})"
+            )
+        lines.append(text + ".")
+    return lines
+
+
+def against(
+    protocol: Protocol, rows: Sequence[dict], method: str, reference: str
+) -> dict[str, tuple[str, PairedDifference]]:
+    """fraction -> (verdict, paired difference) of method - reference."""
+    result = {}
+    for fraction in protocol.fractions:
+        difference = compare(rows, protocol.metric, method, reference, fraction)
+        result[fraction] = (verdict(difference, protocol.metric), difference)
+    return result
+
+
+def comparison_lines(
+    protocol: Protocol, rows: Sequence[dict], reference: str, methods: Sequence[str]
+) -> list[str]:
+    """One line per method: at which fractions it is better / worse / not clearly different."""
+    lines = []
+    for method in methods:
+        parts = [
+            f"{verdict_text} at {fraction} ({_difference_text(difference)})"
+            for fraction, (verdict_text, difference) in against(
+                protocol, rows, method, reference
+            ).items()
+        ]
+        lines.append(f"- {protocol.arm(method).title} vs {reference}: " + "; ".join(parts) + ".")
+    return lines
+
+
+def _full_fraction(fractions: Sequence[str]) -> str | None:
+    return next((f for f in fractions if parse_fraction(f) == 1.0), None)
+
+
+def focus_lines(
+    protocol: Protocol, rows: Sequence[dict], summary: Sequence[dict], focus: str
+) -> list[str]:
+    """The questions the method has to answer: does it beat random with the interval above
+    zero, is it worse than random with all labels, is it at least as good as the others."""
+    title, reference, lines = protocol.arm(focus).title, protocol.reference, []
+    side = "above zero" if higher_is_better(protocol.metric) else "below zero (lower)"
+    if reference in {arm.name for arm in protocol.arms}:
+        verdicts = against(protocol, rows, focus, reference)
+        wins = [f for f, (v, _) in verdicts.items() if v == "better"]
+        rest = [f for f, (v, _) in verdicts.items() if v != "better"]
+        if wins:
+            lines.append(
+                f"- {title} beats {reference} with the 95% interval of the paired difference "
+                f"{side} at fraction(s) {', '.join(wins)}"
+                + (f", but not at {', '.join(rest)}." if rest else ".")
+            )
+        else:
+            lines.append(
+                f"- {title} does not beat {reference} with the 95% interval of the paired "
+                f"difference {side} at any fraction."
+            )
+        full = _full_fraction(protocol.fractions)
+        if full is not None:
+            state, difference = verdicts[full]
+            worse = "worse" if state == "worse" else "not worse"
+            lines.append(
+                f"- With all labels (fraction {full}) it is {worse} than {reference} by the 95% "
+                f"interval: {_difference_text(difference)}."
+            )
+    others = [arm.name for arm in protocol.arms if arm.name not in (focus, reference)]
+    if others:
+        lines.append(_rank_among_pretrained(protocol, summary, focus, others))
+    return lines
+
+
+def _rank_among_pretrained(
+    protocol: Protocol, summary: Sequence[dict], focus: str, others: Sequence[str]
+) -> str:
+    """Whether `focus` has the best mean among the pretrained initialisations everywhere."""
+    metric, behind = protocol.metric, []
+    sign = 1 if higher_is_better(metric) else -1
+    for fraction in protocol.fractions:
+        means = {e["method"]: e["mean"] for e in _ranked(summary, fraction, metric)}
+        if focus not in means:
+            continue
+        ahead = [m for m in others if m in means and sign * (means[m] - means[focus]) > 0]
+        titles = [protocol.arm(method).title for method in ahead]
+        if titles:
+            behind.append(f"{fraction} (behind {', '.join(titles)})")
+    if behind:
+        return (f"- Its mean {metric} is not the best among the pretrained initialisations at "
+                f"fraction(s) {'; '.join(behind)}.")  # fmt: skip
+    return (f"- Its mean {metric} is at least as good as every other pretrained "
+            "initialisation at every fraction.")  # fmt: skip
+
+
+def pretraining_lines(protocol: Protocol) -> list[str]:
+    lines = ["| initialisation | steps | final loss | what the pretext's held-out metrics show |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+    for arm in protocol.arms:
+        if arm.pretrain is None:
+            continue
+        folder = protocol.pretrain_folder(arm)
+        metrics = read_json(folder / METRICS_FILE)
+        lines.append(
+            f"| [{arm.title}](pretrain/{arm.name}/report.md) | {metrics.get('steps')} | "
+            f"{number(metrics.get('final_loss'))} | {metrics.get('summary', '')} |"
+        )
+    return lines
+
+
+def _settings_lines(settings: dict) -> list[str]:
+    lines = ["| setting | value |", "| --- | --- |"]
+    return lines + [f"| {key} | {value} |" for key, value in sorted(settings.items())]
+
+
+def write_report(
+    path: Path, protocol: Protocol, rows: Sequence[dict], summary: Sequence[dict], plot: Path
+) -> Path:
+    metric = protocol.metric
+    direction = "higher" if higher_is_better(metric) else "lower"
+    arms = [arm.name for arm in protocol.arms]
+    reference = protocol.reference if protocol.reference in arms else None
+    labels = {arm.name: arm.title for arm in protocol.arms}
+    heading = ("Label-efficiency benchmark" if protocol.kind == "benchmark"
+               else "Ablation of context restoration")  # fmt: skip
+    data = protocol.settings.get("data") or f"the built-in {protocol.settings['phantom']} phantom"
+    lines = [
+        f"# {heading}: {protocol.task}",
+        "",
+        f"{len(arms)} initialisations x {len(protocol.fractions)} label fractions x "
+        f"{len(protocol.seeds)} seeds = {len(rows)} fine-tuning runs on {data}. Test metric: "
+        f"`{metric}` ({direction} is better); intervals are 95% Student-t intervals over seeds, "
+        "differences are paired by seed (same split, same head weights, same data order).",
+        "",
+        "## What the numbers show",
+        "",
+        "Best initialisation at each fraction:",
+        "",
+        *best_per_fraction(protocol, rows, summary),
+        "",
+    ]
+    if reference is not None:
+        others = [name for name in arms if name != reference]
+        lines += [f"Each initialisation against {reference} weights:", "",
+                  *comparison_lines(protocol, rows, reference, others), ""]  # fmt: skip
+    focus = CONTEXT_RESTORATION if protocol.kind == "benchmark" else DEFAULT_SETTING
+    if focus in arms:
+        lines += [f"{FOCUS_TITLES[protocol.kind]} ({protocol.arm(focus).title}):", "",
+                  *focus_lines(protocol, rows, summary, focus), ""]  # fmt: skip
+    if protocol.kind == "ablation" and DEFAULT_SETTING in arms:
+        variants = [name for name in arms if name not in (DEFAULT_SETTING, reference)]
+        lines += ["Each setting against the default:", "",
+                  *comparison_lines(protocol, rows, DEFAULT_SETTING, variants), ""]  # fmt: skip
+    lines += [
+        f"Caveats: each pretrained initialisation was pretrained once (seed 0), so the "
+        "intervals cover the variation of fine-tuning (split, head, data order), not that of "
+        f"pretraining; with {len(protocol.seeds)} seeds an interval is wide, and 'no clear "
+        "difference' is not evidence of no difference."
+        + (
+            " The data is a procedural phantom: the numbers describe the method on it, not on "
+            "real scans."
+            if protocol.settings.get("data") is None
+            else ""
+        ),
+        "",
+        "## Summary",
+        "",
+        *markdown_table(summary, metric=metric, reference=reference, labels=labels),
+        "",
+        "The same in summary.csv; every run's test metrics in results.csv.",
+        "",
+        f"![{metric} against label fraction]({plot.name})",
+        "",
+        "## Pretraining",
+        "",
+        *pretraining_lines(protocol),
+        "",
+        "## Settings",
+        "",
+        *_settings_lines(protocol.settings),
+        "",
+    ]
+    text = "\n".join(lines)
+    return atomic_write(path, lambda temporary: temporary.write_text(text))

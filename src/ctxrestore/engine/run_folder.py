@@ -1,0 +1,58 @@
+"""What pretraining and fine-tuning runs share about their folder and their options: never
+overwrite a run by accident, resume only a run started with the same options, and the option
+checks every stage makes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from ctxrestore.engine.checkpoint import WEIGHTS_FILE
+from ctxrestore.engine.distributed import DEVICES
+from ctxrestore.engine.loop import PRECISIONS
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.files import read_json
+
+CONFIG_FILE = "config.json"
+# Options that may change on --resume: how long and where to run, how often to log.
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "epochs", "resume", "device", "num_workers", "checkpoint_every",
+     "log_every", "preview_every", "compile"}
+)  # fmt: skip
+
+
+def check_run_folder(
+    out: Path, options: dict, resume: bool, may_change: Iterable[str] = ()
+) -> None:
+    """Refuse an --out that holds a run unless resuming it, and a resume whose options
+    differ from the saved config.json (other than RESUMABLE_CHANGES and `may_change`)."""
+    out = Path(out)
+    has_run = (out / WEIGHTS_FILE).exists() or (out / CONFIG_FILE).exists()
+    if has_run and not resume:
+        raise CtxRestoreError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    if resume and (out / CONFIG_FILE).exists():
+        saved = read_json(out / CONFIG_FILE)
+        ignore = RESUMABLE_CHANGES | set(may_change)
+        changed = sorted(k for k in options if k not in ignore and saved.get(k) != options[k])
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {options[k]!r}" for k in changed)
+            raise CtxRestoreError(
+                f"--resume with options that differ from the run in {out}: {details}"
+            )
+
+
+def check_stage_options(config: object, positive: Iterable[str]) -> None:
+    """Checks every stage's config makes: spatial dims, device, precision, counts >= 1."""
+    if config.spatial_dims not in (2, 3):
+        raise CtxRestoreError(f"spatial_dims must be 2 or 3, got {config.spatial_dims}")
+    if config.device not in DEVICES:
+        raise CtxRestoreError(f"device '{config.device}' is not one of {DEVICES}")
+    if config.precision not in PRECISIONS:
+        raise CtxRestoreError(f"precision '{config.precision}' is not one of {PRECISIONS}")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise CtxRestoreError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise CtxRestoreError(f"max_steps must be >= 1, got {config.max_steps}")

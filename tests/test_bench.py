@@ -1,0 +1,284 @@
+"""The label-efficiency benchmark: its statistics against hand-computed values, the grid end to
+end through the CLI on a tiny phantom (outputs, skipping, resuming, refusing other settings),
+the report's words against known numbers, and a tiny ablation."""
+
+import csv
+import dataclasses
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import ctxrestore.api as api
+from ctxrestore.bench import mean_ci, paired_difference, relative_reduction
+from ctxrestore.bench.protocol import Arm, Protocol
+from ctxrestore.bench.report import write_report
+from ctxrestore.bench.stats import higher_is_better
+from ctxrestore.bench.summary import extra_metrics, markdown_table, summarize
+from ctxrestore.cli import app
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.files import write_json
+
+runner = CliRunner()
+TINY = dict(task="classify", methods="random,context_restoration", fractions="0.25,1.0", seeds=2,
+            num_images=40, image_size=32, width=4, pretrain_images=32, pretrain_steps=2,
+            pretrain_batch_size=8, max_steps=2, batch_size=8, patch_size=4, num_swaps=5,
+            device="cpu")  # fmt: skip
+# Student t quantiles from scipy.stats.t.ppf, written out so the test does not trust scipy.
+T_975 = {1: 12.706204736174707, 2: 4.302652729911275, 3: 3.182446305284263}
+T_95_DF3 = 2.353363434801823
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions run faster on one thread, and far faster when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_mean_ci_of_one_to_four_is_the_t_interval():
+    half = T_975[3] * math.sqrt(5 / 3) / math.sqrt(4)  # sample sd of 1..4 is sqrt(5/3)
+    assert mean_ci([1, 2, 3, 4]) == pytest.approx((2.5, 2.5 - half, 2.5 + half))
+    assert mean_ci([1, 2, 3, 4])[1] == pytest.approx(0.445739, abs=1e-6)
+    half_90 = T_95_DF3 * math.sqrt(5 / 3) / 2
+    assert mean_ci([1, 2, 3, 4], 0.90) == pytest.approx((2.5, 2.5 - half_90, 2.5 + half_90))
+
+
+def test_mean_ci_edge_cases():
+    mean, low, high = mean_ci([0.7])
+    assert mean == 0.7 and math.isnan(low) and math.isnan(high)
+    assert all(math.isnan(v) for v in mean_ci([]))
+    assert mean_ci([1, 2, float("nan"), 3, 4]) == mean_ci([1, 2, 3, 4])  # undefined: left out
+    with pytest.raises(CtxRestoreError, match="confidence"):
+        mean_ci([1, 2], confidence=95)
+
+
+def test_paired_difference_known_values():
+    # differences 0.2, 0.0, 0.4: mean 0.2, sd 0.2; the tie is not a win
+    difference = paired_difference([0.8, 0.7, 0.9], [0.6, 0.7, 0.5])
+    half = T_975[2] * 0.2 / math.sqrt(3)
+    assert difference.mean == pytest.approx(0.2)
+    assert (difference.low, difference.high) == pytest.approx((0.2 - half, 0.2 + half))
+    assert (difference.wins, difference.n) == (2, 3)
+    lower = paired_difference([3.0, 4.0, 2.0], [4.0, 4.0, 5.0], higher_is_better=False)
+    assert (lower.mean, lower.wins, lower.n) == (pytest.approx(-4 / 3), 2, 3)
+    skipped = paired_difference([1.0, float("nan"), 3.0], [0.0, 1.0, 1.0])
+    assert (skipped.mean, skipped.n) == (pytest.approx(1.5), 2)
+    with pytest.raises(CtxRestoreError, match="same number of runs"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_relative_reduction_and_direction():
+    # (10 - 8) / 10 = 0.2 and (10 - 9) / 10 = 0.1: mean 0.15, sd 0.05 * sqrt(2)
+    mean, low, high = relative_reduction([8.0, 9.0], [10.0, 10.0])
+    half = T_975[1] * (0.05 * math.sqrt(2)) / math.sqrt(2)
+    assert (mean, low, high) == pytest.approx((0.15, 0.15 - half, 0.15 + half))
+    assert higher_is_better("macro_f1") and higher_is_better("global_dice/mean")
+    assert not higher_is_better("wall_mm/mean") and not higher_is_better("hd95/whole_tumour")
+
+
+# ----------------------------------------------------------------------------- the report
+def _synthetic(tmp_path, metric="wall_mm/mean"):
+    """Known numbers: context restoration 20% lower error than random at 0.1 in every seed,
+    2 mm worse at 1.0; relative_position ahead of it at 1.0."""
+    arms = (Arm("random"), Arm("context_restoration", {"method": "context_restoration"}),
+            Arm("relative_position", {"method": "relative_position"}))  # fmt: skip
+    protocol = Protocol(
+        kind="benchmark", task="localize", out=tmp_path, arms=arms, fractions=("0.1", "1.0"),
+        seeds=(0, 1, 2), metric=metric, pretrain_options={}, finetune_options={},
+        settings={"phantom": "abdomen", "task": "localize"},
+    )  # fmt: skip
+    errors = {
+        ("random", "0.1"): [10.0, 11.0, 12.0],
+        ("context_restoration", "0.1"): [8.0, 8.8, 9.6],
+        ("relative_position", "0.1"): [10.5, 10.0, 12.5],
+        ("random", "1.0"): [4.0, 4.2, 4.1],
+        ("context_restoration", "1.0"): [6.0, 6.3, 6.1],
+        ("relative_position", "1.0"): [3.9, 4.0, 4.1],
+    }
+    rows = [{"task": "localize", "method": method, "fraction": fraction, "seed": seed,
+             "train_cases": 10, "steps": 5, "best_step": 5, metric: value}
+            for (method, fraction), values in errors.items()
+            for seed, value in enumerate(values)]  # fmt: skip
+    for arm in arms[1:]:
+        write_json(tmp_path / "pretrain" / arm.name / "metrics.json",
+                   {"steps": 5, "final_loss": 0.1, "summary": f"{arm.name} learned."})  # fmt: skip
+    return protocol, rows
+
+
+def test_report_says_what_known_numbers_show(tmp_path):
+    protocol, rows = _synthetic(tmp_path)
+    methods = [arm.name for arm in protocol.arms]
+    table = summarize(rows, methods=methods, fractions=protocol.fractions, metric=protocol.metric)
+    restoration = next(e for e in table if e["method"] == "context_restoration")
+    assert restoration["rel_reduction"] == pytest.approx(0.2)  # every pair 20% lower
+    assert restoration["wins"] == 3 and restoration["diff_mean"] == pytest.approx(-2.2)
+    report = write_report(tmp_path / "report.md", protocol, rows, table, tmp_path / "plot.png")
+    text = report.read_text()
+    for part in ("## What the numbers show", "## Summary", "## Pretraining", "## Settings",
+                 "![wall_mm/mean against label fraction](plot.png)", "Caveats",
+                 "reduction from random", "context_restoration learned."):  # fmt: skip
+        assert part in text, part
+    assert "Fraction 0.1: best mean wall_mm/mean is **context_restoration**" in text
+    assert "context_restoration vs random: better at 0.1" in text
+    assert "worse at 1.0" in text
+    beats = (
+        "interval of the paired difference below zero (lower) at fraction(s) 0.1, but not at 1.0"
+    )
+    assert f"context_restoration beats random with the 95% {beats}" in text
+    assert "With all labels (fraction 1.0) it is worse than random" in text
+    assert "1.0 (behind relative_position)" in text
+    assert "20.0% [20.0%, 20.0%]" in "\n".join(
+        markdown_table(table, metric=protocol.metric, reference="random", labels={})
+    )
+
+
+def test_report_of_a_higher_is_better_metric_has_no_reduction_column(tmp_path):
+    protocol, rows = _synthetic(tmp_path, metric="iou/mean")
+    methods = [arm.name for arm in protocol.arms]
+    table = summarize(rows, methods=methods, fractions=protocol.fractions, metric="iou/mean")
+    assert "rel_reduction" not in table[0]
+    text = write_report(tmp_path / "report.md", protocol, rows, table, tmp_path / "p.png")
+    # Larger is better now: context restoration's larger values at 1.0 are the better ones.
+    assert "context_restoration vs random: worse at 0.1" in text.read_text()
+    assert "reduction from" not in text.read_text()
+
+
+def test_report_without_random_has_no_differences(tmp_path):
+    protocol, rows = _synthetic(tmp_path)
+    pretrained = tuple(arm for arm in protocol.arms if arm.name != "random")
+    protocol = dataclasses.replace(protocol, arms=pretrained)
+    methods = [arm.name for arm in pretrained]
+    table = summarize(rows, methods=methods, fractions=protocol.fractions,
+                      metric=protocol.metric, reference=None)  # fmt: skip
+    assert all(entry["pairs"] is None for entry in table)
+    text = write_report(tmp_path / "report.md", protocol, rows, table, tmp_path / "p.png")
+    assert "difference from" not in text.read_text()
+    assert "Fraction 1.0: best mean wall_mm/mean is **relative_position**" in text.read_text()
+
+
+def test_segmentation_summaries_show_the_brats_regions():
+    regions = ("global_dice/whole_tumour", "global_dice/tumour_core",
+               "global_dice/enhancing_tumour")  # fmt: skip
+    keys = ["global_dice/mean", "global_dice/oedema", "dice/whole_tumour", *regions]
+    assert extra_metrics("segment", "global_dice/mean", keys) == regions
+    other = ["global_dice/mean", "global_dice/liver", "global_dice/spleen"]
+    assert extra_metrics("segment", "global_dice/mean", other) == tuple(other[1:])
+    assert extra_metrics("classify", "macro_f1", keys) == ()
+
+
+# ----------------------------------------------------------------------------- the grid
+def _arguments(out, options):
+    data = [part for key, value in options.items() if key != "task"
+            for part in (f"--{key.replace('_', '-')}", str(value))]  # fmt: skip
+    return ["benchmark", "--task", options["task"], "--out", str(out), *data]
+
+
+@pytest.fixture(scope="module")
+def benchmark_out(tmp_path_factory):
+    """One tiny benchmark through the CLI: 2 methods x 2 fractions x 2 seeds."""
+    out = tmp_path_factory.mktemp("bench") / "out"
+    result = runner.invoke(app, _arguments(out, TINY))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _finished(out):
+    return {path: path.stat().st_mtime_ns for path in sorted(out.rglob("metrics.json"))}
+
+
+def test_benchmark_writes_results_summary_plot_and_report(benchmark_out):
+    with (benchmark_out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 2 * 2
+    assert {(r["method"], r["fraction"], r["seed"]) for r in rows} == {
+        (m, f, s) for m in ("random", "context_restoration") for f in ("0.25", "1.0")
+        for s in ("0", "1")
+    }  # fmt: skip
+    for column in ("task", "train_cases", "steps", "best_step", "macro_f1", "accuracy"):
+        assert column in rows[0], column
+    assert {r["train_cases"] for r in rows if r["fraction"] == "0.25"} == {"7"}
+    with (benchmark_out / "summary.csv").open() as handle:
+        summary = list(csv.DictReader(handle))
+    assert len(summary) == 2 * 2 and summary[1]["pairs"] == "2"
+    assert (benchmark_out / "plot.png").stat().st_size > 5000
+    report = (benchmark_out / "report.md").read_text()
+    for part in ("# Label-efficiency benchmark: classify", "## What the numbers show",
+                 "Best initialisation at each fraction", "context_restoration vs random:",
+                 "Context restoration, the paper's method", "With all labels (fraction 1.0)",
+                 "## Summary", "| fraction | initialisation | runs | macro_f1 (95% CI) |",
+                 "![macro_f1 against label fraction](plot.png)", "## Pretraining",
+                 "## Settings", "Caveats"):  # fmt: skip
+        assert part in report, part
+    assert (benchmark_out / "pretrain" / "context_restoration" / "model.safetensors").is_file()
+    assert not (benchmark_out / "pretrain" / "random").exists()
+
+
+def test_benchmark_again_skips_every_finished_run(benchmark_out):
+    before = _finished(benchmark_out)
+    assert len(before) == 8 + 1  # the runs and the one pretraining
+    result = api.benchmark(out=benchmark_out, **TINY)
+    assert (result.trained, result.skipped, result.runs) == (0, 8, 8)
+    assert _finished(benchmark_out) == before
+
+
+def test_benchmark_reruns_only_the_run_without_metrics(benchmark_out):
+    lost = benchmark_out / "runs" / "context_restoration" / "fraction_0.25" / "seed_1"
+    (lost / "metrics.json").unlink()
+    before = _finished(benchmark_out)
+    result = api.benchmark(out=benchmark_out, **TINY)
+    assert (result.trained, result.skipped) == (1, 7)
+    after = _finished(benchmark_out)
+    assert set(after) - set(before) == {lost / "metrics.json"}
+    assert {path: after[path] for path in before} == before
+
+
+def test_benchmark_refuses_other_settings_in_the_same_out(benchmark_out):
+    with pytest.raises(CtxRestoreError, match=r"pretrain_steps: 2 -> 3.*another --out"):
+        api.benchmark(out=benchmark_out, **{**TINY, "pretrain_steps": 3})
+    with pytest.raises(CtxRestoreError, match=r"seeds: 2 -> 3"):
+        api.benchmark(out=benchmark_out, **{**TINY, "seeds": 3})
+    result = runner.invoke(app, _arguments(benchmark_out, {**TINY, "fractions": "0.5,1.0"}))
+    assert result.exit_code == 2 and "fractions" in result.output
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"methods": "random,nope"}, "unknown method.*nope.*context_restoration"),
+        ({"fractions": "0.1,10%"}, "same fraction twice"),
+        ({"fractions": "0.1,2.5"}, "label fraction '2.5' is not valid"),
+        ({"patch_size": 24}, "initialisation context_restoration: .*does not fit"),
+        ({"network": "unet"}, "random initialisation builds"),
+    ],
+)
+def test_benchmark_checks_options_before_training(tmp_path, change, message):
+    with pytest.raises(CtxRestoreError, match=message):
+        api.benchmark(out=tmp_path / "out", **{**TINY, **change})
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_ablation_on_a_tiny_grid_writes_its_report(tmp_path):
+    options = {key: value for key, value in TINY.items() if key not in
+               ("methods", "patch_size", "num_swaps", "fractions", "seeds")}  # fmt: skip
+    result = api.ablate(out=tmp_path / "ablation", patch_sizes="4", num_swaps="5",
+                        placements="uniform,foreground", fractions="0.5", seeds=1,
+                        **options)  # fmt: skip
+    assert [row["method"] for row in result.summary_rows] == [
+        "random",
+        "default",
+        "placement_foreground",
+    ]
+    spec = tmp_path / "ablation" / "pretrain" / "placement_foreground" / "config.json"
+    assert '"foreground_threshold": 0.0' in spec.read_text()
+    report = result.report.read_text()
+    for part in ("# Ablation of context restoration: classify",
+                 "Each setting against the default:", "foreground placement vs default",
+                 "default (patch 4, T 5, uniform)", "too few paired runs to tell (1)",
+                 "## Summary", "plot.png"):  # fmt: skip
+        assert part in report, part
+    assert result.plot.stat().st_size > 5000

@@ -45,6 +45,9 @@ TASK_METRICS = {"classify": "macro_f1", "localize": "wall_mm/mean", "segment": "
 # localisation, a U-Net for segmentation. Random initialisation builds the same encoder.
 TASK_NETWORKS = {"classify": "sononet", "localize": "sononet", "segment": "unet"}
 SEEDS_ON_CPU, SEEDS_ON_GPU = 3, 5
+# Relative position feeds each patch through the whole encoder, which pools 4 times: its
+# patches must be a multiple of 16 whatever --patch-size the restoration pretexts use.
+METHOD_OPTIONS = {"relative_position": {"patch_size": 16}}
 PLACEMENTS = ("uniform", "foreground")
 CONTEXT_RESTORATION = "context_restoration"
 
@@ -303,7 +306,9 @@ def run_benchmark(options: BenchmarkOptions, methods: str | None = None) -> Benc
     pretext) for every fraction x seed; see `ctxrestore.benchmark`."""
     arms = []
     for method in parse_methods(methods):
-        pretrain = None if method == RANDOM else {"method": method}
+        pretrain = (
+            None if method == RANDOM else {"method": method, **METHOD_OPTIONS.get(method, {})}
+        )
         arms.append(Arm(method, pretrain))
     settings = {"methods": [arm.name for arm in arms]}
     return run_protocol(build_protocol(options, "benchmark", tuple(arms), settings))

@@ -96,6 +96,7 @@ class Protocol:
             fraction=fraction,
             seed=seed,
             resume=resume,
+            figures=False,  # hundreds of runs: the benchmark draws its own plot
             **self.finetune_options,
         )
 

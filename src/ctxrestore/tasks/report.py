@@ -101,13 +101,16 @@ def _pictures(run_dir: Path, task, model: nn.Module, data, split, device) -> lis
     return lines
 
 
-def write_finetuning_report(run_dir: Path, task, model: nn.Module, data, split, device) -> Path:
-    """Write loss.png, validation.png, test pictures and report.md into `run_dir`."""
+def write_finetuning_report(
+    run_dir: Path, task, model: nn.Module, data, split, device, figures: bool = True
+) -> Path:
+    """Write report.md into `run_dir`, and with `figures` loss.png, validation.png and the
+    test pictures (a benchmark's hundreds of runs skip them: they cost more than a tiny run)."""
     run_dir = Path(run_dir)
     config = read_json(run_dir / "config.json")
     summary = read_json(run_dir / "metrics.json")
     rows = read_log(run_dir)
-    if rows:
+    if rows and figures:
         save_loss_curve(
             run_dir / "loss.png",
             [int(row["step"]) for row in rows],
@@ -164,9 +167,9 @@ def write_finetuning_report(run_dir: Path, task, model: nn.Module, data, split, 
         "",
         "## Curves",
         "",
-        *(["![training loss](loss.png)", ""] if rows else []),
-        *_validation_curve(run_dir, task.metric),
-        *_pictures(run_dir, task, model, data, split, device),
+        *(["![training loss](loss.png)", ""] if rows and figures else []),
+        *(_validation_curve(run_dir, task.metric) if figures else []),
+        *(_pictures(run_dir, task, model, data, split, device) if figures else []),
     ]  # fmt: skip
     text = "\n".join(lines)
     return atomic_write(run_dir / "report.md", lambda temporary: temporary.write_text(text))

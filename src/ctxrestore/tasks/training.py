@@ -84,6 +84,7 @@ class FinetuneConfig:
     checkpoint_every: int = 500
     preview_every: int = 0
     compile: bool = False
+    figures: bool = True
     resume: bool = False
 
     def __post_init__(self) -> None:
@@ -359,7 +360,7 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
                 "test": metrics,
             }
             write_json(out / METRICS_FILE, summary)
-            write_finetuning_report(out, task, model, data, split, device)
+            write_finetuning_report(out, task, model, data, split, device, config.figures)
         return FinetuneResult(
             out, result.steps, result.best_step, result.stopped_early, metrics,
             transfer.to_json(),

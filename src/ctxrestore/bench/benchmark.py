@@ -35,7 +35,7 @@ from ctxrestore.models import PRETRAINING_NETWORKS
 from ctxrestore.pretext import create_pretext, list_pretexts
 from ctxrestore.pretext.training import PretrainConfig, pretext_options
 from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS
-from ctxrestore.tasks.training import TASK_NAMES
+from ctxrestore.tasks.training import DEFAULT_IMAGE_SIZES, TASK_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class BenchmarkOptions:
     metric: str | None = None
     network: str | None = None
     width: int = 16
-    image_size: int = 64
+    image_size: int | None = None
     num_images: int = 1000
     pretrain_data: Path | None = None
     pretrain_images: int = 2000
@@ -100,6 +100,8 @@ class BenchmarkOptions:
             if getattr(self, name) < 1:
                 raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
         parse_fractions(self.fractions)
+        if self.image_size is None:  # the task's own default (finetune's)
+            object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZES[self.task])
 
     def settings(self) -> dict:
         """The options as OUT/benchmark.json stores them (paths as absolute strings)."""

@@ -14,10 +14,10 @@ from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import read_json
 
 CONFIG_FILE = "config.json"
-# Options that may change on --resume: how long and where to run, how often to log.
+# Options that may change on --resume: how long and where to run, how often to log or draw.
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "epochs", "resume", "device", "num_workers", "checkpoint_every",
-     "log_every", "preview_every", "compile"}
+     "log_every", "preview_every", "compile", "figures"}
 )  # fmt: skip
 
 

@@ -48,6 +48,9 @@ LABELLED_PHANTOM_SEED = 7_000_001
 # so an epoch is at least this many steps.
 MIN_EPOCH_STEPS = 20
 EVALUATION_BATCH = 32
+# Default image sizes: the localiser pools 5 times, so at 64 pixels it regresses boxes from a
+# 2x2 map and learns no more than the average box (docs/experiments.md, experiment 2).
+DEFAULT_IMAGE_SIZES = {"classify": 64, "localize": 128, "segment": 64}
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class FinetuneConfig:
     phantom: str | None = None
     num_images: int = 1000
     spatial_dims: int = 2
-    image_size: int = 64
+    image_size: int | None = None
     width: int = 16
     test_fraction: float = 0.2
     val_fraction: float = 0.1
@@ -94,6 +97,8 @@ class FinetuneConfig:
             raise CtxRestoreError(
                 f"unknown phantom '{self.phantom}'; built-in phantoms: {list_phantoms()}"
             )
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZES.get(self.task, 64))
         check_stage_options(
             self, ("num_images", "width", "image_size", "epochs", "batch_size", "patience")
         )

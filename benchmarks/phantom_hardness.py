@@ -30,8 +30,10 @@ METRICS = {  # task -> the metrics to report (the first is the headline)
 }  # fmt: skip
 
 
-def run(task: str, fraction: str, seed: int, args) -> dict:
+def run(task: str, fraction: str, seed: int, args) -> dict | None:
     out = Path(args.out) / task / f"fraction_{fraction}" / f"seed_{seed}"
+    if args.table_only and not (out / "metrics.json").is_file():
+        return None
     if not (out / "metrics.json").is_file():
         ctxrestore.finetune(
             task,
@@ -61,6 +63,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--table-only", action="store_true", help="tabulate the finished runs, train nothing"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,17 +74,21 @@ def main() -> None:
     for task in args.tasks.split(","):
         names = METRICS[task]
         print(f"\n### {task} (random initialisation; mean ± sd over {args.seeds} seeds)\n")
-        print("| fraction | train cases | " + " | ".join(names) + " |")
-        print("| --- | --- |" + " --- |" * len(names))
+        print("| fraction | train cases | seeds | " + " | ".join(names) + " |")
+        print("| --- | --- | --- |" + " --- |" * len(names))
         for fraction in fractions:
             results = [run(task, fraction, seed, args) for seed in range(args.seeds)]
+            results = [result for result in results if result is not None]
+            if not results:
+                continue
             cells = []
             for name in names:
                 values = [r["test"][name] for r in results]
                 spread = statistics.stdev(values) if len(values) > 1 else float("nan")
                 cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
             cases = results[0]["split"]["train"]["cases"]
-            print(f"| {float(fraction):.0%} | {cases} | " + " | ".join(cells) + " |", flush=True)
+            row = f"| {float(fraction):.0%} | {cases} | {len(results)} | " + " | ".join(cells)
+            print(row + " |", flush=True)
     print(f"\n{time.perf_counter() - started:.0f} s in all")
 
 

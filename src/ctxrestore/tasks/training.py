@@ -168,11 +168,12 @@ def encoder_config(pretrained_model_spec: dict) -> dict:
     return model_spec(pretrained_model_spec["name"], **pretrained_model_spec["kwargs"])["encoder"]
 
 
-def _load_init(config: FinetuneConfig, data: LabelledData) -> tuple[dict | None, dict | None]:
+def _check_init(
+    config: FinetuneConfig, data: LabelledData, state: dict | None, spec: dict | None
+) -> tuple[dict | None, dict | None]:
     """(pretrained state, pretrained spec), checked against the data before any training."""
-    if config.init == "random":
+    if spec is None:
         return None, None
-    state, spec = load_checkpoint(Path(config.init))
     if "model" not in spec or "spatial_dims" not in spec or "in_channels" not in spec:
         raise CtxRestoreError(f"{Path(config.init) / 'spec.json'} is not a ctxrestore spec")
     check_compatible(
@@ -261,11 +262,11 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
         out = Path(config.out)
         if context.is_main:
             check_run_folder(out, config.to_json(), config.resume, may_change=("patience",))
-        intensity = None
-        if config.init != "random":
-            intensity = load_checkpoint(Path(config.init))[1].get("intensity")
-        data = load_data(config, intensity)
-        pretrained = _load_init(config, data)
+        state, init_spec = None, None
+        if config.init != "random":  # read once: its intensity scaling, then its weights
+            state, init_spec = load_checkpoint(Path(config.init))
+        data = load_data(config, None if init_spec is None else init_spec.get("intensity"))
+        pretrained = _check_init(config, data, state, init_spec)
         split = split_cases(
             data.cases,
             data.strata,

@@ -1,6 +1,7 @@
 """Case-level splits: no leakage, fixed test sets, nested training sets, stratification."""
 
 import itertools
+import logging
 from collections import Counter
 
 import pytest
@@ -228,19 +229,36 @@ def test_bad_options_are_refused(options, message):
         split_cases(cases, None, **options)
 
 
-def test_too_few_cases_and_mismatched_strata_are_refused():
-    with pytest.raises(CtxRestoreError, match=r"2 cases are too few: .* needs 3"):
-        split_cases(["a", "a", "b"], None, seed=0, fraction=1.0)
-    with pytest.raises(CtxRestoreError, match=r"10 cases are too few: test 5 \+ val 5"):
-        split_cases(
-            [str(i) for i in range(10)],
-            None,
-            seed=0,
-            fraction=1.0,
-            test_fraction=0.5,
-            val_fraction=0.45,
-        )
+@pytest.mark.parametrize(
+    ("num_cases", "counts", "warning"),
+    [
+        (1, [1, 0, 0], "no validation and no test split"),
+        (2, [1, 0, 1], "no validation split"),
+        (3, [1, 1, 1], None),  # the smallest complete split
+    ],
+)
+def test_few_cases_shrink_validation_then_test_with_a_warning(num_cases, counts, warning, caplog):
+    cases = [f"case{i}" for i in range(num_cases) for _ in range(4)]  # 4 slices per volume
+    with caplog.at_level(logging.WARNING, logger="ctxrestore.data.splits"):
+        split = split_cases(cases, None, seed=0, fraction=1.0)
+    assert [len(split.case_ids(n)) for n in ("train", "val", "test")] == counts
+    assert len(split.train) == 4 * counts[0]
+    if warning is None:
+        assert not caplog.records
+    else:
+        assert warning in caplog.text and f"{num_cases} cases are too few" in caplog.text
+
+
+def test_shares_that_leave_no_training_case_shrink_validation():
+    split = split_cases(
+        [str(i) for i in range(10)], None, seed=0, fraction=1.0, test_fraction=0.5,
+        val_fraction=0.45,
+    )  # fmt: skip
+    assert [len(split.case_ids(n)) for n in ("train", "val", "test")] == [1, 4, 5]
+
+
+def test_mismatched_strata_and_no_cases_are_refused():
     with pytest.raises(CtxRestoreError, match="3 case ids but 2 strata"):
         split_cases(["a", "b", "c"], ["x", "y"], seed=0, fraction=0.5)
-    split = split_cases(["a", "b", "c"], None, seed=0, fraction=1.0)  # the smallest possible
-    assert [len(split.case_ids(n)) for n in ("train", "val", "test")] == [1, 1, 1]
+    with pytest.raises(CtxRestoreError, match="no cases to split"):
+        split_cases([], None, seed=0, fraction=0.5)

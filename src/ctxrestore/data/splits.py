@@ -18,6 +18,7 @@ the total grows (the Alabama paradox), which nesting needs.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import numbers
 import random
@@ -29,6 +30,8 @@ from pathlib import Path
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import read_json, write_json
+
+logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -154,13 +157,7 @@ def split_cases(
 
     by_stratum = _shuffled_cases_by_stratum(_case_strata(item_cases, strata), seed)
     num_cases = sum(len(order) for order in by_stratum.values())
-    num_test = max(1, _round_half_up(test_fraction * num_cases))
-    num_val = max(1, _round_half_up(val_fraction * num_cases))
-    if num_test + num_val + 1 > num_cases:
-        raise CtxRestoreError(
-            f"{num_cases} cases are too few: test {num_test} + val {num_val} + at least 1 "
-            f"training case needs {num_test + num_val + 1}"
-        )
+    num_test, num_val = _held_out_counts(num_cases, test_fraction, val_fraction)
     test = _take(by_stratum, num_test)
     val = _take(by_stratum, num_val)
     pool = sum(len(order) for order in by_stratum.values())
@@ -186,6 +183,31 @@ def split_cases(
         seed=int(seed),
         fraction=fraction,
     )
+
+
+def _held_out_counts(num_cases: int, test_fraction: float, val_fraction: float) -> tuple[int, int]:
+    """(test cases, validation cases): the shares rounded half up, at least 1 each, and 1
+    training case left. Too few cases shrink validation first, then test, with a warning:
+    2 cases train on 1 and test on 1 without validation; 1 case only trains."""
+    if num_cases < 1:
+        raise CtxRestoreError("no cases to split: the data holds no items")
+    num_test = max(1, _round_half_up(test_fraction * num_cases))
+    num_val = max(1, _round_half_up(val_fraction * num_cases))
+    if num_test + num_val + 1 <= num_cases:
+        return num_test, num_val
+    shrunk_test = min(num_test, max(num_cases - 2, 1 if num_cases >= 2 else 0))
+    shrunk_val = max(0, min(num_val, num_cases - 1 - shrunk_test))
+    missing = [
+        name for name, count in (("validation", shrunk_val), ("test", shrunk_test)) if not count
+    ]
+    logger.warning(
+        "%d cases are too few for test %d + validation %d + training: using test %d, "
+        "validation %d, training %d%s",
+        num_cases, num_test, num_val, shrunk_test, shrunk_val,
+        num_cases - shrunk_test - shrunk_val,
+        f" (no {' and no '.join(missing)} split)" if missing else "",
+    )  # fmt: skip
+    return shrunk_test, shrunk_val
 
 
 def parse_fraction(text: str | float | int) -> float | int:

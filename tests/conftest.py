@@ -2,6 +2,16 @@
 
 import pytest
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_in_a_temporary_folder(tmp_path_factory):
+    """Preprocessed-array caches go to a session folder, never to the user's ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CTXRESTORE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    yield
+    patch.undo()
+
+
 TINY_PRETRAIN = dict(
     num_images=32,
     image_size=32,

@@ -13,6 +13,7 @@ import typer
 
 from ctxrestore.bench import BenchmarkOptions, BenchmarkResult, run_ablation, run_benchmark
 from ctxrestore.data import list_phantoms
+from ctxrestore.data.intensity import CT_WINDOWS, MODALITIES
 from ctxrestore.data.phantoms.export import export_phantom
 from ctxrestore.data.phantoms.gallery import phantom_gallery
 from ctxrestore.files import atomic_write
@@ -47,12 +48,56 @@ def _value(option: object) -> object:
     return option.value if isinstance(option, Enum) else option
 
 
+# Options of every command that reads files: one help text each.
+Modality = Enum("Modality", {name: name for name in MODALITIES}, type=str)
+_Modality = Annotated[
+    Modality,
+    typer.Option(
+        help="Intensity preprocessing of files: ct (HU window), mr (robust z-score in the "
+        "foreground, per volume and channel), us (scaled to [0, 1]), generic (0.5-99.5 "
+        "percentiles to [0, 1])."
+    ),
+]
+_Window = Annotated[
+    str | None,
+    typer.Option(
+        help=f"CT window: a preset ({', '.join(CT_WINDOWS)}; default abdomen) or 'low,high' in HU."
+    ),
+]
+_TargetSpacing = Annotated[
+    str | None,
+    typer.Option(
+        help="Resample to this spacing in mm first: one value for every axis, or 'z,y,x'. "
+        "Default: keep each file's spacing."
+    ),
+]
+_SliceAxis = Annotated[
+    int, typer.Option(help="2D networks on volumes: slice along this array axis (0 z, 1 y, 2 x).")
+]
+_Cache = Annotated[
+    bool,
+    typer.Option(help="Keep preprocessed arrays on disk, so later epochs and runs decode nothing."),
+]
+_CacheDir = Annotated[
+    Path | None,
+    typer.Option(help="Cache folder; default $CTXRESTORE_CACHE_DIR or ~/.cache/ctxrestore."),
+]
+_SkipBad = Annotated[
+    bool,
+    typer.Option(
+        help="Skip unreadable or inconsistent files with a warning (and count them) instead of "
+        "stopping before training."
+    ),
+]
+
+
 def pretrain(
     data: Annotated[
         Path | None,
         typer.Argument(
-            help="Folder of unlabelled images (PNG/JPEG/TIFF/NumPy, read recursively). "
-            "Omit it to pretrain on a built-in phantom."
+            help="Unlabelled images: a folder (read recursively: NIfTI, NRRD, MHA, DICOM files "
+            "and series, PNG/JPEG/TIFF/NumPy), a classification CSV or an MSD folder "
+            "(dataset.json; images only). Omit it to pretrain on a built-in phantom."
         ),
     ] = None,
     *,
@@ -106,6 +151,13 @@ def pretrain(
         int, typer.Option(help="Steps between preview grids (0: only at the end).")
     ] = 0,
     compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
+    modality: _Modality = "generic",
+    window: _Window = None,
+    target_spacing: _TargetSpacing = None,
+    slice_axis: _SliceAxis = 0,
+    cache: _Cache = True,
+    cache_dir: _CacheDir = None,
+    skip_bad: _SkipBad = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
 ) -> PretrainResult:
     """Pretrain a network by context restoration on unlabelled images.
@@ -131,9 +183,10 @@ def finetune(
     data: Annotated[
         Path | None,
         typer.Argument(
-            help="Labelled data: class sub-folders (classify); an MSD/nnU-Net folder with "
-            "dataset.json (segment; localize, with boxes.csv or boxes from the masks). Omit it "
-            "to use the task's built-in phantom (ultrasound, abdomen, brain)."
+            help="Labelled data: class sub-folders or a CSV of (image, label) (classify); an "
+            "MSD/nnU-Net folder with dataset.json (segment; localize, with boxes.csv or boxes "
+            "from the masks). Omit it to use the task's built-in phantom (ultrasound, abdomen, "
+            "brain)."
         ),
     ] = None,
     *,
@@ -208,6 +261,19 @@ def finetune(
     figures: Annotated[
         bool, typer.Option(help="Draw the report's curves and test pictures.")
     ] = True,
+    modality: Annotated[
+        Modality | None,
+        typer.Option(
+            help="Intensity preprocessing of files (ct, mr, us, generic); default: the --init "
+            "run's, else generic."
+        ),
+    ] = None,
+    window: _Window = None,
+    target_spacing: _TargetSpacing = None,
+    slice_axis: _SliceAxis = 0,
+    cache: _Cache = True,
+    cache_dir: _CacheDir = None,
+    skip_bad: _SkipBad = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
 ) -> FinetuneResult:
     """Fine-tune a network for a task, from a pretraining run or from random weights.
@@ -409,19 +475,26 @@ def predict(
     run: Annotated[Path, typer.Argument(help="A fine-tuning run folder.")],
     images: Annotated[
         Path,
-        typer.Argument(help="An image file, a folder of images, or an MSD/nnU-Net folder."),
+        typer.Argument(
+            help="An image file, a folder (read recursively: NIfTI, NRRD, MHA, DICOM files and "
+            "series, PNG/JPEG/TIFF/NumPy), or an MSD/nnU-Net folder."
+        ),
     ],
     *,
     out: Annotated[Path, typer.Option(help="Folder for the predictions.")] = Path("predictions"),
     device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images (or slices) per forward pass.")] = 16,
+    skip_bad: _SkipBad = False,
 ) -> PredictResult:
     """Predict new images with a fine-tuned run (its best checkpoint).
 
     classify: OUT/predictions.csv; localize: OUT/boxes.csv; segment: one label map per image
-    (NIfTI, or PNG for 2D images). OUT/predictions.png shows some of them.
+    (NIfTI on the input's grid and position, or PNG for 2D images). OUT/predictions.png shows
+    some of them. Inputs are preprocessed as the run's training data was (its spec).
     """
-    result = run_prediction(run, images, out, device=_value(device), batch_size=batch_size)
+    result = run_prediction(
+        run, images, out, device=_value(device), batch_size=batch_size, skip_bad=skip_bad
+    )
     logger.info("predicted %d inputs into %s", result.count, result.out)
     return result
 
@@ -435,7 +508,7 @@ DEMO_TASKS = {"classify": "ultrasound", "localize": "abdomen", "segment": "brain
 # are far from converged: read them as a working pipeline with honest statistics, not as the
 # method's merit (see `benchmark` for real settings).
 DEMO_SETTINGS = {
-    True: dict(methods="random,context_restoration", fractions="0.1", seeds=2, image_size=32,
+    True: dict(methods="random,context_restoration", fractions="0.25", seeds=2, image_size=32,
                width=4, num_images=60, pretrain_images=64, pretrain_steps=10,
                pretrain_batch_size=16, patch_size=4, num_swaps=10, batch_size=8,
                max_steps=10),

@@ -93,6 +93,54 @@ def read_class_folders(folder: Path | str) -> tuple[list[tuple[Path, int]], list
     return items, names
 
 
+def read_class_csv(path: Path | str) -> tuple[list[tuple[Path, int]], list[str]]:
+    """([(file, class index)], class names) from a CSV with columns image (or path) and label
+    (or class); paths are relative to the CSV's folder. Class order: `classes.json` beside the
+    CSV when present, else sorted label names."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtxRestoreError(f"classification CSV {path} does not exist")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = set(reader.fieldnames or [])
+        image_column = next((c for c in ("image", "path", "file") if c in fields), None)
+        label_column = next((c for c in ("label", "class") if c in fields), None)
+        if image_column is None or label_column is None:
+            raise CtxRestoreError(
+                f"{path} needs a column image (or path, file) and a column label (or class); "
+                f"found {sorted(fields)}"
+            )
+        rows = [(line, row[image_column], row[label_column]) for line, row in enumerate(reader, 2)]
+    if not rows:
+        raise CtxRestoreError(f"{path} lists no images")
+    names = sorted({label.strip() for _, _, label in rows})
+    if (path.parent / CLASSES_FILE).is_file():
+        listed = [str(n) for n in read_json(path.parent / CLASSES_FILE).get("classes", [])]
+        unknown = sorted(set(names) - set(listed))
+        if unknown:
+            raise CtxRestoreError(
+                f"{path} uses labels {unknown} that {path.parent / CLASSES_FILE} does not list"
+            )
+        names = listed
+    items = []
+    for line, image, label in rows:
+        if not label.strip() or not image.strip():
+            raise CtxRestoreError(f"{path} line {line}: empty image or label")
+        file = (path.parent / image.strip()).resolve()
+        if not file.exists():
+            raise CtxRestoreError(f"{path} line {line}: image {image} does not exist ({file})")
+        items.append((file, names.index(label.strip())))
+    return items, names
+
+
+def read_classification(data: Path | str) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Class sub-folders, or a CSV of (image, label)."""
+    data = Path(data)
+    if data.suffix.lower() == ".csv":
+        return read_class_csv(data)
+    return read_class_folders(data)
+
+
 # ----------------------------------------------------------------------------- segmentation
 @dataclass(frozen=True)
 class SegmentationCase:
@@ -198,7 +246,8 @@ def read_segmentation_layout(folder: Path | str) -> SegmentationLayout:
         if not isinstance(entry, dict) or "image" not in entry:
             raise CtxRestoreError(f"{where} needs an 'image'")
         images = _channel_files(folder, entry["image"], len(channel_names), where)
-        if len(images) != len(channel_names):
+        # One file may hold every channel (MSD's 4D NIfTI); read_segmentation_case checks it.
+        if len(images) not in (1, len(channel_names)):
             raise CtxRestoreError(
                 f"{where} has {len(images)} channel files, but dataset.json declares "
                 f"{len(channel_names)} channels {channel_names}"

@@ -27,8 +27,16 @@ def is_nifti(path: Path | str) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def write_nifti(path: Path | str, array: np.ndarray, spacing: Sequence[float]) -> Path:
-    """Write a (z, y, x) volume or (y, x) image with voxel `spacing` in mm (same axis order)."""
+def write_nifti(
+    path: Path | str,
+    array: np.ndarray,
+    spacing: Sequence[float],
+    affine: np.ndarray | None = None,
+) -> Path:
+    """Write a (z, y, x) volume or (y, x) image with voxel `spacing` in mm (same axis order).
+
+    `affine`: voxel (x, y, z) -> world RAS of the array (readers.Volume.affine), so that the
+    file overlays the image it came from; default: at the origin, axes towards L, P, S."""
     array = np.asarray(array)
     if array.ndim not in (2, 3) or len(spacing) != array.ndim:
         raise CtxRestoreError(
@@ -38,9 +46,10 @@ def write_nifti(path: Path | str, array: np.ndarray, spacing: Sequence[float]) -
     on_disk = array.T  # (x, y[, z])
     zooms = tuple(float(s) for s in spacing)[::-1]
     signs = (-1.0, -1.0, 1.0)[: array.ndim]  # x -> L, y -> P, z -> S in RAS+ world
-    affine = np.eye(4)
-    for axis, (zoom, sign) in enumerate(zip(zooms, signs)):
-        affine[axis, axis] = sign * zoom
+    if affine is None:
+        affine = np.eye(4)
+        for axis, (zoom, sign) in enumerate(zip(zooms, signs)):
+            affine[axis, axis] = sign * zoom
     image = nib.Nifti1Image(np.ascontiguousarray(on_disk), affine)
     image.header.set_xyzt_units("mm")
     suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"

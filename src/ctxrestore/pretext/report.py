@@ -57,11 +57,12 @@ def write_pretraining_report(
         *(
             f"| {key} | {value:.5g} |"
             for key, value in metrics.items()
-            if key not in ("steps", "summary")
+            if key not in ("steps", "summary", "skipped_files")
         ),
         "",
         metrics.get("summary", ""),
         "",
+        *([f"Bad files: {metrics['skipped_files']}.", ""] if "skipped_files" in metrics else []),
         "## Loss",
         "",
         f"![training loss]({link / 'loss.png'})",

@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 import ctxrestore
-from ctxrestore.data import ImageFolderDataset
-from ctxrestore.data.intensity import ROBUST_UNIT_RANGE
+from ctxrestore.data.loading import cache_from_options, preprocessing_from_options
 from ctxrestore.data.phantoms import get_phantom, list_phantoms, phantom_dataset
+from ctxrestore.data.preprocess import Preprocessing
+from ctxrestore.data.unlabelled import UnlabelledDataset
 from ctxrestore.engine.checkpoint import SPEC_FILE, WEIGHTS_FILE, load_checkpoint
 from ctxrestore.engine.distributed import (
     setup_distributed,
@@ -75,9 +76,19 @@ class PretrainConfig:
     checkpoint_every: int = 500
     preview_every: int = 0
     compile: bool = False
+    modality: str = "generic"
+    window: str | None = None
+    target_spacing: str | None = None
+    slice_axis: int = 0
+    cache: bool = True
+    cache_dir: Path | None = None
+    skip_bad: bool = False
     resume: bool = False
 
     def __post_init__(self) -> None:
+        self.preprocessing  # noqa: B018 (validates --modality, --window, --target-spacing)
+        if self.slice_axis not in (0, 1, 2):
+            raise CtxRestoreError(f"slice_axis must be 0, 1 or 2 (z, y, x), got {self.slice_axis}")
         if self.data is None and self.phantom not in list_phantoms():
             raise CtxRestoreError(
                 f"unknown phantom '{self.phantom}'; built-in phantoms: {list_phantoms()}"
@@ -101,6 +112,10 @@ class PretrainConfig:
     @property
     def spatial_size(self) -> tuple[int, ...]:
         return (self.image_size,) * self.spatial_dims
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return preprocessing_from_options(self.modality, self.window, self.target_spacing)
 
     @property
     def swaps(self) -> int | tuple[int, int]:
@@ -145,8 +160,15 @@ class PretextTraining:
 def build_dataset(config: PretrainConfig, *, length: int | None = None, offset: int = 0):
     """The unlabelled images: a folder, or `length` phantom images starting at `offset`."""
     if config.data is not None:
-        return ImageFolderDataset(
-            config.data, spatial_size=config.spatial_size, in_channels=config.in_channels
+        return UnlabelledDataset(
+            config.data,
+            preprocessing=config.preprocessing,
+            spatial_size=config.spatial_size,
+            cache=cache_from_options(config.cache, config.cache_dir),
+            slice_axis=config.slice_axis,
+            in_channels=config.in_channels,
+            skip_bad=config.skip_bad,
+            seed=config.seed,
         )
     info = get_phantom(config.phantom)
     options = {}
@@ -169,7 +191,7 @@ def build_dataset(config: PretrainConfig, *, length: int | None = None, offset: 
 def _intensity_spec(config: PretrainConfig) -> dict:
     if config.data is None:
         return get_phantom(config.phantom).intensity
-    return dict(ROBUST_UNIT_RANGE)
+    return config.preprocessing.intensity
 
 
 def _channel_names(config: PretrainConfig, in_channels: int) -> list[str]:
@@ -208,6 +230,11 @@ def build_spec(config: PretrainConfig, pretext: Pretext, in_channels: int) -> di
         "channel_names": _channel_names(config, in_channels),
         "image_size": list(config.spatial_size),
         "intensity": _intensity_spec(config),
+        **(
+            {"preprocessing": config.preprocessing.to_json(), "slice_axis": config.slice_axis}
+            if config.data is not None
+            else {}
+        ),
         "pretext": {"name": pretext.name, "params": pretext.params()},
         "data": {
             "source": str(config.data) if config.data else f"phantom:{config.phantom}",
@@ -311,6 +338,11 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
                     "final_loss": result.final_loss,
                     **metrics,
                     "summary": pretext.summary(metrics),
+                    **(
+                        {"skipped_files": dataset.skipped}
+                        if getattr(dataset, "skipped", None)
+                        else {}
+                    ),
                 },
             )
             write_pretraining_report(out)

@@ -1,15 +1,16 @@
-"""Labelled data for fine-tuning: a built-in phantom or a folder in a layout users have, read
+"""Labelled data for fine-tuning: a built-in phantom or files in a layout users have, read
 into memory in the task's batch format (tasks/base.py) with a case id and a stratum per item.
 
-- classify: class sub-folders (data.layouts.read_class_folders); one case per file.
+- classify: class sub-folders or a CSV of (image, label) (data.layouts); one case per file.
 - segment: an MSD / nnU-Net folder (dataset.json, imagesTr, labelsTr); one case per volume.
 - localize: the same folder, with boxes from `boxes.csv` when present, else from the masks;
   organs = the labels other than 0.
-A 2D task on 3D volumes trains on their axial slices (array axis 0); the slices of one volume
-share its case id, so the splits never put one volume on two sides.
-
-Images are scaled by `intensity` (data.intensity; phantoms use their own) and resized to the
-task's spatial size; spacing follows the resizing, boxes are scaled with the image.
+Files are read, checked (label grid and values), resampled and normalised by data.loading
+(cached on disk); with `skip_bad`, a bad case is skipped with a warning instead of stopping.
+A 2D task on 3D volumes trains on their slices along `slice_axis` (air slices without labels
+left out); the slices of one volume share its case id, so the splits never put one volume on
+two sides. Items are resized to the task's spatial size; spacing follows the resizing, boxes
+are scaled with the image.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ import torch
 import torch.nn.functional as F
 from rich.progress import track
 
-from ctxrestore.data.intensity import normalize_intensity
+from ctxrestore.data.cache import ArrayCache
 from ctxrestore.data.layouts import (
     BOXES_FILE,
-    read_any,
     read_boxes_csv,
-    read_class_folders,
-    read_segmentation_case,
+    read_classification,
     read_segmentation_layout,
 )
+from ctxrestore.data.loading import BadFiles, PreparedCase, check_label_values, load_case
 from ctxrestore.data.phantoms import get_phantom, phantom_dataset
+from ctxrestore.data.preprocess import Preprocessing, slice_indices, take_slice
+from ctxrestore.data.unlabelled import MIN_FOREGROUND
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.tasks.classify import ClassificationTask
 from ctxrestore.tasks.localize import LocalizationTask, boxes_from_masks
@@ -42,6 +44,16 @@ from ctxrestore.tasks.segment import SegmentationTask
 logger = logging.getLogger(__name__)
 
 DEFAULT_PHANTOMS = {"classify": "ultrasound", "localize": "abdomen", "segment": "brain"}
+
+
+@dataclass(frozen=True)
+class FolderOptions:
+    """How files become items: preprocessing, cache, slicing of volumes, bad files."""
+
+    preprocessing: Preprocessing
+    cache: ArrayCache
+    slice_axis: int = 0
+    skip_bad: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,8 @@ class LabelledData:
     spatial_size: tuple[int, ...]
     intensity: dict
     source: str
+    preprocessing: dict | None = None  # files only (data.preprocess.Preprocessing JSON)
+    skipped: str | None = None  # how many bad files --skip-bad left out
 
     @property
     def in_channels(self) -> int:
@@ -129,13 +143,13 @@ def resize_item(
     mask: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(image (C, *size), spacing (D,), mask (*size) or None, scale (D,) new/old per axis)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32))  # a copy, off the memmap
     old = torch.tensor(tensor.shape[1:], dtype=torch.float32)
     size = tuple(int(s) for s in spatial_size)
     scale = torch.tensor(size, dtype=torch.float32) / old
     spacing_tensor = torch.ones(len(size)) if spacing is None else torch.tensor(spacing)
     spacing_tensor = (spacing_tensor.float() / scale).float()
-    mask_tensor = None if mask is None else torch.from_numpy(np.asarray(mask, dtype=np.int64))
+    mask_tensor = None if mask is None else torch.from_numpy(np.array(mask, dtype=np.int64))
     if tuple(tensor.shape[1:]) != size:
         mode = "bilinear" if len(size) == 2 else "trilinear"
         tensor = F.interpolate(
@@ -147,46 +161,78 @@ def resize_item(
     return tensor.contiguous(), spacing_tensor, mask_tensor, scale
 
 
-def _check_dims(path: Path, array: np.ndarray, spatial_dims: int, allow_slicing: bool) -> None:
-    dims = array.ndim - 1
+def _check_dims(case: PreparedCase, spatial_dims: int, allow_slicing: bool) -> None:
+    dims = case.image.ndim - 1
     if dims == spatial_dims or (allow_slicing and dims == 3 and spatial_dims == 2):
         return
     raise CtxRestoreError(
-        f"{path} is read as shape {array.shape} ({dims} spatial dims), but the task is "
-        f"{spatial_dims}D; use --spatial-dims {dims} or convert the file"
+        f"{case.source} is read as shape {case.image.shape} ({dims} spatial dims), but the "
+        f"task is {spatial_dims}D; use --spatial-dims {dims} or convert the file"
     )
 
 
-def _slices(image: np.ndarray, mask, spacing, spatial_dims: int):
-    """The image itself, or its axial slices when a 2D task reads a volume."""
-    if image.ndim - 1 == spatial_dims:
-        yield image, mask, spacing
+def _planes(case: PreparedCase, spatial_dims: int, slice_axis: int):
+    """(image, mask, spacing) of the case itself, or of its slices along `slice_axis` when a
+    2D task reads a volume (air slices without any label are left out)."""
+    if case.image.ndim - 1 == spatial_dims:
+        yield case.image, case.label, case.spacing
         return
-    for z in range(image.shape[1]):
-        yield (
-            image[:, z],
-            None if mask is None else mask[z],
-            None if spacing is None else tuple(spacing[1:]),
-        )
+    kept = set(slice_indices(case.foreground, slice_axis, MIN_FOREGROUND))
+    if case.label is not None:
+        labelled = np.moveaxis(case.label, slice_axis, 0).reshape(case.label.shape[slice_axis], -1)
+        kept |= set(np.flatnonzero(labelled.any(axis=1)).tolist())
+    spacing = tuple(s for axis, s in enumerate(case.spacing) if axis != slice_axis)
+    for index in sorted(kept):
+        mask = None if case.label is None else take_slice(case.label[None], slice_axis, index)[0]
+        yield take_slice(case.image, slice_axis, index), mask, spacing
 
 
-def _classify_folder(folder: Path, spatial_size, intensity) -> LabelledData:
-    files, class_names = read_class_folders(folder)
+class _Reader:
+    """What every folder reader shares: preprocessing, cache, bad-file policy, slicing."""
+
+    def __init__(self, options: FolderOptions, spatial_size: Sequence[int]) -> None:
+        self.options = options
+        self.spatial_size = tuple(spatial_size)
+        self.bad = BadFiles(options.skip_bad)
+
+    def load(
+        self, name: str, images, label=None, *, allow_slicing: bool, channels=None, labels=None
+    ):
+        def read() -> PreparedCase:
+            case = load_case(name, images, self.options.preprocessing, self.options.cache, label)
+            _check_dims(case, len(self.spatial_size), allow_slicing)
+            if channels is not None and case.image.shape[0] != channels:
+                raise CtxRestoreError(
+                    f"{case.source} has {case.image.shape[0]} channel(s) but dataset.json "
+                    f"declares {channels}"
+                )
+            if labels is not None and case.label is not None:
+                check_label_values(case.label, labels, str(label))
+            return case
+
+        return self.bad.attempt(name, read)
+
+
+def _classify_folder(data: Path, spatial_size, options: FolderOptions) -> LabelledData:
+    files, class_names = read_classification(data)
     task = ClassificationTask(tuple(class_names))
+    reader = _Reader(options, spatial_size)
+    root = data.parent if data.is_file() else data
     items, cases, channels = [], [], set()
-    for path, label in track(files, description=f"reading {folder.name}"):
-        image, spacing = read_any(path)
-        _check_dims(path, image, len(spatial_size), allow_slicing=False)
-        channels.add(image.shape[0])
-        tensor, spacing_tensor, _, _ = resize_item(
-            normalize_intensity(image, intensity), spacing, spatial_size
-        )
+    for path, label in track(files, description=f"reading {data.name}"):
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        case = reader.load(name, [path], allow_slicing=False)
+        if case is None:
+            continue
+        channels.add(case.image.shape[0])
+        tensor, spacing_tensor, _, _ = resize_item(case.image, case.spacing, spatial_size)
         items.append({"image": tensor, "spacing": spacing_tensor, "label": torch.tensor(label)})
-        cases.append(path.relative_to(folder).with_suffix("").as_posix())
-    return _folder_data(task, items, cases, channels, None, spatial_size, intensity, folder)
+        cases.append(name)
+    skipped = reader.bad.summary(len(files), "images")
+    return _folder_data(task, items, cases, channels, None, spatial_size, options, data, skipped)
 
 
-def _segmentation_folder(task_name: str, folder: Path, spatial_size, intensity) -> LabelledData:
+def _segmentation_folder(task_name: str, folder: Path, spatial_size, options) -> LabelledData:
     layout = read_segmentation_layout(folder)
     values = tuple(sorted(layout.labels))
     boxes_csv = folder / BOXES_FILE
@@ -196,17 +242,23 @@ def _segmentation_folder(task_name: str, folder: Path, spatial_size, intensity) 
         organ_values = [v for v in values if v != 0]
         task = LocalizationTask(tuple(layout.labels[v] for v in organ_values))
     listed = read_boxes_csv(boxes_csv) if task_name == "localize" and boxes_csv.is_file() else {}
+    reader = _Reader(options, spatial_size)
     items, cases = [], []
     for case in track(layout.cases, description=f"reading {folder.name}"):
-        image, mask, spacing = read_segmentation_case(case)
-        _check_dims(case.images[0], image, len(spatial_size), allow_slicing=True)
-        if mask is None and not listed:
+        if case.label is None and not listed:
             raise CtxRestoreError(
                 f"case {case.name} in {folder / 'dataset.json'} has no 'label': {task_name} "
                 "needs a mask per case" + (" or a boxes.csv" if task_name == "localize" else "")
             )
-        image = normalize_intensity(image, intensity)
-        for plane, plane_mask, plane_spacing in _slices(image, mask, spacing, len(spatial_size)):
+        prepared = reader.load(
+            case.name, case.images, case.label, allow_slicing=True,
+            channels=len(layout.channel_names), labels=values,
+        )  # fmt: skip
+        if prepared is None:
+            continue
+        for plane, plane_mask, plane_spacing in _planes(
+            prepared, len(spatial_size), options.slice_axis
+        ):
             tensor, spacing_tensor, mask_tensor, scale = resize_item(
                 plane, plane_spacing, spatial_size, plane_mask
             )
@@ -220,9 +272,10 @@ def _segmentation_folder(task_name: str, folder: Path, spatial_size, intensity) 
                 item["boxes"], item["present"] = boxes[0], present[0]
             items.append(item)
             cases.append(case.name)
+    skipped = reader.bad.summary(len(layout.cases), "cases")
     return _folder_data(
         task, items, cases, {len(layout.channel_names)}, layout.channel_names,
-        spatial_size, intensity, folder,
+        spatial_size, options, folder, skipped,
     )  # fmt: skip
 
 
@@ -242,10 +295,14 @@ def _listed_boxes(listed: dict, case, task: LocalizationTask, scale: torch.Tenso
     return {"boxes": boxes, "present": present}
 
 
-def _folder_data(task, items, cases, channels, channel_names, spatial_size, intensity, folder):
+def _folder_data(
+    task, items, cases, channels, channel_names, spatial_size, options, data, skipped
+) -> LabelledData:
+    if not items:
+        raise CtxRestoreError(f"no usable labelled image in {data}: every file was skipped")
     if len(channels) != 1:
         raise CtxRestoreError(
-            f"the images in {folder} differ in channel count {sorted(channels)}; give every "
+            f"the images in {data} differ in channel count {sorted(channels)}; give every "
             "image the same channels"
         )
     count = channels.pop()
@@ -257,17 +314,22 @@ def _folder_data(task, items, cases, channels, channel_names, spatial_size, inte
         strata=[_stratum(task, item) for item in items],
         channel_names=names,
         spatial_size=tuple(spatial_size),
-        intensity=dict(intensity),
-        source=str(folder),
+        intensity=options.preprocessing.intensity,
+        source=str(data),
+        preprocessing=options.preprocessing.to_json(),
+        skipped=skipped,
     )
 
 
 def folder_data(
-    task_name: str, folder: Path | str, spatial_size: Sequence[int], intensity: dict
+    task_name: str, data: Path | str, spatial_size: Sequence[int], options: FolderOptions
 ) -> LabelledData:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CtxRestoreError(f"data folder {folder} does not exist")
+    """A task's labelled data from files (see the module docstring)."""
+    data = Path(data)
+    if not data.exists():
+        raise CtxRestoreError(f"data {data} does not exist")
     if task_name == "classify":
-        return _classify_folder(folder, spatial_size, intensity)
-    return _segmentation_folder(task_name, folder, spatial_size, intensity)
+        return _classify_folder(data, spatial_size, options)
+    if not data.is_dir():
+        raise CtxRestoreError(f"{task_name} data {data} must be a folder with a dataset.json")
+    return _segmentation_folder(task_name, data, spatial_size, options)

@@ -23,15 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctxrestore.data.image_folder import IMAGE_SUFFIXES, read_image
+from ctxrestore.data.image_folder import IMAGE_SUFFIXES
 from ctxrestore.data.intensity import normalize_intensity
-from ctxrestore.data.layouts import (
-    DATASET_FILE,
-    read_segmentation_case,
-    read_segmentation_layout,
-    write_image,
-)
-from ctxrestore.data.nifti import is_nifti, read_nifti, write_nifti
+from ctxrestore.data.layouts import DATASET_FILE, read_segmentation_layout, write_image
+from ctxrestore.data.loading import BadFiles, for_dims, stack_channels
+from ctxrestore.data.nifti import is_nifti, write_nifti
+from ctxrestore.data.preprocess import Preprocessing, preprocess
+from ctxrestore.data.readers import ImageSource, Volume, find_sources, read_volume
 from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint
 from ctxrestore.engine.distributed import resolve_device
 from ctxrestore.engine.loop import BEST_DIR
@@ -47,9 +45,8 @@ GALLERY_IMAGES = 12
 @dataclass(frozen=True)
 class PredictInput:
     name: str  # output file stem
-    image: np.ndarray  # (C, *spatial), raw intensities
-    spacing: tuple[float, ...] | None
-    source: Path
+    sources: tuple[ImageSource | Path, ...]  # one per channel file, or one holding them all
+    source: Path  # what the CSV rows name
 
 
 @dataclass(frozen=True)
@@ -57,6 +54,7 @@ class PredictResult:
     out: Path
     count: int
     files: tuple[Path, ...]
+    skipped: str | None = None  # how many inputs --skip-bad left out
 
 
 def load_run(run: Path, device: torch.device):
@@ -79,41 +77,26 @@ def _stem(path: Path) -> str:
     for suffix in (".nii.gz", ".nii", *IMAGE_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return path.stem
-
-
-def _read_file(path: Path) -> PredictInput:
-    if is_nifti(path):
-        array, spacing = read_nifti(path)
-        return PredictInput(_stem(path), array[None].astype(np.float32), spacing, path)
-    return PredictInput(_stem(path), read_image(path), None, path)
+    return path.stem if path.suffix.lower() in (".nrrd", ".mha", ".mhd", ".dcm") else name
 
 
 def find_inputs(images: Path, in_channels: int) -> list[PredictInput]:
-    """The images to predict, with their channels assembled."""
+    """The images to predict (a file, an MSD folder, or any folder read recursively, DICOM
+    series included), with their channel files grouped."""
     images = Path(images)
     if images.is_file():
-        return [_read_file(images)]
+        return [PredictInput(_stem(images), (images,), images)]
     if not images.is_dir():
         raise CtxRestoreError(f"{images}: no such file or folder to predict")
     if (images / DATASET_FILE).is_file():
         layout = read_segmentation_layout(images)
-        inputs = []
-        for case in layout.cases:
-            image, _, spacing = read_segmentation_case(case)
-            inputs.append(PredictInput(case.name, image, spacing, case.images[0]))
-        return inputs
-    files = sorted(
-        p for p in images.iterdir()
-        if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or is_nifti(p))
-    )  # fmt: skip
-    if not files:
-        raise CtxRestoreError(
-            f"{images} holds no images (accepted: {' '.join(IMAGE_SUFFIXES)} .nii .nii.gz)"
-        )
-    if in_channels > 1 and all(is_nifti(p) for p in files):
-        return _channel_groups(files, in_channels)
-    return [_read_file(path) for path in files]
+        return [PredictInput(c.name, tuple(c.images), c.images[0]) for c in layout.cases]
+    sources = find_sources(images)
+    if in_channels > 1 and all(len(s.files) == 1 and is_nifti(s.path) for s in sources):
+        return _channel_groups([s.path for s in sources], in_channels)
+    return [
+        PredictInput(source.name.replace("/", "_"), (source,), source.path) for source in sources
+    ]
 
 
 def _channel_groups(files: list[Path], in_channels: int) -> list[PredictInput]:
@@ -135,23 +118,46 @@ def _channel_groups(files: list[Path], in_channels: int) -> list[PredictInput]:
                 f"case {case}: found channel files {sorted(channels)}, the network needs "
                 f"0..{in_channels - 1}"
             )
-        arrays = [read_nifti(channels[c]) for c in range(in_channels)]
-        image = np.stack([a for a, _ in arrays]).astype(np.float32)
-        inputs.append(PredictInput(case, image, arrays[0][1], channels[0]))
+        files_in_order = tuple(channels[c] for c in range(in_channels))
+        inputs.append(PredictInput(case, files_in_order, files_in_order[0]))
     return inputs
 
 
-def _planes(item: PredictInput, spatial_dims: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class PreparedInput:
+    """An input read and preprocessed as the run's training data was. `volume`: as read (its
+    grid is where outputs go); `image`/`spacing`: after resampling and normalisation."""
+
+    volume: Volume
+    image: np.ndarray
+    spacing: tuple[float, ...]
+
+
+def prepare_input(item: PredictInput, spec: dict) -> PreparedInput:
+    volume = stack_channels([read_volume(source) for source in item.sources], item.name)
+    if volume.array.shape[0] != spec["in_channels"]:
+        raise CtxRestoreError(
+            f"{item.source} has {volume.array.shape[0]} channel(s); the run was trained on "
+            f"{spec['in_channels']} {spec['channel_names']}"
+        )
+    if "preprocessing" not in spec:  # trained on a phantom: its intensity scaling only
+        return PreparedInput(
+            volume, normalize_intensity(volume.array, spec["intensity"]), volume.spacing
+        )
+    preprocessing = for_dims(Preprocessing.from_json(spec["preprocessing"]), volume, item.name)
+    image, spacing, _ = preprocess(volume.array, volume.spacing, preprocessing)
+    return PreparedInput(volume, image, spacing)
+
+
+def _planes(image: np.ndarray, spatial_dims: int, slice_axis: int, source) -> torch.Tensor:
     """(N, C, *S): the image itself (N = 1), or the slices of a volume for a 2D network."""
-    tensor = torch.from_numpy(np.ascontiguousarray(item.image, dtype=np.float32))
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32))
     dims = tensor.ndim - 1
     if dims == spatial_dims:
         return tensor[None]
     if dims == 3 and spatial_dims == 2:
-        return tensor.permute(1, 0, 2, 3)
-    raise CtxRestoreError(
-        f"{item.source} has {dims} spatial dims; the run's network is {spatial_dims}D"
-    )
+        return tensor.movedim(1 + slice_axis, 0)
+    raise CtxRestoreError(f"{source} has {dims} spatial dims; the run's network is {spatial_dims}D")
 
 
 @torch.no_grad()
@@ -178,7 +184,13 @@ def _predict_planes(model, task, planes: torch.Tensor, size, device, batch_size:
 
 
 def run_prediction(
-    run: Path, images: Path, out: Path, *, device: str = "auto", batch_size: int = 16
+    run: Path,
+    images: Path,
+    out: Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 16,
+    skip_bad: bool = False,
 ) -> PredictResult:
     """Predict every input with a fine-tuned run; see the module docstring for the outputs."""
     if batch_size < 1:
@@ -192,21 +204,23 @@ def run_prediction(
     rows: list[list] = []
     files: list[Path] = []
     panels: list[dict] = []
+    slice_axis = spec.get("slice_axis", 0)
+    bad = BadFiles(skip_bad)
     for item in inputs:
-        if item.image.shape[0] != spec["in_channels"]:
-            raise CtxRestoreError(
-                f"{item.source} has {item.image.shape[0]} channel(s); the run was trained on "
-                f"{spec['in_channels']} {spec['channel_names']}"
-            )
-        scaled = normalize_intensity(item.image, spec["intensity"])
-        planes = _planes(
-            PredictInput(item.name, scaled, item.spacing, item.source), spec["spatial_dims"]
-        )
+        prepared = bad.attempt(item.name, prepare_input, item, spec)
+        if prepared is None:
+            continue
+        planes = _planes(prepared.image, spec["spatial_dims"], slice_axis, item.source)
         outputs = _predict_planes(model, task, planes, size, torch_device, batch_size)
-        scale = torch.tensor(size, dtype=torch.float32) / torch.tensor(planes.shape[2:])
-        files += _write_outputs(out, task, item, outputs, scale, rows)
+        # Network pixels -> voxels of the file's own grid (resampling undone).
+        original = list(prepared.volume.array.shape[1:])
+        if planes.shape[0] > 1 or len(original) > spec["spatial_dims"]:
+            del original[slice_axis]
+        scale = torch.tensor(size, dtype=torch.float32) / torch.tensor(original)
+        files += _write_outputs(out, task, item, prepared, outputs, scale, slice_axis, rows)
         if len(panels) < GALLERY_IMAGES:
             panels.append(_panel(task, item.name, planes, outputs, scale))
+    skipped = bad.summary(len(inputs), "inputs")
     if task.name == "classify":
         files.append(_write_csv(out / "predictions.csv", ["file", "class", *[
             f"p_{name}" for name in task.class_names]], rows))  # fmt: skip
@@ -217,7 +231,7 @@ def run_prediction(
         files.append(_write_csv(out / "boxes.csv", columns, rows))
     if panels:
         files.append(save_labelled_gallery(out / "predictions.png", panels, columns=4))
-    return PredictResult(out, len(inputs), tuple(files))
+    return PredictResult(out, len(inputs) - len(bad.skipped), tuple(files), skipped)
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[list]) -> Path:
@@ -230,7 +244,10 @@ def _write_csv(path: Path, columns: list[str], rows: list[list]) -> Path:
     return atomic_write(path, write)
 
 
-def _write_outputs(out: Path, task, item: PredictInput, outputs: dict, scale, rows) -> list[Path]:
+def _write_outputs(
+    out: Path, task, item: PredictInput, prepared: PreparedInput, outputs: dict, scale,
+    slice_axis: int, rows,
+) -> list[Path]:  # fmt: skip
     if task.name == "classify":
         for plane, probabilities in enumerate(outputs["probabilities"]):
             name = (
@@ -251,11 +268,16 @@ def _write_outputs(out: Path, task, item: PredictInput, outputs: dict, scale, ro
                              f"{probability:.5f}", slice_index])  # fmt: skip
         return []
     mask = outputs["mask"]
-    mask = mask[0] if mask.shape[0] == 1 else mask  # a volume seen slice by slice stacks back
+    # A volume seen slice by slice stacks back along its slice axis.
+    mask = mask[0] if mask.shape[0] == 1 else mask.movedim(0, slice_axis)
+    volume = prepared.volume
+    if tuple(mask.shape) != volume.array.shape[1:]:  # resampled: back to the file's grid
+        mask = F.interpolate(mask[None, None].float(), size=volume.array.shape[1:], mode="nearest")[
+            0, 0
+        ].long()
     array = mask.numpy().astype(np.uint8 if mask.max() < 256 else np.int16)
-    if is_nifti(item.source) or array.ndim == 3:
-        spacing = item.spacing or (1.0,) * array.ndim
-        return [write_nifti(out / f"{item.name}.nii.gz", array, spacing)]
+    if array.ndim == 3 or is_nifti(item.source):
+        return [write_nifti(out / f"{item.name}.nii.gz", array, volume.spacing, volume.affine)]
     return [_write_label_png(out / f"{item.name}.png", array)]
 
 

@@ -132,7 +132,7 @@ def write_finetuning_report(
         "",
         f"## Test metrics ({counts['test']['cases']} cases, {counts['test']['items']} images)",
         "",
-        *_metric_tables(test, task.metric),
+        *(_metric_tables(test, task.metric) if test else ["No test cases: too few cases.", ""]),
         "## What was transferred",
         "",
         "| part | tensors | initialisation |",
@@ -169,7 +169,7 @@ def write_finetuning_report(
         "",
         *(["![training loss](loss.png)", ""] if rows and figures else []),
         *(_validation_curve(run_dir, task.metric) if figures else []),
-        *(_pictures(run_dir, task, model, data, split, device) if figures else []),
+        *(_pictures(run_dir, task, model, data, split, device) if figures and split.test else []),
     ]  # fmt: skip
     text = "\n".join(lines)
     return atomic_write(run_dir / "report.md", lambda temporary: temporary.write_text(text))

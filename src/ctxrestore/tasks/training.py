@@ -19,8 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import ctxrestore
-from ctxrestore.data.intensity import ROBUST_UNIT_RANGE
+from ctxrestore.data.loading import cache_from_options, preprocessing_from_options
 from ctxrestore.data.phantoms import list_phantoms
+from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
 from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint
 from ctxrestore.engine.distributed import setup_distributed, teardown_distributed
@@ -32,7 +33,13 @@ from ctxrestore.models import build_model
 from ctxrestore.models.spec import model_spec
 from ctxrestore.models.transfer import TransferReport, check_compatible, transfer_weights
 from ctxrestore.tasks.augment import Augmentation
-from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS, LabelledData, folder_data, phantom_data
+from ctxrestore.tasks.datasets import (
+    DEFAULT_PHANTOMS,
+    FolderOptions,
+    LabelledData,
+    folder_data,
+    phantom_data,
+)
 from ctxrestore.tasks.report import write_finetuning_report
 
 logger = logging.getLogger(__name__)
@@ -88,9 +95,19 @@ class FinetuneConfig:
     preview_every: int = 0
     compile: bool = False
     figures: bool = True
+    modality: str | None = None
+    window: str | None = None
+    target_spacing: str | None = None
+    slice_axis: int = 0
+    cache: bool = True
+    cache_dir: Path | None = None
+    skip_bad: bool = False
     resume: bool = False
 
     def __post_init__(self) -> None:
+        preprocessing_from_options(self.modality or "generic", self.window, self.target_spacing)
+        if self.slice_axis not in (0, 1, 2):
+            raise CtxRestoreError(f"slice_axis must be 0, 1 or 2 (z, y, x), got {self.slice_axis}")
         if self.task not in TASK_NAMES:
             raise CtxRestoreError(f"unknown task '{self.task}'; tasks: {', '.join(TASK_NAMES)}")
         if self.phantom is not None and self.phantom not in list_phantoms():
@@ -237,7 +254,24 @@ def build_network(
 
 
 # ----------------------------------------------------------------------------- the stage
-def load_data(config: FinetuneConfig, intensity: dict | None) -> LabelledData:
+def resolve_preprocessing(config: FinetuneConfig, init_spec: dict | None) -> Preprocessing:
+    """The options given, else the pretraining run's (so that files are scaled as the
+    pretrained network saw them), else generic."""
+    recorded = (init_spec or {}).get("preprocessing")
+    if config.modality is None and config.window is None and config.target_spacing is None:
+        return Preprocessing.from_json(recorded) if recorded else Preprocessing()
+    chosen = preprocessing_from_options(
+        config.modality or "generic", config.window, config.target_spacing
+    )
+    if recorded and Preprocessing.from_json(recorded) != chosen:
+        logger.warning(
+            "checkpoint %s was pretrained on files preprocessed as %s; fine-tuning uses %s",
+            config.init, recorded, chosen.to_json(),
+        )  # fmt: skip
+    return chosen
+
+
+def load_data(config: FinetuneConfig, init_spec: dict | None) -> LabelledData:
     if config.data is None:
         return phantom_data(
             config.task,
@@ -246,9 +280,37 @@ def load_data(config: FinetuneConfig, intensity: dict | None) -> LabelledData:
             config.spatial_size,
             LABELLED_PHANTOM_SEED,
         )
-    return folder_data(
-        config.task, config.data, config.spatial_size, intensity or ROBUST_UNIT_RANGE
+    options = FolderOptions(
+        preprocessing=resolve_preprocessing(config, init_spec),
+        cache=cache_from_options(config.cache, config.cache_dir),
+        slice_axis=config.slice_axis,
+        skip_bad=config.skip_bad,
     )
+    return folder_data(config.task, config.data, config.spatial_size, options)
+
+
+def check_every_class_trained(task, train_items: list[dict], fraction: str, split: Split) -> None:
+    """A class (label, organ) without a single training example cannot be learned; stop
+    before training rather than report a zero score for it later."""
+    if task.name == "classify":
+        seen = {int(item["label"]) for item in train_items}
+        names = dict(enumerate(task.class_names))
+    elif task.name == "segment":
+        seen = set()
+        for item in train_items:
+            seen.update(int(v) for v in torch.unique(item["mask"]))
+        names = dict(zip(task.label_values, task.label_names))
+    else:
+        present = torch.stack([item["present"] for item in train_items]).amax(dim=0)
+        seen = {index for index, flag in enumerate(present.tolist()) if flag}
+        names = dict(enumerate(task.organ_names))
+    missing = [name for key, name in names.items() if key not in seen]
+    if missing:
+        raise CtxRestoreError(
+            f"label fraction {fraction} leaves {', '.join(map(repr, missing))} with no training "
+            f"example ({len(split.case_ids('train'))} training cases); use a larger --fraction "
+            "or more labelled cases"
+        )
 
 
 def _loader(items: list[dict], indices: tuple[int, ...]) -> DataLoader:
@@ -265,7 +327,7 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
         state, init_spec = None, None
         if config.init != "random":  # read once: its intensity scaling, then its weights
             state, init_spec = load_checkpoint(Path(config.init))
-        data = load_data(config, None if init_spec is None else init_spec.get("intensity"))
+        data = load_data(config, init_spec)
         pretrained = _check_init(config, data, state, init_spec)
         split = split_cases(
             data.cases,
@@ -276,6 +338,7 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             val_fraction=config.val_fraction,
         )
         train_items = [data.items[i] for i in split.train]
+        check_every_class_trained(data.task, train_items, config.fraction, split)
         task = data.task
         if config.balance:
             task = task.balanced(train_items)
@@ -291,6 +354,11 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             "channel_names": list(data.channel_names),
             "image_size": list(config.spatial_size),
             "intensity": data.intensity,
+            **(
+                {"preprocessing": data.preprocessing, "slice_axis": config.slice_axis}
+                if data.preprocessing
+                else {}
+            ),
             "task": task.to_json(),
             "init": {"source": config.init, "transfer": transfer.to_json()},
             "data": {"source": data.source, "split_seed": config.seed},
@@ -326,12 +394,16 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             compile=config.compile,
         )
         device = context.device
-        validation = Validation(
-            every=validate_every,
-            evaluate=lambda m: task.evaluate(m, _loader(data.items, split.val), device),
-            metric=task.metric,
-            patience=config.patience,
-        )
+        validation = None
+        if split.val:
+            validation = Validation(
+                every=validate_every,
+                evaluate=lambda m: task.evaluate(m, _loader(data.items, split.val), device),
+                metric=task.metric,
+                patience=config.patience,
+            )
+        else:
+            logger.warning("no validation split: training %d steps, keeping the last", max_steps)
         transferred = [f"{part}." for part in transfer.transferred]
         result = fit(
             model=model,
@@ -358,6 +430,7 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
                     for name in ("train", "val", "test")
                 },
                 "split_summary": split.summary(),
+                "skipped_files": data.skipped,
                 "steps": result.steps,
                 "best_step": result.best_step,
                 "best_validation": {task.metric: result.best_score},
@@ -381,4 +454,7 @@ def _test(out: Path, model: nn.Module, task, data: LabelledData, split: Split, d
         weights, _ = load_checkpoint(out / BEST_DIR)
         model.load_state_dict(weights)
     model.to(device).eval()
+    if not split.test:
+        logger.warning("no test split: %s has no test metrics", out)
+        return {}
     return task.evaluate(model, _loader(data.items, split.test), device)

@@ -21,7 +21,7 @@ from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import write_json
 
 runner = CliRunner()
-TINY = dict(task="classify", methods="random,context_restoration", fractions="0.25,1.0", seeds=2,
+TINY = dict(task="classify", methods="random,context_restoration", fractions="0.35,1.0", seeds=2,
             num_images=40, image_size=32, width=4, pretrain_images=32, pretrain_steps=2,
             pretrain_batch_size=8, max_steps=2, batch_size=8, patch_size=4, num_swaps=5,
             device="cpu")  # fmt: skip
@@ -196,12 +196,12 @@ def test_benchmark_writes_results_summary_plot_and_report(benchmark_out):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * 2 * 2
     assert {(r["method"], r["fraction"], r["seed"]) for r in rows} == {
-        (m, f, s) for m in ("random", "context_restoration") for f in ("0.25", "1.0")
+        (m, f, s) for m in ("random", "context_restoration") for f in ("0.35", "1.0")
         for s in ("0", "1")
     }  # fmt: skip
     for column in ("task", "train_cases", "steps", "best_step", "macro_f1", "accuracy"):
         assert column in rows[0], column
-    assert {r["train_cases"] for r in rows if r["fraction"] == "0.25"} == {"7"}
+    assert {r["train_cases"] for r in rows if r["fraction"] == "0.35"} == {"10"}
     with (benchmark_out / "summary.csv").open() as handle:
         summary = list(csv.DictReader(handle))
     assert len(summary) == 2 * 2 and summary[1]["pairs"] == "2"
@@ -227,7 +227,7 @@ def test_benchmark_again_skips_every_finished_run(benchmark_out):
 
 
 def test_benchmark_reruns_only_the_run_without_metrics(benchmark_out):
-    lost = benchmark_out / "runs" / "context_restoration" / "fraction_0.25" / "seed_1"
+    lost = benchmark_out / "runs" / "context_restoration" / "fraction_0.35" / "seed_1"
     (lost / "metrics.json").unlink()
     before = _finished(benchmark_out)
     result = api.benchmark(out=benchmark_out, **TINY)

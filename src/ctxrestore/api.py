@@ -332,8 +332,8 @@ _BenchImages = Annotated[int, typer.Option(help="Labelled phantom cases (all spl
 _PretrainData = Annotated[
     Path | None,
     typer.Option(
-        help="Unlabelled images to pretrain on (PNG/JPEG/TIFF/NumPy); default: DATA for "
-        "classify, the phantom without DATA."
+        help="Unlabelled images to pretrain on (any layout pretrain reads); default: DATA's "
+        "images, or the phantom's without DATA."
     ),
 ]
 _PretrainImages = Annotated[int, typer.Option(help="Unlabelled phantom images to pretrain on.")]
@@ -398,6 +398,13 @@ def benchmark(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     patience: _BenchPatience = 10,
+    modality: _Modality = "generic",
+    window: _Window = None,
+    target_spacing: _TargetSpacing = None,
+    slice_axis: _SliceAxis = 0,
+    cache: _Cache = True,
+    cache_dir: _CacheDir = None,
+    skip_bad: _SkipBad = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
     precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast on a GPU.")] = "auto",
     resume: _BenchResume = True,
@@ -455,6 +462,13 @@ def ablate(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     patience: _BenchPatience = 10,
+    modality: _Modality = "generic",
+    window: _Window = None,
+    target_spacing: _TargetSpacing = None,
+    slice_axis: _SliceAxis = 0,
+    cache: _Cache = True,
+    cache_dir: _CacheDir = None,
+    skip_bad: _SkipBad = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
     precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast on a GPU.")] = "auto",
     resume: _BenchResume = True,

@@ -80,12 +80,19 @@ class BenchmarkOptions:
     learning_rate: float = 1e-3
     pretrained_lr_scale: float = 1.0
     patience: int = 10
+    modality: str = "generic"
+    window: str | None = None
+    target_spacing: str | None = None
+    slice_axis: int = 0
+    cache: bool = True
+    cache_dir: Path | None = None
+    skip_bad: bool = False
     device: str = "auto"
     precision: str = "auto"
     resume: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("out", "data", "pretrain_data"):  # Python callers may pass strings
+        for name in ("out", "data", "pretrain_data", "cache_dir"):  # callers may pass strings
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         if self.task not in TASK_NAMES:
@@ -107,7 +114,7 @@ class BenchmarkOptions:
         """The options as OUT/benchmark.json stores them (paths as absolute strings)."""
         values = dataclasses.asdict(self)
         del values["out"]
-        for key in ("data", "pretrain_data"):
+        for key in ("data", "pretrain_data", "cache_dir"):
             if values[key] is not None:
                 values[key] = str(Path(values[key]).resolve())
         return values
@@ -182,20 +189,12 @@ def _default_seeds(options: BenchmarkOptions) -> int:
     return SEEDS_ON_GPU if on_gpu else SEEDS_ON_CPU
 
 
-def _pretrain_source(options: BenchmarkOptions, arms: tuple[Arm, ...]) -> dict:
+def _pretrain_source(options: BenchmarkOptions) -> dict:
     if options.pretrain_data is not None:
         return {"data": options.pretrain_data}
     if options.data is None:
         return {"phantom": DEFAULT_PHANTOMS[options.task]}
-    if options.task == "classify":  # class sub-folders: the images, their labels unused
-        return {"data": options.data}
-    if any(arm.pretrain is not None for arm in arms):
-        raise CtxRestoreError(
-            f"the {options.task} data {options.data} is a dataset.json layout; give the "
-            "unlabelled images to pretrain on with --pretrain-data (a folder of "
-            "PNG/JPEG/TIFF/NumPy images)"
-        )
-    return {}
+    return {"data": options.data}  # every labelled layout: its images, labels unused
 
 
 def build_protocol(
@@ -216,21 +215,24 @@ def build_protocol(
             f"architecture; use --network {TASK_NETWORKS[task]} or leave out random"
         )
     seeds = options.seeds or _default_seeds(options)
+    # How files are read: the same for pretraining and fine-tuning.
+    files = {key: getattr(options, key) for key in ("modality", "window", "target_spacing",
+             "slice_axis", "cache", "cache_dir", "skip_bad")}  # fmt: skip
     pretrain_options = {
-        **_pretrain_source(options, arms),
+        **_pretrain_source(options),
         "num_images": options.pretrain_images, "network": network, "width": options.width,
         "image_size": options.image_size, "patch_size": options.patch_size,
         "num_swaps": options.num_swaps, "foreground_threshold": options.foreground_threshold,
         "batch_size": options.pretrain_batch_size, "max_steps": options.pretrain_steps,
         "learning_rate": options.pretrain_learning_rate, "seed": 0, "device": options.device,
-        "precision": options.precision,
+        "precision": options.precision, **files,
     }  # fmt: skip
     finetune_options = {
         "data": options.data, "num_images": options.num_images, "image_size": options.image_size,
         "width": options.width, "batch_size": options.batch_size, "epochs": options.epochs,
         "max_steps": options.max_steps, "learning_rate": options.learning_rate,
         "pretrained_lr_scale": options.pretrained_lr_scale, "patience": options.patience,
-        "device": options.device, "precision": options.precision,
+        "device": options.device, "precision": options.precision, **files,
     }  # fmt: skip
     settings = {**options.settings(), "kind": kind, "network": network, "seeds": seeds,
                 "metric": options.metric or TASK_METRICS[task], **extra_settings}  # fmt: skip

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -283,3 +284,39 @@ def test_errors_name_the_file_in_python_too(msd):
     (msd / "imagesTr" / "case04.nii.gz").write_bytes(b"\x00" * 10)
     with pytest.raises(CtxRestoreError, match="case04"):
         folder_data("segment", msd, (16, 16), FolderOptions(Preprocessing(), ArrayCache(None)))
+
+
+def _world_boxes_csv(msd: Path) -> None:
+    """boxes.csv in LPS millimetres, from the label files (the way a user's tool exports)."""
+    rows = ["image,label,present,start_0,start_1,start_2,stop_0,stop_1,stop_2,space"]
+    dataset = json.loads((msd / "dataset.json").read_text())
+    for entry in dataset["training"]:
+        label = np.asarray(nib.load(msd / entry["label"]).dataobj)
+        image = entry["image"] if isinstance(entry["image"], str) else entry["image"][0]
+        for value, name in ((1, "oedema"), (2, "core")):
+            voxels = np.argwhere(label == value)
+            if not len(voxels):
+                rows.append(f"{image},{name},0,,,,,,,LPS")
+                continue
+            corners = [AFFINE @ [*voxels.min(0), 1], AFFINE @ [*voxels.max(0), 1]]
+            lps = [corner[:3] * [-1, -1, 1] for corner in corners]
+            rows.append(f"{image},{name},1,{','.join(map(str, lps[0]))},"
+                        f"{','.join(map(str, lps[1]))},LPS")  # fmt: skip
+    (msd / "boxes.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_world_boxes_land_where_the_masks_are(msd):
+    options = FolderOptions(Preprocessing("mr", target_spacing=(3.0, 3.0, 3.0)), ArrayCache(None))
+    from_masks = {
+        size: folder_data("localize", msd, size, options) for size in [(16,) * 3, (16,) * 2]
+    }
+    _world_boxes_csv(msd)
+    for size, expected in from_masks.items():
+        listed = folder_data("localize", msd, size, options)
+        assert len(listed.items) == len(expected.items)
+        for got, want in zip(listed.items, expected.items):
+            assert torch.equal(got["present"], want["present"])
+            if len(size) == 3:  # whole volumes: the same boxes (2D slices crop them tighter)
+                # within a network voxel: masks are resampled and resized on whole voxels
+                assert torch.allclose(got["boxes"], want["boxes"], atol=1.0)
+                assert (got["boxes"] - want["boxes"]).abs().mean() < 0.5

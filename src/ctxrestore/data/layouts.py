@@ -5,9 +5,11 @@
 - Segmentation: a Medical Segmentation Decathlon / nnU-Net style folder: `dataset.json`,
   `imagesTr/<case>_<channel:04d>.nii.gz` (one file per channel, as BraTS after conversion) and
   `labelsTr/<case>.nii.gz`.
+- Classification may also be a CSV of (image, label), paths relative to the CSV.
 - Localisation: the segmentation layout plus `boxes.csv`: one row per (image, label) with the
-  box in voxel coordinates (first voxel, one past the last, in array axis order), or
-  present = 0 when the organ is not in view.
+  box in voxel coordinates (first voxel, one past the last, in array axis order) or, with a
+  `space` column of LPS / RAS, in world millimetres; present = 0 when the organ is not in view.
+- A 4D NIfTI (x, y, z, channels) may stand for a case's channel files in dataset.json.
 """
 
 from __future__ import annotations
@@ -301,12 +303,43 @@ def write_boxes_csv(path: Path, rows: Sequence[tuple[str, str, Box | None]], dim
     return atomic_write(path, write)
 
 
-def read_boxes_csv(path: Path | str) -> dict[str, dict[str, Box | None]]:
-    """{image: {label: box or None}} from a boxes CSV (voxel coordinates)."""
+@dataclass(frozen=True)
+class WorldBox:
+    """A box in world millimetres: `start` and `stop` are opposite corners in (x, y, z) order,
+    in the `space` convention: "LPS" (DICOM, ITK, 3D Slicer files) or "RAS" (NIfTI)."""
+
+    start: tuple[float, ...]
+    stop: tuple[float, ...]
+    space: str
+
+    def to_voxels(self, affine: np.ndarray, shape: Sequence[int]) -> Box:
+        """The smallest voxel box (array axis order) holding the world box, given a volume's
+        voxel (x, y, z) -> RAS affine (readers.Volume.affine) and its (z, y, x) shape."""
+        flip = np.array([-1.0, -1.0, 1.0]) if self.space == "LPS" else np.ones(3)
+        corners = np.array(
+            [[a, b, c] for a in (self.start[0], self.stop[0]) for b in (self.start[1], self.stop[1])
+             for c in (self.start[2], self.stop[2])]
+        ) * flip  # fmt: skip
+        inverse = np.linalg.inv(np.asarray(affine, dtype=float))
+        voxels = (inverse[:3, :3] @ corners.T).T + inverse[:3, 3]  # (8, xyz), voxel centres
+        low = np.floor(voxels.min(axis=0) + 0.5).astype(int)[::-1]
+        high = np.floor(voxels.max(axis=0) + 0.5).astype(int)[::-1] + 1
+        limits = np.array(shape[-3:])
+        low, high = np.clip(low, 0, limits), np.clip(high, 0, limits)
+        return tuple(int(v) for v in low), tuple(int(v) for v in high)
+
+
+BOX_SPACES = ("voxel", "LPS", "RAS")
+
+
+def read_boxes_csv(path: Path | str) -> dict[str, dict[str, Box | WorldBox | None]]:
+    """{image: {label: box or None}} from a boxes CSV. Boxes are in voxels (array axis order,
+    first voxel and one past the last) unless an optional column `space` says LPS or RAS:
+    world millimetres, start_0..2 / stop_0..2 = opposite corners in (x, y, z) order."""
     path = Path(path)
     if not path.is_file():
         raise CtxRestoreError(f"box file {path} does not exist")
-    boxes: dict[str, dict[str, Box | None]] = {}
+    boxes: dict[str, dict[str, Box | WorldBox | None]] = {}
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         fields = reader.fieldnames or []
@@ -316,13 +349,30 @@ def read_boxes_csv(path: Path | str) -> dict[str, dict[str, Box | None]]:
                 f"{path} needs columns image, label, present, start_0.. and stop_0.. (2D or 3D)"
             )
         for line, row in enumerate(reader, start=2):
+            space = (row.get("space") or "voxel").strip()
+            if space not in BOX_SPACES:
+                raise CtxRestoreError(
+                    f"{path} line {line}: space {space!r} is not one of {', '.join(BOX_SPACES)}"
+                )
             try:
                 box = None
                 if int(row["present"]):
-                    start = tuple(int(row[f"start_{a}"]) for a in range(dims))
-                    stop = tuple(int(row[f"stop_{a}"]) for a in range(dims))
-                    box = (start, stop)
+                    if space == "voxel":
+                        start = tuple(int(row[f"start_{a}"]) for a in range(dims))
+                        stop = tuple(int(row[f"stop_{a}"]) for a in range(dims))
+                        box = (start, stop)
+                    elif dims != 3:
+                        raise CtxRestoreError(
+                            f"{path} line {line}: world boxes need 3 coordinates (x, y, z)"
+                        )
+                    else:
+                        box = WorldBox(
+                            tuple(float(row[f"start_{a}"]) for a in range(3)),
+                            tuple(float(row[f"stop_{a}"]) for a in range(3)),
+                            space,
+                        )
             except (TypeError, ValueError):
-                raise CtxRestoreError(f"{path} line {line}: box values must be integers") from None
+                kind = "integers" if space == "voxel" else "numbers"
+                raise CtxRestoreError(f"{path} line {line}: box values must be {kind}") from None
             boxes.setdefault(row["image"], {})[row["label"]] = box
     return boxes

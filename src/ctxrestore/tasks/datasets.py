@@ -28,6 +28,7 @@ from rich.progress import track
 from ctxrestore.data.cache import ArrayCache
 from ctxrestore.data.layouts import (
     BOXES_FILE,
+    WorldBox,
     read_boxes_csv,
     read_classification,
     read_segmentation_layout,
@@ -172,10 +173,10 @@ def _check_dims(case: PreparedCase, spatial_dims: int, allow_slicing: bool) -> N
 
 
 def _planes(case: PreparedCase, spatial_dims: int, slice_axis: int):
-    """(image, mask, spacing) of the case itself, or of its slices along `slice_axis` when a
-    2D task reads a volume (air slices without any label are left out)."""
+    """(slice index or None, image, mask, spacing) of the case itself, or of its slices along
+    `slice_axis` when a 2D task reads a volume (air slices without any label are left out)."""
     if case.image.ndim - 1 == spatial_dims:
-        yield case.image, case.label, case.spacing
+        yield None, case.image, case.label, case.spacing
         return
     kept = set(slice_indices(case.foreground, slice_axis, MIN_FOREGROUND))
     if case.label is not None:
@@ -184,7 +185,7 @@ def _planes(case: PreparedCase, spatial_dims: int, slice_axis: int):
     spacing = tuple(s for axis, s in enumerate(case.spacing) if axis != slice_axis)
     for index in sorted(kept):
         mask = None if case.label is None else take_slice(case.label[None], slice_axis, index)[0]
-        yield take_slice(case.image, slice_axis, index), mask, spacing
+        yield index, take_slice(case.image, slice_axis, index), mask, spacing
 
 
 class _Reader:
@@ -256,7 +257,8 @@ def _segmentation_folder(task_name: str, folder: Path, spatial_size, options) ->
         )  # fmt: skip
         if prepared is None:
             continue
-        for plane, plane_mask, plane_spacing in _planes(
+        case_boxes = _case_boxes(listed, case, prepared, task) if listed else None
+        for index, plane, plane_mask, plane_spacing in _planes(
             prepared, len(spatial_size), options.slice_axis
         ):
             tensor, spacing_tensor, mask_tensor, scale = resize_item(
@@ -265,8 +267,8 @@ def _segmentation_folder(task_name: str, folder: Path, spatial_size, options) ->
             item = {"image": tensor, "spacing": spacing_tensor}
             if task_name == "segment":
                 item["mask"] = mask_tensor
-            elif listed:
-                item.update(_listed_boxes(listed, case, task, scale))
+            elif case_boxes is not None:
+                item.update(_plane_boxes(*case_boxes, index, options.slice_axis, scale))
             else:
                 boxes, present = boxes_from_masks(mask_tensor[None], organ_values)
                 item["boxes"], item["present"] = boxes[0], present[0]
@@ -279,20 +281,43 @@ def _segmentation_folder(task_name: str, folder: Path, spatial_size, options) ->
     )  # fmt: skip
 
 
-def _listed_boxes(listed: dict, case, task: LocalizationTask, scale: torch.Tensor) -> dict:
-    """boxes.csv rows of a case's first channel file (its path relative to the folder)."""
+def _case_boxes(listed: dict, case, prepared: PreparedCase, task: LocalizationTask):
+    """(boxes (O, 2, D), present (O,)) of a case's boxes.csv rows (keyed by its first channel
+    file), in voxels of the preprocessed grid: world boxes mapped through the file's affine,
+    then scaled by the resampling."""
     key = next((k for k in listed if Path(k).name == case.images[0].name), None)
     if key is None:
         raise CtxRestoreError(f"{BOXES_FILE} has no rows for {case.images[0].name}")
-    dims = scale.numel()
-    boxes = torch.zeros(len(task.organ_names), 2, dims)
+    shape = prepared.image.shape[1:]
+    to_grid = torch.tensor(shape, dtype=torch.float32) / torch.tensor(prepared.original_shape)
+    boxes = torch.zeros(len(task.organ_names), 2, len(shape))
     present = torch.zeros(len(task.organ_names))
     for index, organ in enumerate(task.organ_names):
         box = listed[key].get(organ)
+        if isinstance(box, WorldBox):
+            if len(shape) != 3:
+                raise CtxRestoreError(f"{BOXES_FILE}: world box for 2D image {case.images[0]}")
+            box = box.to_voxels(prepared.affine, prepared.original_shape)
         if box is not None:
-            boxes[index] = torch.tensor(box, dtype=torch.float32) * scale
+            if len(box[0]) != len(shape):
+                raise CtxRestoreError(
+                    f"{BOXES_FILE}: the box of {organ} in {key} has {len(box[0])} coordinates, "
+                    f"the image {len(shape)} axes"
+                )
+            boxes[index] = torch.tensor(box, dtype=torch.float32) * to_grid
             present[index] = 1.0
-    return {"boxes": boxes, "present": present}
+    return boxes, present
+
+
+def _plane_boxes(boxes, present, index: int | None, axis: int, scale: torch.Tensor) -> dict:
+    """The case's boxes for one item: all of them, or for slice `index` along `axis` the
+    organs whose box spans it, without that axis; scaled by the resizing."""
+    if index is not None:
+        spans = (boxes[:, 0, axis] <= index + 0.5) & (boxes[:, 1, axis] > index + 0.5)
+        present = present * spans.float()
+        keep = [a for a in range(boxes.shape[-1]) if a != axis]
+        boxes = boxes[..., keep] * present[:, None, None]
+    return {"boxes": boxes * scale, "present": present}
 
 
 def _folder_data(

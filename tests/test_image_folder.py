@@ -3,7 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ctxrestore.data.image_folder import ImageFolderDataset, find_images, read_image
+from ctxrestore.data.cache import ArrayCache
+from ctxrestore.data.image_folder import read_image
+from ctxrestore.data.preprocess import Preprocessing
+from ctxrestore.data.unlabelled import UnlabelledDataset
 from ctxrestore.errors import CtxRestoreError
 
 
@@ -37,19 +40,18 @@ def test_reads_npy_layouts(tmp_path):
     assert read_image(tmp_path / "plane.npy").dtype == np.float32
 
 
-def test_find_images_is_recursive_sorted_and_case_insensitive(tmp_path):
-    (tmp_path / "b").mkdir()
-    np.save(tmp_path / "b" / "x.npy", _ramp())
-    Image.fromarray(_ramp().astype(np.uint8)).save(tmp_path / "a.JPG")
-    (tmp_path / "notes.txt").write_text("not an image")
-    assert find_images(tmp_path) == [tmp_path / "a.JPG", tmp_path / "b" / "x.npy"]
+def _dataset(folder, spatial_size, in_channels=None):
+    return UnlabelledDataset(
+        folder, preprocessing=Preprocessing(), spatial_size=spatial_size,
+        cache=ArrayCache(None), in_channels=in_channels,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(("spatial_size", "in_channels"), [((8, 10), None), ((20, 24), 1)])
 def test_dataset_scales_and_resizes(tmp_path, spatial_size, in_channels):
     Image.fromarray((_ramp() * 300).astype(np.uint16)).save(tmp_path / "deep.png")
     np.save(tmp_path / "plane.npy", _ramp() - 1000.0)
-    dataset = ImageFolderDataset(tmp_path, spatial_size=spatial_size, in_channels=in_channels)
+    dataset = _dataset(tmp_path, spatial_size, in_channels)
     assert len(dataset) == 2
     for index in range(2):
         image = dataset[index]["image"]
@@ -58,20 +60,19 @@ def test_dataset_scales_and_resizes(tmp_path, spatial_size, in_channels):
         assert image.max() - image.min() > 0.9
 
 
-def test_dataset_3d(tmp_path):
+def test_dataset_3d_patches_cover_the_volume(tmp_path):
     np.save(tmp_path / "volume.npy", np.random.default_rng(0).random((2, 10, 12, 14)))
-    image = ImageFolderDataset(tmp_path, spatial_size=(8, 8, 8))[0]["image"]
-    assert image.shape == (2, 8, 8, 8)
+    dataset = _dataset(tmp_path, (8, 8, 8))
+    assert len(dataset) == 2 * 2 * 2  # ceil(10/8) * ceil(12/8) * ceil(14/8) patches
+    assert all(dataset[i]["image"].shape == (2, 8, 8, 8) for i in range(len(dataset)))
 
 
 def test_dataset_rejects_wrong_channels_and_dims(tmp_path):
     np.save(tmp_path / "channels.npy", np.ones((3, 12, 16)))
     with pytest.raises(CtxRestoreError, match=r"channels\.npy has 3 channels.*in_channels is 1"):
-        ImageFolderDataset(tmp_path, spatial_size=(8, 8), in_channels=1)[0]
-    with pytest.raises(CtxRestoreError, match=r"channels\.npy.*2 spatial dims.*asks for 3"):
-        ImageFolderDataset(tmp_path, spatial_size=(8, 8, 8))[0]
-    with pytest.raises(CtxRestoreError, match="spatial_size"):
-        ImageFolderDataset(tmp_path, spatial_size=(8,))
+        _dataset(tmp_path, (8, 8), in_channels=1)
+    with pytest.raises(CtxRestoreError, match=r"channels\.npy is 2D.*3D network"):
+        _dataset(tmp_path, (8, 8, 8))
 
 
 def _write_bad_file(tmp_path, kind):
@@ -113,13 +114,11 @@ def test_bad_files_raise_with_the_file_name(tmp_path, kind, problem):
 
 
 def test_empty_and_missing_folders_raise(tmp_path):
-    with pytest.raises(CtxRestoreError, match=r"no image files.*\.png") as caught:
-        find_images(tmp_path)
+    with pytest.raises(CtxRestoreError, match="holds no readable image") as caught:
+        _dataset(tmp_path, (8, 8))
     assert str(tmp_path) in str(caught.value)
     (tmp_path / "readme.txt").write_text("hi")
-    with pytest.raises(CtxRestoreError, match=r"1 other files \(\.txt\)"):
-        ImageFolderDataset(tmp_path, spatial_size=(8, 8))
+    with pytest.raises(CtxRestoreError, match=r"found 1 other files \(\.txt"):
+        _dataset(tmp_path, (8, 8))
     with pytest.raises(CtxRestoreError, match=r"missing.*does not exist"):
-        find_images(tmp_path / "missing")
-    with pytest.raises(CtxRestoreError, match="is not a folder"):
-        find_images(tmp_path / "readme.txt")
+        _dataset(tmp_path / "missing", (8, 8))

@@ -7,7 +7,6 @@ import pytest
 from ctxrestore.data.layouts import (
     read_boxes_csv,
     read_class_folders,
-    read_segmentation_case,
     read_segmentation_layout,
     write_boxes_csv,
     write_class_names,
@@ -16,6 +15,7 @@ from ctxrestore.data.layouts import (
     write_segmentation_case,
 )
 from ctxrestore.data.nifti import read_nifti, write_nifti
+from ctxrestore.data.readers import read_volume
 from ctxrestore.errors import CtxRestoreError
 
 
@@ -32,6 +32,13 @@ def test_nifti_round_trip_and_orientation(tmp_path, shape):
         # The same anatomy stored as RAS by another tool reads back identically.
         nib.save(nib.as_closest_canonical(image), tmp_path / "ras.nii.gz")
         assert np.array_equal(read_nifti(tmp_path / "ras.nii.gz")[0], array)
+
+
+def read_case(case):
+    """(image (C, *spatial), mask, spacing) as the files hold them."""
+    channels = [read_volume(path) for path in case.images]
+    mask = read_volume(case.label).array[0].astype(np.int64)
+    return np.concatenate([c.array for c in channels]), mask, channels[0].spacing
 
 
 def test_unreadable_nifti_names_the_file(tmp_path):
@@ -73,7 +80,7 @@ def test_segmentation_layout_round_trip(tmp_path):
     assert layout.channel_names == ("T1", "T1ce", "T2", "FLAIR")
     assert layout.labels == {0: "bg", 1: "a", 2: "b"}
     for case in layout.cases:
-        image, mask, spacing = read_segmentation_case(case)
+        image, mask, spacing = read_case(case)
         assert np.array_equal(image, originals[case.name][0])
         assert np.array_equal(mask, originals[case.name][1])
         assert spacing == (2, 1, 1)

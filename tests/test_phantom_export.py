@@ -7,14 +7,13 @@ from typer.testing import CliRunner
 import ctxrestore
 from ctxrestore.cli import app
 from ctxrestore.data.layouts import (
-    read_any,
     read_boxes_csv,
     read_class_folders,
-    read_segmentation_case,
     read_segmentation_layout,
 )
 from ctxrestore.data.phantoms import get_phantom
 from ctxrestore.data.phantoms.export import export_phantom
+from ctxrestore.data.readers import read_volume
 from ctxrestore.errors import CtxRestoreError
 
 SIZE = 64
@@ -23,6 +22,13 @@ SIZE = 64
 def samples(name, count, dims=2):
     info = get_phantom(name)
     return [info.generator(i, seed=3, spatial_size=(SIZE,) * dims) for i in range(count)]
+
+
+def read_case(case):
+    """(image (C, *spatial), mask, spacing) as the files hold them."""
+    channels = [read_volume(path) for path in case.images]
+    mask = read_volume(case.label).array[0].astype(np.int64)
+    return np.concatenate([c.array for c in channels]), mask, channels[0].spacing
 
 
 def test_ultrasound_class_folders_read_back(tmp_path):
@@ -36,7 +42,7 @@ def test_ultrasound_class_folders_read_back(tmp_path):
     for path, label in items:
         sample = expected[path.name]
         assert label == sample.label
-        image, _ = read_any(path)
+        image = read_volume(path).array
         assert np.array_equal(image[0], np.round(np.clip(sample.image[0], 0, 1) * 255))
 
 
@@ -61,7 +67,7 @@ def test_segmentation_layouts_read_back_unchanged(tmp_path, name, dims):
         for i in range(count)
     ]
     for case, sample in zip(layout.cases, generated):
-        image, mask, spacing = read_segmentation_case(case)
+        image, mask, spacing = read_case(case)
         assert np.array_equal(image, sample.image.astype(np.float32))
         assert np.array_equal(mask, sample.mask)
         assert spacing == pytest.approx(sample.spacing, rel=1e-6)

@@ -1,6 +1,7 @@
-"""Readers, dataset layouts, intensity normalisation and built-in phantoms."""
+"""Readers, dataset layouts, preprocessing, caching and built-in phantoms."""
 
-from ctxrestore.data.image_folder import ImageFolderDataset, find_images, read_image
 from ctxrestore.data.phantoms import list_phantoms, phantom_dataset
+from ctxrestore.data.preprocess import Preprocessing
+from ctxrestore.data.readers import find_sources, read_volume
 
-__all__ = ["ImageFolderDataset", "find_images", "list_phantoms", "phantom_dataset", "read_image"]
+__all__ = ["Preprocessing", "find_sources", "list_phantoms", "phantom_dataset", "read_volume"]

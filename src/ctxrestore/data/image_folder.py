@@ -1,22 +1,14 @@
-"""A folder of unlabelled images (PNG/JPEG/TIFF/NumPy), the simplest pretraining layout.
-
-`read_image` turns one file into (C, *spatial) float32 and fails with a CtxRestoreError that
-names the file for anything it cannot use; `ImageFolderDataset` scales and resizes each image
-to a fixed size for batching.
-"""
+"""Plain image files (PNG/JPEG/TIFF/NumPy): `read_image` turns one into (C, *spatial) float32
+and fails with a CtxRestoreError that names the file for anything it cannot use. Medical
+formats and folders: data.readers, which uses this for these files."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageSequence
-from torch.utils.data import Dataset
 
-from ctxrestore.data.intensity import ROBUST_UNIT_RANGE, normalize_intensity
 from ctxrestore.errors import CtxRestoreError
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -28,29 +20,6 @@ MAX_CHANNELS = 8
 _NPY_MAGIC = b"\x93NUMPY"
 # Decoders raise these for files that are not images, truncated or corrupt.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-def find_images(folder: Path | str) -> list[Path]:
-    """All image files under `folder` (recursively), sorted by path.
-
-    Accepts the suffixes in IMAGE_SUFFIXES, in any letter case. Raises CtxRestoreError when
-    the folder is missing, is not a folder, or holds no image file.
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise CtxRestoreError(f"image folder {folder} does not exist")
-    if not folder.is_dir():
-        raise CtxRestoreError(f"image folder {folder} is not a folder; give a folder of images")
-    files = [path for path in folder.rglob("*") if path.is_file()]
-    images = sorted(path for path in files if path.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        other = sorted({path.suffix.lower() or path.name for path in files})[:5]
-        found = f"found {len(files)} other files ({', '.join(other)})" if files else "it is empty"
-        raise CtxRestoreError(
-            f"image folder {folder} holds no image files: {found}; "
-            f"accepted suffixes: {' '.join(IMAGE_SUFFIXES)}"
-        )
-    return images
 
 
 def _as_float32(array: np.ndarray, path: Path) -> np.ndarray:
@@ -140,65 +109,3 @@ def read_image(path: Path | str) -> np.ndarray:
     if not path.is_file():
         raise CtxRestoreError(f"image file {path} does not exist")
     return _read_npy(path) if suffix in NUMPY_SUFFIXES else _read_pil(path)
-
-
-def _check_spatial_size(spatial_size: Sequence[int]) -> tuple[int, ...]:
-    size = tuple(int(s) for s in spatial_size)
-    if len(size) not in (2, 3) or min(size) < 1:
-        raise CtxRestoreError(
-            f"spatial_size {tuple(spatial_size)} is not valid; give 2 (H, W) or 3 (D, H, W) "
-            "positive sizes"
-        )
-    return size
-
-
-class ImageFolderDataset(Dataset):
-    """Every image under `folder`, as `{"image": (C, *spatial_size) float32 in [0, 1]}`.
-
-    Files are listed once, here (see `find_images`), and read on access. Each image is scaled
-    by `ROBUST_UNIT_RANGE` (data.intensity), then resized to `spatial_size` by plain
-    (bi/tri)linear interpolation, without keeping the aspect ratio; 2D downsampling is antialiased.
-    `in_channels`, when given, must match every file's channel count.
-    """
-
-    def __init__(
-        self,
-        folder: Path | str,
-        *,
-        spatial_size: Sequence[int],
-        in_channels: int | None = None,
-    ) -> None:
-        self.spatial_size = _check_spatial_size(spatial_size)
-        if in_channels is not None and in_channels < 1:
-            raise CtxRestoreError(f"in_channels {in_channels} must be >= 1 (or None: any)")
-        self.in_channels = in_channels
-        self.files = find_images(folder)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        path = self.files[index]
-        image = read_image(path)
-        spatial_dims = len(self.spatial_size)
-        if image.ndim - 1 != spatial_dims:
-            raise CtxRestoreError(
-                f"{path} is read as shape {image.shape} ({image.ndim - 1} spatial dims), but "
-                f"spatial_size {self.spatial_size} asks for {spatial_dims}; give a "
-                f"{image.ndim - 1}D spatial_size or convert the file"
-            )
-        if self.in_channels is not None and image.shape[0] != self.in_channels:
-            raise CtxRestoreError(
-                f"{path} has {image.shape[0]} channels but in_channels is {self.in_channels}; "
-                "give files with that many channels or change in_channels"
-            )
-        tensor = torch.from_numpy(normalize_intensity(image, ROBUST_UNIT_RANGE))
-        if tuple(tensor.shape[1:]) != self.spatial_size:
-            tensor = F.interpolate(
-                tensor[None],
-                size=self.spatial_size,
-                mode="bilinear" if spatial_dims == 2 else "trilinear",
-                align_corners=False,
-                antialias=spatial_dims == 2,
-            )[0].clamp_(0.0, 1.0)
-        return {"image": tensor.contiguous()}

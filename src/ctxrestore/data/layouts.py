@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ctxrestore.data.image_folder import IMAGE_SUFFIXES, read_image
-from ctxrestore.data.nifti import is_nifti, read_nifti, write_nifti
+from ctxrestore.data.image_folder import IMAGE_SUFFIXES
+from ctxrestore.data.nifti import is_nifti, write_nifti
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import atomic_write, read_json, write_json
 
@@ -42,14 +42,6 @@ def write_image(path: Path, image: np.ndarray, spacing: Sequence[float]) -> Path
         pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
         return atomic_write(path, lambda temporary: Image.fromarray(pixels).save(temporary, "PNG"))
     return write_nifti(path, image, spacing)
-
-
-def read_any(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
-    """(array (C, *spatial), spacing or None) from a NIfTI or an image file."""
-    if is_nifti(path):
-        array, spacing = read_nifti(path)
-        return array[None].astype(np.float32, copy=False), spacing
-    return read_image(path), None
 
 
 # ----------------------------------------------------------------------------- classification
@@ -248,7 +240,7 @@ def read_segmentation_layout(folder: Path | str) -> SegmentationLayout:
         if not isinstance(entry, dict) or "image" not in entry:
             raise CtxRestoreError(f"{where} needs an 'image'")
         images = _channel_files(folder, entry["image"], len(channel_names), where)
-        # One file may hold every channel (MSD's 4D NIfTI); read_segmentation_case checks it.
+        # One file may hold every channel (MSD's 4D NIfTI); data.loading checks the count.
         if len(images) not in (1, len(channel_names)):
             raise CtxRestoreError(
                 f"{where} has {len(images)} channel files, but dataset.json declares "
@@ -262,28 +254,6 @@ def read_segmentation_layout(folder: Path | str) -> SegmentationLayout:
         name = images[0].name.removesuffix(".nii.gz").removesuffix(".nii").removesuffix("_0000")
         cases.append(SegmentationCase(name, images, label))
     return SegmentationLayout(folder, channel_names, labels, tuple(cases))
-
-
-def read_segmentation_case(
-    case: SegmentationCase,
-) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...]]:
-    """(image (C, *spatial) float32, mask (*spatial) int64 or None, spacing)."""
-    channels = [read_nifti(path) for path in case.images]
-    shapes = {array.shape for array, _ in channels}
-    if len(shapes) != 1:
-        raise CtxRestoreError(f"case {case.name}: channel files differ in shape {sorted(shapes)}")
-    image = np.stack([array for array, _ in channels]).astype(np.float32)
-    spacing = channels[0][1]
-    mask = None
-    if case.label is not None:
-        mask_array, _ = read_nifti(case.label)
-        if mask_array.shape != image.shape[1:]:
-            raise CtxRestoreError(
-                f"{case.label} has shape {mask_array.shape} but its image {case.images[0]} "
-                f"has {image.shape[1:]}"
-            )
-        mask = mask_array.astype(np.int64)
-    return image, mask, spacing
 
 
 # ----------------------------------------------------------------------------- boxes

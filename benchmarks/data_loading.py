@@ -61,7 +61,7 @@ PATCH = 16
 # 3D U-Net batch 2 of 4x128^3 (vol/s).
 ANCHORS_2D = {"fp32": 638.0, "bf16": 684.0, "bf16+channels_last": 1764.0, "+compile": 2711.0}
 ANCHORS_3D = {"fp32": 20.0, "bf16": 28.0, "+compile": 37.0}
-ANCHOR_3D_VOXELS = 4 * 128**3
+ANCHOR_VOXELS = {"2D": 256**2, "3D": 4 * 128**3}  # per image / volume of the anchors
 CHANNELS_2D = (32, 64, 128, 256, 512)
 CHANNELS_3D = (32, 64, 128, 256, 320)
 
@@ -472,11 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         best = max(loader_rows, key=lambda r: r.rate)
         top = next(reversed(anchors.values()))
         low_name, low = next(iter(anchors.items()))
-        scale = 1.0
-        if dims == "3D":  # loading cost grows with the voxels: compare per 4x128^3 volume
-            scale = math.prod(item_shapes[dims]) / ANCHOR_3D_VOXELS
+        # Loading cost grows with the voxels: other sizes are compared per anchor-sized item.
+        scale = math.prod(item_shapes[dims]) / ANCHOR_VOXELS[dims]
         rate = best.rate * scale
-        scaled = f" (= {rate:,.2f} vol/s of 4x128^3 by voxels)" if dims == "3D" else ""
+        anchor_item = "1x256^2" if dims == "2D" else "4x128^3"
+        scaled = f" (= {_rate(rate)} {best.unit} of {anchor_item} by voxels)" if scale != 1 else ""
         per_process = rate / best.processes
         needed = math.ceil(top / per_process) if per_process > 0 else None
         top_name = "bf16+compile" if dims == "3D" else "bf16+channels_last+compile"

@@ -238,7 +238,8 @@ def take_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
             f"slice {index} along axis {axis} does not exist in an image of shape "
             f"{array.shape} (C, *spatial); use 0..{array.shape[axis + 1] - 1}"
         )
-    return np.array(np.take(array, index, axis=axis + 1))
+    # Basic indexing (a view, then one copy): np.take is ~30x slower on a memory map.
+    return np.array(array[(slice(None),) * (axis + 1) + (index,)])
 
 
 def sample_patch_corner(

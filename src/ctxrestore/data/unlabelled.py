@@ -69,6 +69,7 @@ class UnlabelledDataset(Dataset):
         if slice_axis not in (0, 1, 2):
             raise CtxRestoreError(f"slice_axis must be 0, 1 or 2 (z, y, x), got {slice_axis}")
         self.slice_axis = slice_axis
+        self._minimum: dict[int, float] = {}
         cases = unlabelled_cases(data)
         bad = BadFiles(skip_bad)
         self.cases: list[PreparedCase] = []
@@ -127,6 +128,12 @@ class UnlabelledDataset(Dataset):
             sample_patch_corner(case.foreground, self.spatial_size, rng) for _ in range(count)
         ]
         return [(index, corner) for corner in corners]
+
+    def _background(self, case_index: int) -> float:
+        """A case's lowest value, to pad patches with: found once (a scan of the volume)."""
+        if case_index not in self._minimum:
+            self._minimum[case_index] = float(self.cases[case_index].image.min())
+        return self._minimum[case_index]
 
     def __len__(self) -> int:
         return len(self.items)

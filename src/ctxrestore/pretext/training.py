@@ -194,6 +194,15 @@ def _intensity_spec(config: PretrainConfig) -> dict:
     return config.preprocessing.intensity
 
 
+def _preprocessing_spec(config: PretrainConfig) -> dict:
+    """How files are read, for fine-tuning and prediction on files: the options, or for a
+    phantom the preprocessing that matches its scaling."""
+    if config.data is not None:
+        return {"preprocessing": config.preprocessing.to_json(), "slice_axis": config.slice_axis}
+    recorded = get_phantom(config.phantom).preprocessing
+    return {"preprocessing": Preprocessing.from_json(recorded).to_json()} if recorded else {}
+
+
 def _channel_names(config: PretrainConfig, in_channels: int) -> list[str]:
     """What each input channel holds (modalities), so that fine-tuning can check the order."""
     if config.data is None and config.phantom != "shapes":
@@ -230,11 +239,7 @@ def build_spec(config: PretrainConfig, pretext: Pretext, in_channels: int) -> di
         "channel_names": _channel_names(config, in_channels),
         "image_size": list(config.spatial_size),
         "intensity": _intensity_spec(config),
-        **(
-            {"preprocessing": config.preprocessing.to_json(), "slice_axis": config.slice_axis}
-            if config.data is not None
-            else {}
-        ),
+        **_preprocessing_spec(config),
         "pretext": {"name": pretext.name, "params": pretext.params()},
         "data": {
             "source": str(config.data) if config.data else f"phantom:{config.phantom}",

@@ -130,6 +130,8 @@ def write_finetuning_report(
         f"{task.metric} {_number(summary['best_validation'][task.metric])} at step "
         f"{summary['best_step']}, whose weights are in `best/` and were tested.",
         "",
+        *([f"Preprocessing: `{data.preprocessing}`.", ""] if data.preprocessing else []),
+        *([f"Bad files: {data.skipped}.", ""] if data.skipped else []),
         f"## Test metrics ({counts['test']['cases']} cases, {counts['test']['items']} images)",
         "",
         *(_metric_tables(test, task.metric) if test else ["No test cases: too few cases.", ""]),

@@ -18,7 +18,10 @@ TASKS = ("pretrain", "classify", "localize", "segment")
 @dataclass(frozen=True)
 class PhantomInfo:
     """task: the downstream task the phantom's labels serve ("pretrain": unlabelled).
-    intensity: how raw values become network inputs (see data.intensity)."""
+    intensity: how raw values become network inputs (see data.intensity).
+    preprocessing: the file preprocessing (data.preprocess.Preprocessing JSON) that matches it
+    for the phantom's exported files: recorded by a pretraining on the phantom, so that
+    fine-tuning on real files of that modality scales them alike."""
 
     name: str
     generator: Generator
@@ -28,6 +31,7 @@ class PhantomInfo:
     class_names: tuple[str, ...] = ()
     labels: dict[int, str] = field(default_factory=dict)
     organs: tuple[str, ...] = ()
+    preprocessing: dict | None = None
 
 
 PHANTOMS: dict[str, PhantomInfo] = {
@@ -41,6 +45,7 @@ PHANTOMS: dict[str, PhantomInfo] = {
             {"method": "unit"},
             ("ultrasound",),
             class_names=ULTRASOUND_CLASSES,
+            preprocessing={"modality": "us"},
         ),
         PhantomInfo(
             "abdomen",
@@ -51,6 +56,7 @@ PHANTOMS: dict[str, PhantomInfo] = {
             ("CT",),
             labels={0: "background", **ABDOMEN_LABELS},
             organs=ABDOMEN_ORGANS,
+            preprocessing={"modality": "ct", "window": [-200.0, 300.0]},
         ),
         PhantomInfo(
             "brain",
@@ -59,6 +65,7 @@ PHANTOMS: dict[str, PhantomInfo] = {
             {"method": "zscore_foreground"},
             BRAIN_CHANNELS,
             labels=BRATS_LABELS,
+            preprocessing={"modality": "mr"},
         ),
     )
 }

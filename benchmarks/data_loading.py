@@ -15,8 +15,8 @@ Stages:
   - cold build: decode + preprocess + write the on-disk cache (empty cache folder; the files
     themselves may be in the OS page cache, as they just were written);
   - warm build: the same dataset again, every case a cache hit (asserted);
-  - loader: whole epochs as the training loop runs them (persistent_workers=False, so every
-    epoch starts its workers again); 'steady' leaves out each epoch's wait for its first batch.
+  - loader: whole epochs as the training loop runs them (persistent workers, started once);
+    'steady' leaves out each epoch's wait for its first batch.
 
 Data: by default N synthetic CT-like int16 NIfTI volumes (HU: air around a body ellipse with
 lungs and a spine) written to a temporary folder; --data DIR reads your own folder instead (any
@@ -134,7 +134,7 @@ def time_loader(dataset, *, batch, workers, corrupt, pretext, min_time, pin_memo
         shuffle=True,
         num_workers=workers,
         drop_last=True,
-        persistent_workers=False,
+        persistent_workers=workers > 0,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),
     )
@@ -440,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         "> 1 means the loader keeps up with that step."
     )
     print(
-        "  - loader rows: whole epochs, workers restarted per epoch (persistent_workers=False, "
-        "as the training loop); steady = without each epoch's first-batch wait; procs = CPU "
+        "  - loader rows: whole epochs, workers kept across epochs (persistent, as the training "
+        "loop); steady = without each epoch's first-batch wait; procs = CPU "
         "processes making batches (the corruption runs in the main process)."
     )
     if not use_cuda:

@@ -37,24 +37,17 @@ def _patch_indices(corners: torch.Tensor, plan: SwapPlan) -> torch.Tensor:
     return corner_flat[..., None] + offsets.reshape(-1)
 
 
-def _swap_sources(plan: SwapPlan, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, B*C*2P) flat indices: step t writes voxels `targets[t]` from voxels `sources[t]`.
+def _swap_sources(plan: SwapPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, 2P) flat spatial indices: step t writes voxels `targets[:, t]` of each image from
+    its voxels `sources[:, t]`, in every channel.
 
     Both patches of a pair move in one indexed copy ([a|b] <- [b|a]); this is safe because
     the two patches of a pair never overlap.
     """
-    batch = plan.active.shape[0]
     # An inactive swap exchanges patch a with itself: a no-op without a branch per image.
     corners_b = torch.where(plan.active[..., None], plan.corners_b, plan.corners_a)
     index_a, index_b = _patch_indices(torch.stack([plan.corners_a, corners_b]), plan)
-    voxels = math.prod(plan.spatial_shape)
-    image_offsets = torch.arange(batch * channels, device=index_a.device).view(batch, channels)
-    image_offsets = (image_offsets * voxels)[:, :, None, None]  # (B, C, 1, 1)
-
-    def flat(indices: torch.Tensor) -> torch.Tensor:  # (B, T, 2P) -> (T, B*C*2P)
-        return (image_offsets + indices[:, None]).permute(2, 0, 1, 3).flatten(1)
-
-    return flat(torch.cat([index_b, index_a], -1)), flat(torch.cat([index_a, index_b], -1))
+    return torch.cat([index_b, index_a], -1), torch.cat([index_a, index_b], -1)
 
 
 def apply_swap_plan(
@@ -82,10 +75,14 @@ def apply_swap_plan(
         )
     if out is not images:
         out.copy_(images)
-    sources, targets = _swap_sources(plan.to(images.device), channels)
-    flat = out.view(-1)
-    for source, target in zip(sources, targets):
-        flat[target] = flat[source]
+    sources, targets = _swap_sources(plan.to(images.device))
+    flat = out.view(batch, channels, -1)
+    # One gather and one scatter per step; the indices are shared by the channels (expanded,
+    # not copied), which halves the time of indexing a flattened (B * C * N) view.
+    for step in range(sources.shape[1]):
+        source = sources[:, step, None, :].expand(batch, channels, -1)
+        target = targets[:, step, None, :].expand(batch, channels, -1)
+        flat.scatter_(2, target, flat.gather(2, source))
     return out
 
 

@@ -118,12 +118,9 @@ def phantom_data(
         _localize_items(task, values, items)
     else:
         values = tuple(sorted(info.labels))
-        regions = {}
-        if phantom == "brain":
-            from ctxrestore.data.phantoms.brain import BRATS_REGIONS
-
-            regions = dict(BRATS_REGIONS)
-        task = SegmentationTask(values, tuple(info.labels[v] for v in values), regions=regions)
+        task = SegmentationTask(
+            values, tuple(info.labels[v] for v in values), regions=dict(info.regions)
+        )
     return LabelledData(
         task=task,
         items=items,

@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 
 from ctxrestore.data.phantoms.abdomen import ABDOMEN_LABELS, ABDOMEN_ORGANS, abdomen_phantom
 from ctxrestore.data.phantoms.base import Generator, PhantomDataset
-from ctxrestore.data.phantoms.brain import BRAIN_CHANNELS, BRATS_LABELS, brain_phantom
+from ctxrestore.data.phantoms.brain import (
+    BRAIN_CHANNELS,
+    BRATS_LABELS,
+    BRATS_REGIONS,
+    brain_phantom,
+)
 from ctxrestore.data.phantoms.shapes import shapes_sample
 from ctxrestore.data.phantoms.ultrasound import ULTRASOUND_CLASSES, ultrasound_phantom
 from ctxrestore.errors import CtxRestoreError
@@ -32,6 +37,7 @@ class PhantomInfo:
     labels: dict[int, str] = field(default_factory=dict)
     organs: tuple[str, ...] = ()
     preprocessing: dict | None = None
+    regions: dict[str, tuple[int, ...]] = field(default_factory=dict)  # unions of labels
 
 
 PHANTOMS: dict[str, PhantomInfo] = {
@@ -66,6 +72,7 @@ PHANTOMS: dict[str, PhantomInfo] = {
             BRAIN_CHANNELS,
             labels=BRATS_LABELS,
             preprocessing={"modality": "mr"},
+            regions=BRATS_REGIONS,
         ),
     )
 }

@@ -320,3 +320,20 @@ def test_world_boxes_land_where_the_masks_are(msd):
                 # within a network voxel: masks are resampled and resized on whole voxels
                 assert torch.allclose(got["boxes"], want["boxes"], atol=1.0)
                 assert (got["boxes"] - want["boxes"]).abs().mean() < 0.5
+
+
+def test_localisation_from_a_boxes_csv_alone(msd, tmp_path):
+    """No dataset.json, no masks: images and their world boxes in one CSV."""
+    _world_boxes_csv(msd)
+    rows = (msd / "boxes.csv").read_text().splitlines()
+    single = [row for row in rows[1:] if row.startswith("./imagesTr/case0") and "_0000" in row]
+    assert single  # the per-channel cases: one channel each
+    table = tmp_path / "boxes.csv"
+    prefix = f"{msd.as_posix()}/"
+    table.write_text("\n".join([rows[0], *(prefix + row[2:] for row in single)]) + "\n")
+    run = tmp_path / "run"
+    ctxrestore.finetune("localize", table, out=run, modality="mr", **TINY)
+    spec = json.loads((run / "spec.json").read_text())
+    assert spec["task"]["organ_names"] == ["core", "oedema"]
+    assert "iou/mean" in json.loads((run / "metrics.json").read_text())["test"]
+    ctxrestore.pretrain(table, out=tmp_path / "pre", patch_size=4, num_swaps=4, **TINY)

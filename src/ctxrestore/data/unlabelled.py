@@ -42,8 +42,9 @@ def unlabelled_cases(data: Path | str) -> list[Case]:
     """(name, one source per channel file) for every case of any layout (module docstring)."""
     data = Path(data)
     if data.is_file() and data.suffix.lower() == ".csv":
-        items, _ = read_class_csv(data)
-        return [(path.name, (path,)) for path, _ in items]
+        items, _ = read_class_csv(data)  # a classification or boxes CSV: each image once
+        paths = dict.fromkeys(path for path, _ in items)
+        return [(path.name, (path,)) for path in paths]
     if data.is_dir() and (data / DATASET_FILE).is_file():
         layout = read_segmentation_layout(data)
         return [(case.name, tuple(case.images)) for case in layout.cases]

@@ -4,7 +4,7 @@ into memory in the task's batch format (tasks/base.py) with a case id and a stra
 - classify: class sub-folders or a CSV of (image, label) (data.layouts); one case per file.
 - segment: an MSD / nnU-Net folder (dataset.json, imagesTr, labelsTr); one case per volume.
 - localize: the same folder, with boxes from `boxes.csv` when present, else from the masks;
-  organs = the labels other than 0.
+  organs = the labels other than 0. Or a boxes CSV alone (its images relative to it).
 Files are read, checked (label grid and values), resampled and normalised by data.loading
 (cached on disk); with `skip_bad`, a bad case is skipped with a warning instead of stopping.
 A 2D task on 3D volumes trains on their slices along `slice_axis` (air slices without labels
@@ -279,21 +279,26 @@ def _segmentation_folder(task_name: str, folder: Path, spatial_size, options) ->
 
 
 def _case_boxes(listed: dict, case, prepared: PreparedCase, task: LocalizationTask):
-    """(boxes (O, 2, D), present (O,)) of a case's boxes.csv rows (keyed by its first channel
-    file), in voxels of the preprocessed grid: world boxes mapped through the file's affine,
-    then scaled by the resampling."""
+    """The boxes.csv rows of an MSD case, keyed by its first channel file's name."""
     key = next((k for k in listed if Path(k).name == case.images[0].name), None)
     if key is None:
         raise CtxRestoreError(f"{BOXES_FILE} has no rows for {case.images[0].name}")
+    return _listed_boxes(listed[key], key, prepared, task)
+
+
+def _listed_boxes(rows: dict, key: str, prepared: PreparedCase, task: LocalizationTask):
+    """(boxes (O, 2, D), present (O,)) from one image's box rows ({organ: box or None}), in
+    voxels of the preprocessed grid: world boxes mapped through the file's affine, then scaled
+    by the resampling. An organ without a row is absent."""
     shape = prepared.image.shape[1:]
     to_grid = torch.tensor(shape, dtype=torch.float32) / torch.tensor(prepared.original_shape)
     boxes = torch.zeros(len(task.organ_names), 2, len(shape))
     present = torch.zeros(len(task.organ_names))
     for index, organ in enumerate(task.organ_names):
-        box = listed[key].get(organ)
+        box = rows.get(organ)
         if isinstance(box, WorldBox):
             if len(shape) != 3:
-                raise CtxRestoreError(f"{BOXES_FILE}: world box for 2D image {case.images[0]}")
+                raise CtxRestoreError(f"a world-coordinate box for the 2D image {key}")
             box = box.to_voxels(prepared.affine, prepared.original_shape)
         if box is not None:
             if len(box[0]) != len(shape):
@@ -315,6 +320,34 @@ def _plane_boxes(boxes, present, index: int | None, axis: int, scale: torch.Tens
         keep = [a for a in range(boxes.shape[-1]) if a != axis]
         boxes = boxes[..., keep] * present[:, None, None]
     return {"boxes": boxes * scale, "present": present}
+
+
+def _boxes_file_data(path: Path, spatial_size, options: FolderOptions) -> LabelledData:
+    """Localisation from a boxes CSV alone: its images (paths relative to it), their boxes;
+    organs = every label the file names, in sorted order."""
+    listed = read_boxes_csv(path)
+    organs = sorted({organ for rows in listed.values() for organ in rows})
+    if not organs:
+        raise CtxRestoreError(f"{path} lists no boxes")
+    task = LocalizationTask(tuple(organs))
+    reader = _Reader(options, spatial_size)
+    items, cases, channels = [], [], set()
+    for key in track(sorted(listed), description=f"reading {path.name}"):
+        prepared = reader.load(key, [(path.parent / key).resolve()], allow_slicing=True)
+        if prepared is None:
+            continue
+        channels.add(prepared.image.shape[0])
+        boxes, present = _listed_boxes(listed[key], key, prepared, task)
+        for index, plane, _, plane_spacing in _planes(
+            prepared, len(spatial_size), options.slice_axis
+        ):
+            tensor, spacing_tensor, _, scale = resize_item(plane, plane_spacing, spatial_size)
+            item = {"image": tensor, "spacing": spacing_tensor}
+            item.update(_plane_boxes(boxes, present, index, options.slice_axis, scale))
+            items.append(item)
+            cases.append(key)
+    skipped = reader.bad.summary(len(listed), "images")
+    return _folder_data(task, items, cases, channels, None, spatial_size, options, path, skipped)
 
 
 def _folder_data(
@@ -352,6 +385,11 @@ def folder_data(
         raise CtxRestoreError(f"data {data} does not exist")
     if task_name == "classify":
         return _classify_folder(data, spatial_size, options)
+    if task_name == "localize" and data.is_file() and data.suffix.lower() == ".csv":
+        return _boxes_file_data(data, spatial_size, options)
     if not data.is_dir():
-        raise CtxRestoreError(f"{task_name} data {data} must be a folder with a dataset.json")
+        raise CtxRestoreError(
+            f"{task_name} data {data} must be a folder with a dataset.json"
+            + (" or a boxes CSV" if task_name == "localize" else "")
+        )
     return _segmentation_folder(task_name, data, spatial_size, options)

@@ -337,3 +337,18 @@ def test_localisation_from_a_boxes_csv_alone(msd, tmp_path):
     assert spec["task"]["organ_names"] == ["core", "oedema"]
     assert "iou/mean" in json.loads((run / "metrics.json").read_text())["test"]
     ctxrestore.pretrain(table, out=tmp_path / "pre", patch_size=4, num_swaps=4, **TINY)
+
+
+def test_benchmark_on_files(msd, tmp_path):
+    """The benchmark pretrains on the MSD folder's images and fine-tunes on its labels."""
+    result = ctxrestore.benchmark(
+        msd, task="segment", out=tmp_path / "bench", methods="random,context_restoration",
+        fractions="2", seeds=1, modality="mr", image_size=16, width=4, pretrain_steps=2,
+        pretrain_batch_size=4, batch_size=4, max_steps=2, patch_size=4, num_swaps=4,
+        device="cpu",
+    )  # fmt: skip
+    assert result.runs == 2 and result.trained == 2
+    spec = json.loads(
+        (tmp_path / "bench" / "pretrain" / "context_restoration" / "spec.json").read_text()
+    )
+    assert spec["preprocessing"]["modality"] == "mr" and spec["in_channels"] == 2

@@ -51,11 +51,11 @@ def _value(option: object) -> object:
 # Options of every command that reads files: one help text each.
 Modality = Enum("Modality", {name: name for name in MODALITIES}, type=str)
 _Modality = Annotated[
-    Modality,
+    Modality | None,
     typer.Option(
         help="Intensity preprocessing of files: ct (HU window), mr (robust z-score in the "
         "foreground, per volume and channel), us (scaled to [0, 1]), generic (0.5-99.5 "
-        "percentiles to [0, 1])."
+        "percentiles to [0, 1]). Default: when fine-tuning the --init run's, else generic."
     ),
 ]
 _Window = Annotated[
@@ -151,7 +151,7 @@ def pretrain(
         int, typer.Option(help="Steps between preview grids (0: only at the end).")
     ] = 0,
     compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
-    modality: _Modality = "generic",
+    modality: _Modality = None,
     window: _Window = None,
     target_spacing: _TargetSpacing = None,
     slice_axis: _SliceAxis = 0,
@@ -261,13 +261,7 @@ def finetune(
     figures: Annotated[
         bool, typer.Option(help="Draw the report's curves and test pictures.")
     ] = True,
-    modality: Annotated[
-        Modality | None,
-        typer.Option(
-            help="Intensity preprocessing of files (ct, mr, us, generic); default: the --init "
-            "run's, else generic."
-        ),
-    ] = None,
+    modality: _Modality = None,
     window: _Window = None,
     target_spacing: _TargetSpacing = None,
     slice_axis: _SliceAxis = 0,
@@ -398,7 +392,7 @@ def benchmark(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     patience: _BenchPatience = 10,
-    modality: _Modality = "generic",
+    modality: _Modality = None,
     window: _Window = None,
     target_spacing: _TargetSpacing = None,
     slice_axis: _SliceAxis = 0,
@@ -462,7 +456,7 @@ def ablate(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     patience: _BenchPatience = 10,
-    modality: _Modality = "generic",
+    modality: _Modality = None,
     window: _Window = None,
     target_spacing: _TargetSpacing = None,
     slice_axis: _SliceAxis = 0,

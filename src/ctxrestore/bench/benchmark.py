@@ -27,6 +27,7 @@ from ctxrestore.bench.protocol import (
 )
 from ctxrestore.bench.report import DEFAULT_SETTING, write_report
 from ctxrestore.bench.summary import extra_metrics, summarize, write_summary
+from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import get_phantom
 from ctxrestore.data.splits import parse_fraction
 from ctxrestore.engine.distributed import resolve_device
@@ -53,7 +54,7 @@ CONTEXT_RESTORATION = "context_restoration"
 
 
 @dataclass(frozen=True)
-class BenchmarkOptions:
+class BenchmarkOptions(FileOptions):
     """The options `benchmark` and `ablate` share, validated (see `ctxrestore.benchmark`)."""
 
     task: str
@@ -80,19 +81,13 @@ class BenchmarkOptions:
     learning_rate: float = 1e-3
     pretrained_lr_scale: float = 1.0
     patience: int = 10
-    modality: str = "generic"
-    window: str | None = None
-    target_spacing: str | None = None
-    slice_axis: int = 0
-    cache: bool = True
-    cache_dir: Path | None = None
-    skip_bad: bool = False
     device: str = "auto"
     precision: str = "auto"
     resume: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("out", "data", "pretrain_data", "cache_dir"):  # callers may pass strings
+        super().__post_init__()
+        for name in ("out", "data", "pretrain_data"):  # Python callers may pass strings
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         if self.task not in TASK_NAMES:
@@ -216,8 +211,7 @@ def build_protocol(
         )
     seeds = options.seeds or _default_seeds(options)
     # How files are read: the same for pretraining and fine-tuning.
-    files = {key: getattr(options, key) for key in ("modality", "window", "target_spacing",
-             "slice_axis", "cache", "cache_dir", "skip_bad")}  # fmt: skip
+    files = options.file_options
     pretrain_options = {
         **_pretrain_source(options),
         "num_images": options.pretrain_images, "network": network, "width": options.width,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -217,8 +217,39 @@ def preprocessing_from_options(
     return Preprocessing(modality=modality, window=parsed_window, target_spacing=spacing)
 
 
-def cache_from_options(cache: bool, cache_dir: Path | None) -> ArrayCache:
-    """--cache/--no-cache and --cache-dir (default: data.cache.default_cache_dir())."""
-    from ctxrestore.data.cache import default_cache_dir
+@dataclass(frozen=True, kw_only=True)
+class FileOptions:
+    """How files are read: the options every command that reads files shares (pretrain,
+    finetune, benchmark, ablate configs inherit them). modality None: the --init run's when
+    fine-tuning, else generic."""
 
-    return ArrayCache((cache_dir or default_cache_dir()) if cache else None)
+    modality: str | None = None
+    window: str | None = None
+    target_spacing: str | None = None
+    slice_axis: int = 0
+    cache: bool = True
+    cache_dir: Path | None = None
+    skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cache_dir is not None:  # Python callers may pass a string
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        self.preprocessing  # noqa: B018 (validates --modality, --window, --target-spacing)
+        if self.slice_axis not in (0, 1, 2):
+            raise CtxRestoreError(f"slice_axis must be 0, 1 or 2 (z, y, x), got {self.slice_axis}")
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return preprocessing_from_options(
+            self.modality or "generic", self.window, self.target_spacing
+        )
+
+    @property
+    def file_options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(FileOptions)}
+
+    def array_cache(self) -> ArrayCache:
+        """--cache/--no-cache and --cache-dir (default: data.cache.default_cache_dir())."""
+        from ctxrestore.data.cache import default_cache_dir
+
+        return ArrayCache((self.cache_dir or default_cache_dir()) if self.cache else None)

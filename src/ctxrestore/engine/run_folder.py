@@ -17,7 +17,7 @@ CONFIG_FILE = "config.json"
 # Options that may change on --resume: how long and where to run, how often to log or draw.
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "epochs", "resume", "device", "num_workers", "checkpoint_every",
-     "log_every", "preview_every", "compile", "figures"}
+     "log_every", "preview_every", "compile", "figures", "cache", "cache_dir"}
 )  # fmt: skip
 
 

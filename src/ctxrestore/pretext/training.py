@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 import ctxrestore
-from ctxrestore.data.loading import cache_from_options, preprocessing_from_options
+from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import get_phantom, list_phantoms, phantom_dataset
 from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.unlabelled import UnlabelledDataset
@@ -47,7 +47,7 @@ EVALUATION_IMAGES = 32  # held-out images for the final restoration error
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(FileOptions):
     out: Path
     data: Path | None = None
     phantom: str = "shapes"
@@ -76,19 +76,10 @@ class PretrainConfig:
     checkpoint_every: int = 500
     preview_every: int = 0
     compile: bool = False
-    modality: str = "generic"
-    window: str | None = None
-    target_spacing: str | None = None
-    slice_axis: int = 0
-    cache: bool = True
-    cache_dir: Path | None = None
-    skip_bad: bool = False
     resume: bool = False
 
     def __post_init__(self) -> None:
-        self.preprocessing  # noqa: B018 (validates --modality, --window, --target-spacing)
-        if self.slice_axis not in (0, 1, 2):
-            raise CtxRestoreError(f"slice_axis must be 0, 1 or 2 (z, y, x), got {self.slice_axis}")
+        super().__post_init__()
         if self.data is None and self.phantom not in list_phantoms():
             raise CtxRestoreError(
                 f"unknown phantom '{self.phantom}'; built-in phantoms: {list_phantoms()}"
@@ -112,10 +103,6 @@ class PretrainConfig:
     @property
     def spatial_size(self) -> tuple[int, ...]:
         return (self.image_size,) * self.spatial_dims
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return preprocessing_from_options(self.modality, self.window, self.target_spacing)
 
     @property
     def swaps(self) -> int | tuple[int, int]:
@@ -164,7 +151,7 @@ def build_dataset(config: PretrainConfig, *, length: int | None = None, offset: 
             config.data,
             preprocessing=config.preprocessing,
             spatial_size=config.spatial_size,
-            cache=cache_from_options(config.cache, config.cache_dir),
+            cache=config.array_cache(),
             slice_axis=config.slice_axis,
             in_channels=config.in_channels,
             skip_bad=config.skip_bad,

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import ctxrestore
-from ctxrestore.data.loading import cache_from_options, preprocessing_from_options
+from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import list_phantoms
 from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
@@ -61,7 +61,7 @@ DEFAULT_IMAGE_SIZES = {"classify": 64, "localize": 128, "segment": 64}
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(FileOptions):
     task: str
     out: Path
     data: Path | None = None
@@ -95,19 +95,10 @@ class FinetuneConfig:
     preview_every: int = 0
     compile: bool = False
     figures: bool = True
-    modality: str | None = None
-    window: str | None = None
-    target_spacing: str | None = None
-    slice_axis: int = 0
-    cache: bool = True
-    cache_dir: Path | None = None
-    skip_bad: bool = False
     resume: bool = False
 
     def __post_init__(self) -> None:
-        preprocessing_from_options(self.modality or "generic", self.window, self.target_spacing)
-        if self.slice_axis not in (0, 1, 2):
-            raise CtxRestoreError(f"slice_axis must be 0, 1 or 2 (z, y, x), got {self.slice_axis}")
+        super().__post_init__()
         if self.task not in TASK_NAMES:
             raise CtxRestoreError(f"unknown task '{self.task}'; tasks: {', '.join(TASK_NAMES)}")
         if self.phantom is not None and self.phantom not in list_phantoms():
@@ -260,9 +251,7 @@ def resolve_preprocessing(config: FinetuneConfig, init_spec: dict | None) -> Pre
     recorded = (init_spec or {}).get("preprocessing")
     if config.modality is None and config.window is None and config.target_spacing is None:
         return Preprocessing.from_json(recorded) if recorded else Preprocessing()
-    chosen = preprocessing_from_options(
-        config.modality or "generic", config.window, config.target_spacing
-    )
+    chosen = config.preprocessing
     if recorded and Preprocessing.from_json(recorded) != chosen:
         logger.warning(
             "checkpoint %s was pretrained on files preprocessed as %s; fine-tuning uses %s",
@@ -282,7 +271,7 @@ def load_data(config: FinetuneConfig, init_spec: dict | None) -> LabelledData:
         )
     options = FolderOptions(
         preprocessing=resolve_preprocessing(config, init_spec),
-        cache=cache_from_options(config.cache, config.cache_dir),
+        cache=config.array_cache(),
         slice_axis=config.slice_axis,
         skip_bad=config.skip_bad,
     )

@@ -4,6 +4,7 @@ the report's words against known numbers, and a tiny ablation."""
 
 import csv
 import dataclasses
+import json
 import math
 
 import pytest
@@ -240,10 +241,20 @@ def test_benchmark_reruns_only_the_run_without_metrics(benchmark_out):
 def test_benchmark_refuses_other_settings_in_the_same_out(benchmark_out):
     with pytest.raises(CtxRestoreError, match=r"pretrain_steps: 2 -> 3.*another --out"):
         api.benchmark(out=benchmark_out, **{**TINY, "pretrain_steps": 3})
-    with pytest.raises(CtxRestoreError, match=r"seeds: 2 -> 3"):
-        api.benchmark(out=benchmark_out, **{**TINY, "seeds": 3})
+    with pytest.raises(CtxRestoreError, match=r"seeds: 2 -> 1"):
+        api.benchmark(out=benchmark_out, **{**TINY, "seeds": 1})
     result = runner.invoke(app, _arguments(benchmark_out, {**TINY, "fractions": "0.5,1.0"}))
     assert result.exit_code == 2 and "fractions" in result.output
+
+
+def test_more_seeds_extend_a_finished_benchmark(benchmark_out):
+    """Runs after the module's other tests on benchmark_out: only the new seed trains."""
+    before = _finished(benchmark_out)
+    result = api.benchmark(out=benchmark_out, **{**TINY, "seeds": 3})
+    assert result.runs == 2 * 2 * 3 and result.trained == 2 * 2 and result.skipped == 8
+    assert {path: _finished(benchmark_out)[path] for path in before} == before
+    assert json.loads((benchmark_out / "benchmark.json").read_text())["seeds"] == 3
+    assert all(row["n"] == 3 for row in result.summary_rows)
 
 
 @pytest.mark.parametrize(

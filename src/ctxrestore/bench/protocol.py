@@ -35,6 +35,9 @@ RANDOM = "random"
 # Settings that change neither the runs nor their pairing, so an OUT may be continued with
 # other values: where the work runs, and which metric the summary reads.
 NOT_COMPARED = ("device", "metric", "resume")
+# Options added after benchmarks were first written, with the default they ran with.
+LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slice_axis": 0,
+                 "cache": True, "cache_dir": None, "skip_bad": False}  # fmt: skip
 RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "best_step")
 
 
@@ -120,8 +123,16 @@ def check_settings(out: Path, settings: dict) -> None:
             )
         write_json(path, current)
         return
-    stored = {k: v for k, v in read_json(path).items() if k not in NOT_COMPARED}
+    saved = read_json(path)
+    # A benchmark written before an option existed ran with that option's default.
+    stored = {**LATER_OPTIONS, **{k: v for k, v in saved.items() if k not in NOT_COMPARED}}
+    # More seeds extend the grid: the finished runs stay valid and are kept.
+    if current.get("seeds", 0) > stored.get("seeds", 0):
+        stored["seeds"] = current["seeds"]
     changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+    if not changed and saved.get("seeds") != current.get("seeds"):
+        logger.info("extending %s from %s to %s seeds", out, saved.get("seeds"), current["seeds"])
+        write_json(path, {**saved, **current})
     if changed:
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise CtxRestoreError(

@@ -126,6 +126,24 @@ def check_label_values(label: np.ndarray, allowed: Sequence[int], source: str) -
         )
 
 
+_HINTED: set[str] = set()
+_MODALITY_OPTIONS = {"CT": "ct", "MR": "mr", "US": "us"}
+
+
+def _hint_modality(preprocessing: Preprocessing, modality: str | None, source: str) -> None:
+    """Once per modality: DICOM files that say CT / MR / US, read with generic scaling."""
+    option = _MODALITY_OPTIONS.get(modality or "")
+    if preprocessing.modality != "generic" or option is None or modality in _HINTED:
+        return
+    _HINTED.add(modality)
+    logger.warning(
+        "%s says its modality is %s, but it is scaled generically (percentiles to [0, 1]); "
+        "--modality %s gives %s",
+        source, modality, option,
+        {"ct": "HU windows", "mr": "a robust z-score", "us": "[0, 1] scaling"}[option],
+    )  # fmt: skip
+
+
 def for_dims(preprocessing: Preprocessing, volume: Volume, name: str) -> Preprocessing:
     """A 3-axis target spacing applies to 2D images by its last two values (y, x)."""
     target = preprocessing.target_spacing
@@ -181,6 +199,7 @@ def load_case(
     arrays, meta = cache.get(
         {"files": file_fingerprint(files), "preprocessing": preprocessing.to_json()}, create
     )
+    _hint_modality(preprocessing, meta["modality"], meta["source"])
     return PreparedCase(
         name=name,
         image=arrays["image"],

@@ -521,11 +521,11 @@ DEMO_SETTINGS = {
                pretrain_batch_size=16, patch_size=4, num_swaps=10, batch_size=8,
                max_steps=10),
     False: dict(methods=None, fractions="0.1,1.0", seeds=3, image_size=None, width=8,
-                num_images=300, pretrain_images=1000, pretrain_steps=150,
+                num_images=240, pretrain_images=1000, pretrain_steps=100,
                 pretrain_batch_size=32, patch_size=8, num_swaps=20, batch_size=16,
-                max_steps=60),
+                max_steps=50),
 }  # fmt: skip
-# The default demo's localisation at 96 px instead of the task's 128: at the demo's 60 steps
+# The default demo's localisation at 96 px instead of the task's 128: at the demo's 50-60 steps
 # neither size learns more than the average box (docs/experiments.md, 4), and 128 px alone
 # took 18 of the demo's 36 minutes on 2 cores.
 DEMO_TASK_SETTINGS = {True: {}, False: {"localize": {"image_size": 96}}}

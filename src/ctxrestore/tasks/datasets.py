@@ -15,6 +15,7 @@ are scaled with the image.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,10 +97,13 @@ def _localize_items(task: LocalizationTask, values: Sequence[int], items: list[d
 
 
 # ----------------------------------------------------------------------------- phantoms
+# A benchmark fine-tunes dozens of runs on the same labelled cohort in one process: generate it
+# once. Runs only read the items (batches are collated copies), so sharing them is safe.
+@functools.lru_cache(maxsize=2)
 def phantom_data(
-    task_name: str, phantom: str, num_images: int, spatial_size: Sequence[int], seed: int
+    task_name: str, phantom: str, num_images: int, spatial_size: tuple[int, ...], seed: int
 ) -> LabelledData:
-    """`num_images` samples of a phantom (each its own case), generated now, kept in memory."""
+    """`num_images` samples of a phantom (each its own case), generated once, kept in memory."""
     info = get_phantom(phantom)
     if info.task != task_name:
         raise CtxRestoreError(

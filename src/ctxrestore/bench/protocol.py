@@ -34,10 +34,11 @@ RESULTS_FILE = "results.csv"
 RANDOM = "random"
 # Settings that change neither the runs nor their pairing, so an OUT may be continued with
 # other values: where the work runs, and which metric the summary reads.
-NOT_COMPARED = ("device", "metric", "resume")
+# Settings that do not change results: where to run, and where preprocessed arrays are cached.
+NOT_COMPARED = ("device", "metric", "resume", "cache", "cache_dir")
 # Options added after benchmarks were first written, with the default they ran with.
 LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slice_axis": 0,
-                 "cache": True, "cache_dir": None, "skip_bad": False}  # fmt: skip
+                 "skip_bad": False}  # fmt: skip
 RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "best_step")
 
 

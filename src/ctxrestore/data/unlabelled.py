@@ -143,12 +143,14 @@ class UnlabelledDataset(Dataset):
         case_index, where = self.items[index]
         case = self.cases[case_index]
         if len(self.spatial_size) == 3:
-            patch = crop_or_pad(
-                case.image, where, self.spatial_size, pad_value=float(case.image.min())
-            )
-            return {"image": torch.from_numpy(np.array(patch, dtype=np.float32))}
-        plane = case.image if where is None else take_slice(case.image, self.slice_axis, where)
-        tensor = torch.from_numpy(np.array(plane, dtype=np.float32))  # copied off the memmap
+            # crop_or_pad and take_slice return fresh arrays: no second copy off the memmap.
+            patch = crop_or_pad(case.image, where, self.spatial_size, self._background(case_index))
+            return {"image": torch.from_numpy(patch)}
+        if where is None:
+            plane = np.array(case.image)  # a 2D image: copied off the memmap
+        else:
+            plane = take_slice(case.image, self.slice_axis, where)
+        tensor = torch.from_numpy(plane)
         if tuple(tensor.shape[1:]) != self.spatial_size:
             tensor = F.interpolate(
                 tensor[None], size=self.spatial_size, mode="bilinear", align_corners=False,

@@ -126,11 +126,10 @@ def _channel_groups(files: list[Path], in_channels: int) -> list[PredictInput]:
 @dataclass(frozen=True)
 class PreparedInput:
     """An input read and preprocessed as the run's training data was. `volume`: as read (its
-    grid is where outputs go); `image`/`spacing`: after resampling and normalisation."""
+    grid is where outputs go); `image`: after resampling and normalisation."""
 
     volume: Volume
     image: np.ndarray
-    spacing: tuple[float, ...]
 
 
 def prepare_input(item: PredictInput, spec: dict) -> PreparedInput:
@@ -141,12 +140,10 @@ def prepare_input(item: PredictInput, spec: dict) -> PreparedInput:
             f"{spec['in_channels']} {spec['channel_names']}"
         )
     if "preprocessing" not in spec:  # trained on a phantom: its intensity scaling only
-        return PreparedInput(
-            volume, normalize_intensity(volume.array, spec["intensity"]), volume.spacing
-        )
+        return PreparedInput(volume, normalize_intensity(volume.array, spec["intensity"]))
     preprocessing = for_dims(Preprocessing.from_json(spec["preprocessing"]), volume, item.name)
-    image, spacing, _ = preprocess(volume.array, volume.spacing, preprocessing)
-    return PreparedInput(volume, image, spacing)
+    image, _, _ = preprocess(volume.array, volume.spacing, preprocessing)
+    return PreparedInput(volume, image)
 
 
 def _planes(image: np.ndarray, spatial_dims: int, slice_axis: int, source) -> torch.Tensor:
@@ -214,7 +211,7 @@ def run_prediction(
         outputs = _predict_planes(model, task, planes, size, torch_device, batch_size)
         # Network pixels -> voxels of the file's own grid (resampling undone).
         original = list(prepared.volume.array.shape[1:])
-        if planes.shape[0] > 1 or len(original) > spec["spatial_dims"]:
+        if len(original) > spec["spatial_dims"]:  # a volume seen slice by slice
             del original[slice_axis]
         scale = torch.tensor(size, dtype=torch.float32) / torch.tensor(original)
         files += _write_outputs(out, task, item, prepared, outputs, scale, slice_axis, rows)
@@ -272,9 +269,8 @@ def _write_outputs(
     mask = mask[0] if mask.shape[0] == 1 else mask.movedim(0, slice_axis)
     volume = prepared.volume
     if tuple(mask.shape) != volume.array.shape[1:]:  # resampled: back to the file's grid
-        mask = F.interpolate(mask[None, None].float(), size=volume.array.shape[1:], mode="nearest")[
-            0, 0
-        ].long()
+        grid = volume.array.shape[1:]
+        mask = F.interpolate(mask[None, None].float(), size=grid, mode="nearest")[0, 0].long()
     array = mask.numpy().astype(np.uint8 if mask.max() < 256 else np.int16)
     if array.ndim == 3 or is_nifti(item.source):
         return [write_nifti(out / f"{item.name}.nii.gz", array, volume.spacing, volume.affine)]

@@ -41,6 +41,8 @@ __all__ = [
 # foreground_mask: how far above the background a voxel must be, as a fraction of the
 # channel's 1st..99th percentile range (ignores noise in air and hot pixels).
 FOREGROUND_TOLERANCE = 0.05
+# A slice needs this share of foreground voxels to be trained on (air slices are skipped).
+MIN_FOREGROUND = 0.01
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,9 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
     return foreground
 
 
-def slice_indices(foreground: np.ndarray, axis: int, min_fraction: float = 0.01) -> list[int]:
+def slice_indices(
+    foreground: np.ndarray, axis: int, min_fraction: float = MIN_FOREGROUND
+) -> list[int]:
     """Indices along `axis` of a bool mask (z, y, x) whose slices have at least
     `min_fraction` foreground voxels (air slices are skipped). May be empty."""
     if not -foreground.ndim <= axis < foreground.ndim:

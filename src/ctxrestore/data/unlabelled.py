@@ -24,6 +24,7 @@ from ctxrestore.data.cache import ArrayCache
 from ctxrestore.data.layouts import DATASET_FILE, read_class_csv, read_segmentation_layout
 from ctxrestore.data.loading import BadFiles, PreparedCase, load_case
 from ctxrestore.data.preprocess import (
+    MIN_FOREGROUND,
     Preprocessing,
     crop_or_pad,
     sample_patch_corner,
@@ -33,8 +34,6 @@ from ctxrestore.data.preprocess import (
 from ctxrestore.data.readers import ImageSource, find_sources
 from ctxrestore.errors import CtxRestoreError
 
-# A slice needs this share of foreground voxels to be trained on.
-MIN_FOREGROUND = 0.01
 Case = tuple[str, tuple[ImageSource | Path, ...]]
 
 
@@ -121,7 +120,7 @@ class UnlabelledDataset(Dataset):
         if len(self.spatial_size) == 2:
             if dims == 2:
                 return [(index, None)]
-            chosen = slice_indices(case.foreground, self.slice_axis, MIN_FOREGROUND)
+            chosen = slice_indices(case.foreground, self.slice_axis)
             return [(index, s) for s in chosen]
         shape = case.image.shape[1:]
         count = math.prod(math.ceil(n / p) for n, p in zip(shape, self.spatial_size))

@@ -37,7 +37,6 @@ from ctxrestore.data.layouts import (
 from ctxrestore.data.loading import BadFiles, PreparedCase, check_label_values, load_case
 from ctxrestore.data.phantoms import get_phantom, phantom_dataset
 from ctxrestore.data.preprocess import Preprocessing, slice_indices, take_slice
-from ctxrestore.data.unlabelled import MIN_FOREGROUND
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.tasks.classify import ClassificationTask
 from ctxrestore.tasks.localize import LocalizationTask, boxes_from_masks
@@ -179,7 +178,7 @@ def _planes(case: PreparedCase, spatial_dims: int, slice_axis: int):
     if case.image.ndim - 1 == spatial_dims:
         yield None, case.image, case.label, case.spacing
         return
-    kept = set(slice_indices(case.foreground, slice_axis, MIN_FOREGROUND))
+    kept = set(slice_indices(case.foreground, slice_axis))
     if case.label is not None:
         labelled = np.moveaxis(case.label, slice_axis, 0).reshape(case.label.shape[slice_axis], -1)
         kept |= set(np.flatnonzero(labelled.any(axis=1)).tolist())

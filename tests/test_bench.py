@@ -257,6 +257,24 @@ def test_more_seeds_extend_a_finished_benchmark(benchmark_out):
     assert all(row["n"] == 3 for row in result.summary_rows)
 
 
+def test_more_methods_and_fractions_extend_a_benchmark_and_fewer_are_refused(tmp_path):
+    first = {**TINY, "methods": "random", "fractions": "1.0", "seeds": 1}
+    api.benchmark(out=tmp_path / "out", **first)
+    before = _finished(tmp_path / "out")
+    grown = {**first, "methods": "random,context_restoration", "fractions": "0.35,1.0"}
+    result = api.benchmark(out=tmp_path / "out", **grown)
+    assert (result.runs, result.trained, result.skipped) == (4, 3, 1)
+    assert {path: _finished(tmp_path / "out")[path] for path in before} == before
+    saved = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert (saved["methods"], saved["fractions"]) == (["random", "context_restoration"],
+                                                      "0.35,1.0")  # fmt: skip
+    # Dropping a method or a fraction would leave finished runs out of the table.
+    with pytest.raises(CtxRestoreError, match=r"methods: \['random', 'context_restoration'\]"):
+        api.benchmark(out=tmp_path / "out", **{**grown, "methods": "context_restoration"})
+    with pytest.raises(CtxRestoreError, match=r"fractions: '0.35,1.0' -> '1.0'"):
+        api.benchmark(out=tmp_path / "out", **{**grown, "fractions": "1.0"})
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

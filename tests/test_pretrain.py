@@ -9,6 +9,7 @@ import ctxrestore
 from ctxrestore.engine.checkpoint import load_checkpoint
 from ctxrestore.engine.loop import read_log
 from ctxrestore.errors import CtxRestoreError
+from ctxrestore.files import read_json, write_json
 from ctxrestore.pretext.training import PretextTraining
 
 
@@ -97,6 +98,23 @@ def test_a_finished_run_is_never_overwritten(tmp_path, tiny_pretrain):
     with pytest.raises(CtxRestoreError, match="patch_size: 4 -> 6"):
         ctxrestore.pretrain(out=tmp_path / "run", resume=True, **tiny_pretrain | dict(patch_size=6))
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+
+
+def test_a_run_from_an_older_version_resumes_when_new_options_keep_their_defaults(
+    tmp_path, tiny_pretrain
+):
+    # A config.json written before `skip_bad` and `slice_axis` existed: the run used the
+    # behaviour that is now their default, so resuming it must not be refused...
+    ctxrestore.pretrain(out=tmp_path / "run", **tiny_pretrain)
+    config = read_json(tmp_path / "run" / "config.json")
+    older = {k: v for k, v in config.items() if k not in ("skip_bad", "slice_axis")}
+    write_json(tmp_path / "run" / "config.json", older)
+    resumed = ctxrestore.pretrain(out=tmp_path / "run", resume=True, **tiny_pretrain)
+    assert resumed.steps == tiny_pretrain["max_steps"]
+    # ... but a non-default value is a change the old run did not have.
+    write_json(tmp_path / "run" / "config.json", older)
+    with pytest.raises(CtxRestoreError, match=r"slice_axis: not recorded \(default 0\) -> 1"):
+        ctxrestore.pretrain(out=tmp_path / "run", resume=True, **tiny_pretrain | dict(slice_axis=1))
 
 
 def test_pretrain_on_a_folder_of_png_and_npy(tmp_path, tiny_pretrain):

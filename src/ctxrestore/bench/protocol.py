@@ -33,12 +33,13 @@ SETTINGS_FILE = "benchmark.json"
 RESULTS_FILE = "results.csv"
 RANDOM = "random"
 # Settings that change neither the runs nor their pairing, so an OUT may be continued with
-# other values: where the work runs, and which metric the summary reads.
-# Settings that do not change results: where to run, and where preprocessed arrays are cached.
+# other values: where the work runs, which metric the summary reads, where arrays are cached.
 NOT_COMPARED = ("device", "metric", "resume", "cache", "cache_dir")
 # Options added after benchmarks were first written, with the default they ran with.
 LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slice_axis": 0,
                  "skip_bad": False}  # fmt: skip
+# Settings that only add runs when they grow: seeds (a count), methods and fractions (lists).
+GRID_SETTINGS = ("seeds", "methods", "fractions")
 RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "best_step")
 
 
@@ -127,12 +128,13 @@ def check_settings(out: Path, settings: dict) -> None:
     saved = read_json(path)
     # A benchmark written before an option existed ran with that option's default.
     stored = {**LATER_OPTIONS, **{k: v for k, v in saved.items() if k not in NOT_COMPARED}}
-    # More seeds extend the grid: the finished runs stay valid and are kept.
-    if current.get("seeds", 0) > stored.get("seeds", 0):
-        stored["seeds"] = current["seeds"]
+    # More seeds, methods or fractions extend the grid: the finished runs stay valid and kept.
+    extended = [key for key in GRID_SETTINGS if _extends(key, stored.get(key), current.get(key))]
+    stored.update({key: current[key] for key in extended})
     changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
-    if not changed and saved.get("seeds") != current.get("seeds"):
-        logger.info("extending %s from %s to %s seeds", out, saved.get("seeds"), current["seeds"])
+    if not changed and extended:
+        for key in extended:
+            logger.info("extending %s: %s %s -> %s", out, key, saved.get(key), current[key])
         write_json(path, {**saved, **current})
     if changed:
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed)
@@ -141,6 +143,17 @@ def check_settings(out: Path, settings: dict) -> None:
             f"settings would be mixed in one table. Use the settings in {path} to continue it, "
             "or choose another --out"
         )
+
+
+def _extends(key: str, stored: object, current: object) -> bool:
+    """Whether `current` adds to the grid of `stored` without dropping any of its runs."""
+    if stored is None or current is None or stored == current:
+        return False
+    if key == "seeds":
+        return current > stored
+    if key == "fractions":  # comma-separated, as given
+        stored, current = stored.split(","), current.split(",")
+    return set(stored) < set(current)
 
 
 def stored_settings(out: Path) -> dict | None:

@@ -4,6 +4,7 @@ checks every stage makes."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,11 +22,32 @@ RESUMABLE_CHANGES = frozenset(
 )  # fmt: skip
 
 
+def option_defaults(config_class: type) -> dict:
+    """The default of every option of a config dataclass, as its to_json() writes it."""
+    defaults = {}
+    for field in dataclasses.fields(config_class):
+        if field.default is not dataclasses.MISSING:
+            value = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+        else:
+            continue
+        defaults[field.name] = str(value) if isinstance(value, Path) else value
+    return defaults
+
+
 def check_run_folder(
-    out: Path, options: dict, resume: bool, may_change: Iterable[str] = ()
+    out: Path,
+    options: dict,
+    resume: bool,
+    may_change: Iterable[str] = (),
+    defaults: dict | None = None,
 ) -> None:
     """Refuse an --out that holds a run unless resuming it, and a resume whose options
-    differ from the saved config.json (other than RESUMABLE_CHANGES and `may_change`)."""
+    differ from the saved config.json (other than RESUMABLE_CHANGES and `may_change`).
+
+    An option missing from config.json was added after the run started; it counts as
+    unchanged when it has its default (`defaults`), the behaviour the run was started with."""
     out = Path(out)
     has_run = (out / WEIGHTS_FILE).exists() or (out / CONFIG_FILE).exists()
     if has_run and not resume:
@@ -35,9 +57,20 @@ def check_run_folder(
     if resume and (out / CONFIG_FILE).exists():
         saved = read_json(out / CONFIG_FILE)
         ignore = RESUMABLE_CHANGES | set(may_change)
-        changed = sorted(k for k in options if k not in ignore and saved.get(k) != options[k])
+        defaults = defaults or {}
+        missing = object()
+
+        def before(key: str) -> object:
+            return saved.get(key, defaults.get(key, missing))
+
+        changed = sorted(k for k in options if k not in ignore and before(k) != options[k])
         if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {options[k]!r}" for k in changed)
+            details = ", ".join(
+                f"{k}: {saved.get(k)!r} -> {options[k]!r}"
+                if k in saved
+                else f"{k}: not recorded (default {defaults.get(k)!r}) -> {options[k]!r}"
+                for k in changed
+            )
             raise CtxRestoreError(
                 f"--resume with options that differ from the run in {out}: {details}"
             )

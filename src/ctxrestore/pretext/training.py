@@ -27,7 +27,12 @@ from ctxrestore.engine.distributed import (
     teardown_distributed,
 )
 from ctxrestore.engine.loop import FitResult, LoopConfig, fit
-from ctxrestore.engine.run_folder import CONFIG_FILE, check_run_folder, check_stage_options
+from ctxrestore.engine.run_folder import (
+    CONFIG_FILE,
+    check_run_folder,
+    check_stage_options,
+    option_defaults,
+)
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
 from ctxrestore.files import atomic_write, write_json
@@ -288,7 +293,9 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         pretext.make_batch(torch.zeros(1, in_channels, *config.spatial_size), torch.Generator())
         out = Path(config.out)
         if context.is_main:
-            check_run_folder(out, config.to_json(), config.resume)
+            check_run_folder(
+                out, config.to_json(), config.resume, defaults=option_defaults(PretrainConfig)
+            )
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / CONFIG_FILE, config.to_json())
         steps_per_epoch = len(dataset) // config.batch_size

@@ -26,7 +26,12 @@ from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_spl
 from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint
 from ctxrestore.engine.distributed import setup_distributed, teardown_distributed
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
-from ctxrestore.engine.run_folder import CONFIG_FILE, check_run_folder, check_stage_options
+from ctxrestore.engine.run_folder import (
+    CONFIG_FILE,
+    check_run_folder,
+    check_stage_options,
+    option_defaults,
+)
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import write_json
 from ctxrestore.models import build_model
@@ -312,7 +317,13 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
     try:
         out = Path(config.out)
         if context.is_main:
-            check_run_folder(out, config.to_json(), config.resume, may_change=("patience",))
+            check_run_folder(
+                out,
+                config.to_json(),
+                config.resume,
+                may_change=("patience",),
+                defaults=option_defaults(FinetuneConfig),
+            )
         state, init_spec = None, None
         if config.init != "random":  # read once: its intensity scaling, then its weights
             state, init_spec = load_checkpoint(Path(config.init))

@@ -9,7 +9,7 @@ from ctxrestore.data.preprocess import (
     foreground_mask,
     preprocess,
     resample,
-    sample_patch_corner,
+    sample_patch_corners,
     slice_indices,
     take_slice,
 )
@@ -240,7 +240,7 @@ def test_sampled_patches_always_contain_foreground(patch_size):
     foreground[7, 1, 10] = True
     foreground[2:4, 8:10, 1:3] = True
     for seed in range(200):
-        corner = sample_patch_corner(foreground, patch_size, np.random.default_rng(seed))
+        corner = sample_patch_corners(foreground, patch_size, np.random.default_rng(seed), 1)[0]
         assert all(0 <= c <= s - p for c, s, p in zip(corner, foreground.shape, patch_size))
         patch = crop_or_pad(foreground[None], corner, patch_size)
         assert patch.any()
@@ -249,22 +249,31 @@ def test_sampled_patches_always_contain_foreground(patch_size):
 def test_sampling_draws_every_foreground_voxel_and_is_deterministic():
     foreground = np.zeros((6, 6), bool)
     foreground[0, 0] = foreground[5, 5] = foreground[2, 4] = True
-    corners = {sample_patch_corner(foreground, (2, 2), np.random.default_rng(s)) for s in range(60)}
+    corners = {
+        sample_patch_corners(foreground, (2, 2), np.random.default_rng(s), 1)[0] for s in range(60)
+    }
     assert corners == {(0, 0), (4, 4), (1, 3)}
-    first = sample_patch_corner(foreground, (2, 2), np.random.default_rng(5))
-    assert first == sample_patch_corner(foreground, (2, 2), np.random.default_rng(5))
+    first = sample_patch_corners(foreground, (2, 2), np.random.default_rng(5), 1)[0]
+    assert first == sample_patch_corners(foreground, (2, 2), np.random.default_rng(5), 1)[0]
+    # Many corners in one call are the draws one call per corner makes with that generator.
+    many = sample_patch_corners(foreground, (2, 2), np.random.default_rng(5), 30)
+    rng = np.random.default_rng(5)
+    assert many == [sample_patch_corners(foreground, (2, 2), rng, 1)[0] for _ in range(30)]
+    assert many[0] == first and set(many) == {(0, 0), (4, 4), (1, 3)}
 
 
 def test_sampling_small_volumes_and_empty_masks():
     foreground = np.zeros((3, 20), bool)
     foreground[1, 15] = True
-    corner = sample_patch_corner(foreground, (8, 8), np.random.default_rng(0))
+    corner = sample_patch_corners(foreground, (8, 8), np.random.default_rng(0), 1)[0]
     assert corner == (0, 11)  # centred: 15 - 8 // 2
     empty = np.zeros((5, 9), bool)
-    corners = {sample_patch_corner(empty, (4, 4), np.random.default_rng(s)) for s in range(100)}
+    corners = {
+        sample_patch_corners(empty, (4, 4), np.random.default_rng(s), 1)[0] for s in range(100)
+    }
     assert corners == {(y, x) for y in range(2) for x in range(6)}
     with pytest.raises(CtxRestoreError, match="patch_size"):
-        sample_patch_corner(empty, (4, 4, 4), np.random.default_rng(0))
+        sample_patch_corners(empty, (4, 4, 4), np.random.default_rng(0), 1)[0]
 
 
 def test_crop_or_pad_crops_and_pads():

@@ -3,7 +3,7 @@
 `Preprocessing` is recorded in checkpoint specs and applied identically at pretraining,
 fine-tuning and prediction. Arrays follow the package convention: images (C, *spatial)
 float32, labels (*spatial) integers, spatial (z, y, x) or (y, x), spacing in mm per spatial
-axis in the same order. Sampling (`sample_patch_corner`) is separate from applying
+axis in the same order. Sampling (`sample_patch_corners`) is separate from applying
 (`crop_or_pad`, `take_slice`), which take no randomness.
 """
 
@@ -33,7 +33,7 @@ __all__ = [
     "foreground_mask",
     "preprocess",
     "resample",
-    "sample_patch_corner",
+    "sample_patch_corners",
     "slice_indices",
     "take_slice",
 ]
@@ -246,33 +246,43 @@ def take_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.array(array[(slice(None),) * (axis + 1) + (index,)])
 
 
-def sample_patch_corner(
-    foreground: np.ndarray, patch_size: Sequence[int], generator: np.random.Generator
-) -> tuple[int, ...]:
-    """A patch corner (one int per axis of the bool mask `foreground`, (*spatial)) such that
-    the patch, moved to lie inside the volume, contains a foreground voxel drawn uniformly.
+def sample_patch_corners(
+    foreground: np.ndarray,
+    patch_size: Sequence[int],
+    generator: np.random.Generator,
+    count: int,
+) -> list[tuple[int, ...]]:
+    """`count` patch corners (one int per axis of the bool mask `foreground`, (*spatial))
+    such that each patch, moved to lie inside the volume, contains a foreground voxel drawn
+    uniformly.
 
     The patch is centred on that voxel, then shifted into the volume; an axis shorter than
     the patch gets corner 0 (the caller pads, `crop_or_pad`). A mask with no foreground gives
-    a uniform corner. Deterministic for a given generator state.
+    uniform corners. Deterministic for a given generator state. The mask is counted once for
+    all `count` corners (counting it per corner made building a 3D dataset slow).
     """
     shape = foreground.shape
     patch = _check_patch_size(patch_size, shape)
     flat = foreground.reshape(shape[0], -1)
     counts = np.count_nonzero(flat, axis=1)
     ends = np.cumsum(counts)
-    if ends[-1] == 0:
-        return tuple(int(generator.integers(max(s - p, 0) + 1)) for s, p in zip(shape, patch))
-    # The k-th foreground voxel, found slice by slice so that no index list of the whole
-    # volume is built.
-    k = int(generator.integers(ends[-1]))
-    first = int(np.searchsorted(ends, k, side="right"))
-    within = k - int(ends[first] - counts[first])
-    offset = np.flatnonzero(flat[first])[within]
-    centre = (first, *(int(i) for i in np.unravel_index(offset, shape[1:])))
-    return tuple(
-        0 if s <= p else int(np.clip(c - p // 2, 0, s - p)) for c, s, p in zip(centre, shape, patch)
-    )
+
+    def corner() -> tuple[int, ...]:
+        if ends[-1] == 0:
+            return tuple(int(generator.integers(max(s - p, 0) + 1)) for s, p in zip(shape, patch))
+        # The k-th foreground voxel, found slice by slice so that no index list of the whole
+        # volume is built.
+        k = int(generator.integers(ends[-1]))
+        first = int(np.searchsorted(ends, k, side="right"))
+        within = k - int(ends[first] - counts[first])
+        offset = np.flatnonzero(flat[first])[within]
+        centre = (first, *(int(i) for i in np.unravel_index(offset, shape[1:])))
+        return tuple(
+            0 if s <= p else int(np.clip(c - p // 2, 0, s - p))
+            for c, s, p in zip(centre, shape, patch)
+        )
+
+    return [corner() for _ in range(count)]
 
 
 def _check_patch_size(patch_size: Sequence[int], shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ from ctxrestore.data.preprocess import (
     MIN_FOREGROUND,
     Preprocessing,
     crop_or_pad,
-    sample_patch_corner,
+    sample_patch_corners,
     slice_indices,
     take_slice,
 )
@@ -124,9 +124,7 @@ class UnlabelledDataset(Dataset):
             return [(index, s) for s in chosen]
         shape = case.image.shape[1:]
         count = math.prod(math.ceil(n / p) for n, p in zip(shape, self.spatial_size))
-        corners = [
-            sample_patch_corner(case.foreground, self.spatial_size, rng) for _ in range(count)
-        ]
+        corners = sample_patch_corners(case.foreground, self.spatial_size, rng, count)
         return [(index, corner) for corner in corners]
 
     def _background(self, case_index: int) -> float:

@@ -257,3 +257,26 @@ def test_bad_out_buffer_is_refused():
     images = torch.rand(2, 1, 16, 16)
     with pytest.raises(ValueError, match="out must be a contiguous"):
         context_restoration(images, 2, 4, generator(), out=torch.empty(2, 1, 16, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_on_a_gpu_the_corruption_is_the_permutation_it_returns(spatial_dims):
+    images = distinct_images(3, 4, SHAPES[spatial_dims]).cuda()
+
+    def corrupt(batch):
+        cuda_generator = torch.Generator(device="cuda").manual_seed(0)
+        return context_restoration(
+            batch, 10, PATCHES[spatial_dims], cuda_generator, return_permutation=True
+        )
+
+    corrupted, permutation = corrupt(images)
+    assert corrupted.device == images.device and corrupted.dtype == images.dtype
+    assert torch.equal(apply_permutation(images, permutation), corrupted)
+    assert not torch.equal(corrupted, images)
+    assert_channels_moved_together(images.cpu(), corrupted.cpu())
+    assert torch.equal(corrupt(images)[0], corrupted)  # same seed, same output
+    in_bf16, _ = corrupt(images.to(torch.bfloat16))  # the plan does not depend on the dtype
+    assert in_bf16.dtype == torch.bfloat16
+    assert torch.equal(in_bf16, corrupted.to(torch.bfloat16))

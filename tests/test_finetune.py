@@ -138,6 +138,40 @@ def test_frozen_encoder_keeps_its_pretrained_values(tmp_path, pretrained):
     assert trained and all(n.startswith(("neck.", "head.")) for n in trained)
 
 
+def test_transfer_stages_copies_only_the_first_encoder_stages(tmp_path, pretrained):
+    before, spec = load_checkpoint(pretrained["segment"])
+    options = dict(init=str(pretrained["segment"]), transfer_stages=2, **TINY_FINETUNE)
+    config = FinetuneConfig(task="segment", out="unused", **options)
+    data = load_data(config, None)
+    model, _, report = build_network(config, data.task, data, (before, spec))
+    random_model, _, _ = build_network(  # the same seed: what every tensor is without transfer
+        FinetuneConfig(task="segment", out="unused", **{**TINY_FINETUNE}),
+        data.task, data, (None, None),
+    )  # fmt: skip
+    state, random_state = model.state_dict(), random_model.state_dict()
+    copied = [n for n in state if "num_batches" not in n and torch.equal(state[n], before[n])]
+    assert copied and all(n.startswith(("encoder.stages.0.", "encoder.stages.1.")) for n in copied)
+    deeper = [n for n in state if n.startswith(("encoder.stages.2.", "decoder.")) and
+              "num_batches" not in n]  # fmt: skip
+    assert deeper and all(torch.equal(state[n], random_state[n]) for n in deeper)
+    assert report.prefixes == ("encoder.stages.0.", "encoder.stages.1.")
+    assert report.random["decoder"] > 0 and "stages 2 and deeper" in report.reasons["encoder"]
+    # Through the CLI: a count the encoder does not have, and nonsense combinations, stop early.
+    stages = 1 + max(int(n.split(".")[2]) for n in before if n.startswith("encoder.stages."))
+    for extra, message in [
+        (["--transfer-stages", str(stages + 1)], f"has {stages} stages; use 1..{stages}"),
+        (["--transfer-stages", "1", "--freeze-encoder"], "choose one"),
+    ]:
+        result = runner.invoke(app, ["finetune", "segment", "--out", str(tmp_path / "x"),
+                                     "--init", str(pretrained["segment"]), *extra,
+                                     *_cli_options(TINY_FINETUNE)])  # fmt: skip
+        assert result.exit_code == 2 and message in result.output, result.output
+    with pytest.raises(CtxRestoreError, match="needs pretrained weights"):
+        FinetuneConfig(task="segment", out="unused", transfer_stages=1, **TINY_FINETUNE)
+    result = ctxrestore.finetune("segment", out=tmp_path / "run", **options)
+    assert result.transfer["prefixes"] == ["encoder.stages.0.", "encoder.stages.1."]
+
+
 def test_volumes_are_split_by_case_and_predicted_back(tmp_path):
     """A 2D segmentation on 3D volumes: slices of one volume stay on one side of the split."""
     data = tmp_path / "brain3d"

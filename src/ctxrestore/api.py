@@ -233,6 +233,13 @@ def finetune(
     freeze_encoder: Annotated[
         bool, typer.Option(help="Keep the pretrained encoder fixed; train the rest.")
     ] = False,
+    transfer_stages: Annotated[
+        int | None,
+        typer.Option(
+            help="Transfer only the first N encoder stages (the deeper ones and the decoder "
+            "start random); default: all that fit."
+        ),
+    ] = None,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up, then cosine decay.")] = 20,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
     patience: Annotated[

@@ -30,6 +30,8 @@ class TransferReport:
     reasons: dict[str, str] = field(default_factory=dict)  # part -> why it started random
     adapted: dict[str, str] = field(default_factory=dict)
     left_behind: dict[str, int] = field(default_factory=dict)  # pretrained parts not used
+    # Parameter-name prefixes that hold pretrained weights (for their learning-rate scale).
+    prefixes: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {
@@ -38,6 +40,7 @@ class TransferReport:
             "reasons": self.reasons,
             "adapted": self.adapted,
             "left_behind": self.left_behind,
+            "prefixes": list(self.prefixes),
         }
 
 
@@ -116,9 +119,14 @@ def transfer_weights(
     model_prefixes: dict[str, str],
     *,
     adapt_channels: bool = False,
+    encoder_stages: int | None = None,
     source: str = "the checkpoint",
 ) -> TransferReport:
     """Copy the encoder (and a matching decoder) from `pretrained_state` into `model`.
+
+    `encoder_stages`: copy only the encoder's first N stages (`<encoder>stages.<i>.`); the
+    deeper ones, and then the decoder, keep their random initialisation: the deep layers of
+    a pretext network can be too specialised for its pretext to help a task.
 
     Raises when the encoder does not fit: that means the downstream network was not built
     around the pretrained encoder, or the input channels differ and `adapt_channels` is off.
@@ -157,6 +165,15 @@ def transfer_weights(
             random[part] = len(tensors)
             reasons[part] = "its architecture differs from the pretrained one"
             continue
+        if part == "encoder" and encoder_stages is not None:
+            kept = _first_stages(tensors, model_prefixes["encoder"], encoder_stages, source)
+            random["encoder"] = len(tensors) - len(kept)
+            reasons["encoder"] = f"stages {encoder_stages} and deeper start random"
+            tensors = kept
+        elif part == "decoder" and encoder_stages is not None:
+            random[part] = len(tensors)
+            reasons[part] = "only the first encoder stages transfer"
+            continue
         for name in tensors:
             updates.setdefault(name, pretrained[name])
         transferred[part] = len(tensors)
@@ -166,7 +183,33 @@ def transfer_weights(
     left_behind = {
         part: len(tensors) for part, tensors in source_parts.items() if part not in transferred
     }
-    return TransferReport(transferred, random, reasons, adapted, left_behind)
+    prefixes = tuple(model_prefixes[part] for part in transferred)
+    if encoder_stages is not None:
+        encoder = model_prefixes["encoder"]
+        prefixes = tuple(f"{encoder}stages.{i}." for i in range(encoder_stages))
+    return TransferReport(transferred, random, reasons, adapted, left_behind, prefixes)
+
+
+def _first_stages(
+    tensors: dict[str, torch.Tensor], encoder_prefix: str, count: int, source: str
+) -> dict[str, torch.Tensor]:
+    """The tensors of the encoder's stages 0 .. count-1; refuses a count it does not have."""
+    stage_of = {}
+    for name in tensors:
+        rest = name[len(encoder_prefix) :].split(".")
+        if rest[0] != "stages" or not rest[1].isdigit():
+            raise CtxRestoreError(
+                f"{source}: encoder tensor {name} is not in a stage; --transfer-stages needs an "
+                "encoder made of stages"
+            )
+        stage_of[name] = int(rest[1])
+    stages = max(stage_of.values()) + 1
+    if not 1 <= count <= stages:
+        raise CtxRestoreError(
+            f"--transfer-stages {count}: the encoder of {source} has {stages} stages; use "
+            f"1..{stages}"
+        )
+    return {name: tensor for name, tensor in tensors.items() if stage_of[name] < count}
 
 
 def _difference(tensors: dict, pretrained: dict, shapes_differ: list[str]) -> str:

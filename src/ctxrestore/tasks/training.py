@@ -85,6 +85,7 @@ class FinetuneConfig(FileOptions):
     learning_rate: float = 1e-3
     pretrained_lr_scale: float = 1.0
     freeze_encoder: bool = False
+    transfer_stages: int | None = None
     warmup_steps: int = 20
     weight_decay: float = 1e-4
     patience: int = 10
@@ -127,6 +128,14 @@ class FinetuneConfig(FileOptions):
             )
         if self.freeze_encoder and self.init == "random":
             raise CtxRestoreError("--freeze-encoder needs pretrained weights (--init DIR)")
+        if self.transfer_stages is not None:
+            if self.init == "random":
+                raise CtxRestoreError("--transfer-stages needs pretrained weights (--init DIR)")
+            if self.freeze_encoder:
+                raise CtxRestoreError(
+                    "--transfer-stages and --freeze-encoder together would freeze random "
+                    "stages; choose one"
+                )
 
     @property
     def spatial_size(self) -> tuple[int, ...]:
@@ -238,6 +247,7 @@ def build_network(
             spec["model"]["prefixes"],
             network["prefixes"],
             adapt_channels=config.adapt_channels,
+            encoder_stages=config.transfer_stages,
             source=f"checkpoint {config.init}",
         )
     if config.freeze_encoder:
@@ -404,7 +414,6 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             )
         else:
             logger.warning("no validation split: training %d steps, keeping the last", max_steps)
-        transferred = [f"{part}." for part in transfer.transferred]
         result = fit(
             model=model,
             dataset=ItemsDataset(data.items, split.train),
@@ -415,7 +424,7 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             spec=spec,
             resume=config.resume and (out / WEIGHTS_FILE).exists(),
             validation=validation,
-            lr_scales=dict.fromkeys(transferred, config.pretrained_lr_scale),
+            lr_scales=dict.fromkeys(transfer.prefixes, config.pretrained_lr_scale),
         )
         metrics: dict[str, float] = {}
         if context.is_main:

@@ -275,6 +275,22 @@ def test_more_methods_and_fractions_extend_a_benchmark_and_fewer_are_refused(tmp
         api.benchmark(out=tmp_path / "out", **{**grown, "fractions": "1.0"})
 
 
+def test_transfer_stages_reach_the_pretrained_runs_only(tmp_path):
+    api.benchmark(out=tmp_path / "out", **{**TINY, "fractions": "1.0", "seeds": 1,
+                                           "transfer_stages": 1})  # fmt: skip
+    runs = tmp_path / "out" / "runs"
+    pretrained = json.loads(
+        (runs / "context_restoration/fraction_1.0/seed_0/config.json").read_text()
+    )
+    random = json.loads((runs / "random/fraction_1.0/seed_0/config.json").read_text())
+    assert (pretrained["transfer_stages"], random["transfer_stages"]) == (1, None)
+    metrics = json.loads(
+        (runs / "context_restoration/fraction_1.0/seed_0/metrics.json").read_text()
+    )
+    assert metrics["transfer"]["prefixes"] == ["encoder.stages.0."]
+    assert json.loads((tmp_path / "out" / "benchmark.json").read_text())["transfer_stages"] == 1
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -348,6 +348,12 @@ _BenchRate = Annotated[float, typer.Option(help="Fine-tuning AdamW peak learning
 _BenchLrScale = Annotated[
     float, typer.Option(help="Learning-rate factor of the pretrained layers (<= 1).")
 ]
+_BenchTransferStages = Annotated[
+    int | None,
+    typer.Option(
+        help="Transfer only the first N encoder stages of each pretraining; default: all."
+    ),
+]
 _BenchPatience = Annotated[
     int, typer.Option(help="Stop fine-tuning after this many validations without improvement.")
 ]
@@ -398,6 +404,7 @@ def benchmark(
     max_steps: _BenchMaxSteps = None,
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
+    transfer_stages: _BenchTransferStages = None,
     patience: _BenchPatience = 10,
     modality: _Modality = None,
     window: _Window = None,
@@ -462,6 +469,7 @@ def ablate(
     max_steps: _BenchMaxSteps = None,
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
+    transfer_stages: _BenchTransferStages = None,
     patience: _BenchPatience = 10,
     modality: _Modality = None,
     window: _Window = None,

@@ -80,6 +80,7 @@ class BenchmarkOptions(FileOptions):
     max_steps: int | None = None
     learning_rate: float = 1e-3
     pretrained_lr_scale: float = 1.0
+    transfer_stages: int | None = None
     patience: int = 10
     device: str = "auto"
     precision: str = "auto"
@@ -225,7 +226,8 @@ def build_protocol(
         "data": options.data, "num_images": options.num_images, "image_size": options.image_size,
         "width": options.width, "batch_size": options.batch_size, "epochs": options.epochs,
         "max_steps": options.max_steps, "learning_rate": options.learning_rate,
-        "pretrained_lr_scale": options.pretrained_lr_scale, "patience": options.patience,
+        "pretrained_lr_scale": options.pretrained_lr_scale,
+        "transfer_stages": options.transfer_stages, "patience": options.patience,
         "device": options.device, "precision": options.precision, **files,
     }  # fmt: skip
     settings = {**options.settings(), "kind": kind, "network": network, "seeds": seeds,

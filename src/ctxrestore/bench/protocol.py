@@ -37,7 +37,7 @@ RANDOM = "random"
 NOT_COMPARED = ("device", "metric", "resume", "cache", "cache_dir")
 # Options added after benchmarks were first written, with the default they ran with.
 LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slice_axis": 0,
-                 "skip_bad": False}  # fmt: skip
+                 "skip_bad": False, "transfer_stages": None}  # fmt: skip
 # Settings that only add runs when they grow: seeds (a count), methods and fractions (lists).
 GRID_SETTINGS = ("seeds", "methods", "fractions")
 RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "best_step")
@@ -94,6 +94,9 @@ class Protocol:
     ) -> FinetuneConfig:
         if init is None:
             init = RANDOM if arm.pretrain is None else str(self.pretrain_folder(arm))
+        options = dict(self.finetune_options)
+        if init == RANDOM:  # nothing to transfer, in part or in full
+            options["transfer_stages"] = None
         return FinetuneConfig(
             task=self.task,
             out=self.run_folder(arm, fraction, seed),
@@ -102,7 +105,7 @@ class Protocol:
             seed=seed,
             resume=resume,
             figures=False,  # hundreds of runs: the benchmark draws its own plot
-            **self.finetune_options,
+            **options,
         )
 
     def grid(self) -> Iterator[tuple[Arm, str, int]]:

@@ -135,6 +135,7 @@ def transfer_weights(
     source_parts = _split_by_part(pretrained_state, pretrained_prefixes)
     target_parts = _split_by_part(target, model_prefixes)
     transferred, random, reasons, adapted = {}, {}, {}, {}
+    prefixes: list[str] = []  # of the names that get pretrained weights
     updates: dict[str, torch.Tensor] = {}
     for part, tensors in target_parts.items():
         pretrained = source_parts.get(part, {})
@@ -165,11 +166,14 @@ def transfer_weights(
             random[part] = len(tensors)
             reasons[part] = "its architecture differs from the pretrained one"
             continue
+        part_prefixes = [model_prefixes[part]]
         if part == "encoder" and encoder_stages is not None:
             kept = _first_stages(tensors, model_prefixes["encoder"], encoder_stages, source)
-            random["encoder"] = len(tensors) - len(kept)
-            reasons["encoder"] = f"stages {encoder_stages} and deeper start random"
+            if len(kept) < len(tensors):
+                random["encoder"] = len(tensors) - len(kept)
+                reasons["encoder"] = f"stages {encoder_stages} and deeper start random"
             tensors = kept
+            part_prefixes = [f"{model_prefixes[part]}stages.{i}." for i in range(encoder_stages)]
         elif part == "decoder" and encoder_stages is not None:
             random[part] = len(tensors)
             reasons[part] = "only the first encoder stages transfer"
@@ -177,17 +181,14 @@ def transfer_weights(
         for name in tensors:
             updates.setdefault(name, pretrained[name])
         transferred[part] = len(tensors)
+        prefixes += part_prefixes
     with torch.no_grad():
         for name, value in updates.items():
             target[name].copy_(value.to(target[name].dtype))
     left_behind = {
         part: len(tensors) for part, tensors in source_parts.items() if part not in transferred
     }
-    prefixes = tuple(model_prefixes[part] for part in transferred)
-    if encoder_stages is not None:
-        encoder = model_prefixes["encoder"]
-        prefixes = tuple(f"{encoder}stages.{i}." for i in range(encoder_stages))
-    return TransferReport(transferred, random, reasons, adapted, left_behind, prefixes)
+    return TransferReport(transferred, random, reasons, adapted, left_behind, tuple(prefixes))
 
 
 def _first_stages(

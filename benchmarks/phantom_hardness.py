@@ -34,12 +34,13 @@ METRICS = {  # task -> the metrics to report (the first is the headline)
 }  # fmt: skip
 
 
-# task -> labelled phantom cases, step cap, image size. Classification needs the larger pool:
-# 420 training images of 9 planes cap macro-F1 near 0.6 however long it trains (session 4),
-# so "all labels" would not be doing well; localisation needs 128x128 (experiment 3).
+# task -> labelled phantom cases, step cap, image size. Classification and localisation need
+# the larger pool: on 420 training images "all labels" does not do well however long it trains
+# (macro-F1 near 0.6; box IoU 0.36 at the 600-step cap), experiments 9 and 12 in
+# docs/experiments.md; localisation also needs 128x128 (experiment 3).
 RECIPES = {
     "classify": {"num_images": 2000, "steps": 3000, "image_size": 64},
-    "localize": {"num_images": 600, "steps": 600, "image_size": 128},
+    "localize": {"num_images": 2000, "steps": 3000, "image_size": 128},
     "segment": {"num_images": 600, "steps": 600, "image_size": 64},
 }
 

@@ -525,11 +525,11 @@ def predict(
 DEMO_TASKS = {"classify": "ultrasound", "localize": "abdomen", "segment": "brain"}
 # Benchmark settings of `demo` for every task. Quick: two initialisations, one fraction, a
 # minute or two on 2 CPU cores. Default: all six initialisations, 10% and 100% of the labels,
-# 3 seeds, at each task's default image size (64; 128 for localisation, whose boxes a 64-pixel
-# image cannot resolve; relative position needs at least 60 pixels for its 3x3 grid of
-# 16-pixel patches); its time on 2 CPU cores is not measured yet (target: 30 minutes). Both
-# are far from converged: read them as a working pipeline with honest statistics, not as the
-# method's merit (see `benchmark` for real settings).
+# 3 seeds, at each task's default image size (64; localisation at 96, below; relative
+# position needs at least 60 pixels for its 3x3 grid of 16-pixel patches); 23.7 minutes on 2
+# CPU cores (target: 30; docs/experiments.md, 7). Both are far from converged: read them as a
+# working pipeline with honest statistics, not as the method's merit (see `benchmark` for
+# real settings).
 DEMO_SETTINGS = {
     True: dict(methods="random,context_restoration", fractions="0.25", seeds=2, image_size=32,
                width=4, num_images=60, pretrain_images=64, pretrain_steps=10,

@@ -299,6 +299,7 @@ def test_transfer_stages_reach_the_pretrained_runs_only(tmp_path):
         ({"fractions": "0.1,2.5"}, "label fraction '2.5' is not valid"),
         ({"patch_size": 24}, "initialisation context_restoration: .*does not fit"),
         ({"network": "unet"}, "random initialisation builds"),
+        ({"patience": -1}, r"patience must be >= 0 validations \(0: never stop early\), got -1"),
     ],
 )
 def test_benchmark_checks_options_before_training(tmp_path, change, message):

@@ -247,3 +247,22 @@ def test_localize_in_3d_regresses_one_box_per_organ(tmp_path):
     assert 0.0 <= summary["test"]["iou/mean"] <= 1.0 and summary["test"]["wall_mm/mean"] > 0
     _, spec = load_checkpoint(out)
     assert spec["model"]["name"] == "localizer" and spec["model"]["kwargs"]["spatial_dims"] == 3
+
+
+def test_patience_zero_runs_the_whole_schedule(tmp_path, monkeypatch):
+    # Every validation after the first is worse: patience 1 stops at the second validation,
+    # patience 0 validates to the end and keeps the first (best) one.
+    from ctxrestore.tasks.classify import ClassificationTask
+
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2, 0.1] * 2)
+    monkeypatch.setattr(ClassificationTask, "evaluate", lambda *args: {"macro_f1": next(scores)})
+    options = {**TINY_FINETUNE, "num_images": 60, "max_steps": 100, "epochs": 5}
+    stopped = ctxrestore.finetune("classify", out=tmp_path / "p1", patience=1, **options)
+    assert stopped.stopped_early and stopped.steps == 40 and stopped.best_step == 20
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2, 0.1])
+    whole = ctxrestore.finetune("classify", out=tmp_path / "p0", patience=0, **options)
+    assert not whole.stopped_early and whole.steps == 100 and whole.best_step == 20
+    validated = [row.split(",")[0] for row in (tmp_path / "p0" / "validation.csv").open()]
+    assert validated == ["step", "20", "40", "60", "80", "100"]
+    with pytest.raises(CtxRestoreError, match=r"patience must be >= 0 validations.*got -1"):
+        ctxrestore.finetune("classify", out=tmp_path / "bad", patience=-1, **options)

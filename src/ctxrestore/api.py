@@ -243,7 +243,11 @@ def finetune(
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up, then cosine decay.")] = 20,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
     patience: Annotated[
-        int, typer.Option(help="Stop after this many validations without improvement.")
+        int,
+        typer.Option(
+            help="Stop after this many validations without improvement; 0: never stop early "
+            "(the whole schedule runs, the best validation is kept)."
+        ),
     ] = 10,
     augment: Annotated[
         bool, typer.Option(help="Affine + intensity augmentation (never left-right flips).")
@@ -355,7 +359,11 @@ _BenchTransferStages = Annotated[
     ),
 ]
 _BenchPatience = Annotated[
-    int, typer.Option(help="Stop fine-tuning after this many validations without improvement.")
+    int,
+    typer.Option(
+        help="Stop fine-tuning after this many validations without improvement; 0: never stop "
+        "early (the whole schedule runs, the best validation is kept)."
+    ),
 ]
 _BenchResume = Annotated[
     bool,

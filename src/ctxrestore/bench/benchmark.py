@@ -102,6 +102,10 @@ class BenchmarkOptions(FileOptions):
         for name in ("pretrain_images", "pretrain_steps", "pretrain_batch_size"):
             if getattr(self, name) < 1:
                 raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience < 0:  # refused here, before any pretraining runs
+            raise CtxRestoreError(
+                f"patience must be >= 0 validations (0: never stop early), got {self.patience}"
+            )
         parse_fractions(self.fractions)
         if self.image_size is None:  # the task's own default (finetune's)
             object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZES[self.task])

@@ -113,9 +113,11 @@ class FinetuneConfig(FileOptions):
             )
         if self.image_size is None:
             object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZES.get(self.task, 64))
-        check_stage_options(
-            self, ("num_images", "width", "image_size", "epochs", "batch_size", "patience")
-        )
+        check_stage_options(self, ("num_images", "width", "image_size", "epochs", "batch_size"))
+        if self.patience < 0:
+            raise CtxRestoreError(
+                f"patience must be >= 0 validations (0: never stop early), got {self.patience}"
+            )
         if not 0 < self.pretrained_lr_scale <= 1:
             raise CtxRestoreError(
                 f"pretrained_lr_scale must be in (0, 1], got {self.pretrained_lr_scale}; "
@@ -410,7 +412,9 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
                 every=validate_every,
                 evaluate=lambda m: task.evaluate(m, _loader(data.items, split.val), device),
                 metric=task.metric,
-                patience=config.patience,
+                # 0: run the whole schedule and keep the best validation (fair comparisons:
+                # a noisy early score must not end a run; docs/experiments.md 16)
+                patience=config.patience or None,
             )
         else:
             logger.warning("no validation split: training %d steps, keeping the last", max_steps)

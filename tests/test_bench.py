@@ -328,3 +328,19 @@ def test_ablation_on_a_tiny_grid_writes_its_report(tmp_path):
                  "## Summary", "plot.png"):  # fmt: skip
         assert part in report, part
     assert result.plot.stat().st_size > 5000
+
+
+def test_every_arm_runs_the_whole_schedule_by_default(tmp_path, monkeypatch):
+    # Validation only gets worse after the first: with early stopping (patience 1) each run
+    # would stop at its second validation; the benchmark's default runs every step.
+    from ctxrestore.tasks.classify import ClassificationTask
+
+    scores = iter([0.9 - 0.01 * i for i in range(1000)])
+    monkeypatch.setattr(ClassificationTask, "evaluate", lambda *args: {"macro_f1": next(scores)})
+    api.benchmark(out=tmp_path / "out", **{**TINY, "fractions": "1.0", "seeds": 1,
+                                           "max_steps": 60})  # fmt: skip
+    for method in ("random", "context_restoration"):
+        run = tmp_path / "out" / "runs" / method / "fraction_1.0" / "seed_0"
+        assert json.loads((run / "config.json").read_text())["patience"] == 0
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert (metrics["steps"], metrics["best_step"], metrics["stopped_early"]) == (60, 20, False)

@@ -361,8 +361,9 @@ _BenchTransferStages = Annotated[
 _BenchPatience = Annotated[
     int,
     typer.Option(
-        help="Stop fine-tuning after this many validations without improvement; 0: never stop "
-        "early (the whole schedule runs, the best validation is kept)."
+        help="Stop fine-tuning after this many validations without improvement; 0 (default): "
+        "never stop early, the whole schedule runs and the best validation is kept, so a lucky "
+        "early score cannot end one arm's run (docs/experiments.md, 16)."
     ),
 ]
 _BenchResume = Annotated[
@@ -413,7 +414,7 @@ def benchmark(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     transfer_stages: _BenchTransferStages = None,
-    patience: _BenchPatience = 10,
+    patience: _BenchPatience = 0,
     modality: _Modality = None,
     window: _Window = None,
     target_spacing: _TargetSpacing = None,
@@ -478,7 +479,7 @@ def ablate(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     transfer_stages: _BenchTransferStages = None,
-    patience: _BenchPatience = 10,
+    patience: _BenchPatience = 0,
     modality: _Modality = None,
     window: _Window = None,
     target_spacing: _TargetSpacing = None,

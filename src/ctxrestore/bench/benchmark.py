@@ -81,7 +81,7 @@ class BenchmarkOptions(FileOptions):
     learning_rate: float = 1e-3
     pretrained_lr_scale: float = 1.0
     transfer_stages: int | None = None
-    patience: int = 10
+    patience: int = 0  # the whole schedule for every arm: early stopping favours lucky spikes
     device: str = "auto"
     precision: str = "auto"
     resume: bool = True

@@ -31,6 +31,7 @@ from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import get_phantom
 from ctxrestore.data.splits import parse_fraction
 from ctxrestore.engine.distributed import resolve_device
+from ctxrestore.engine.run_folder import check_patience
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import PRETRAINING_NETWORKS
 from ctxrestore.pretext import create_pretext, list_pretexts
@@ -81,7 +82,7 @@ class BenchmarkOptions(FileOptions):
     learning_rate: float = 1e-3
     pretrained_lr_scale: float = 1.0
     transfer_stages: int | None = None
-    patience: int = 0  # the whole schedule for every arm: early stopping favours lucky spikes
+    patience: int = 0  # every arm trains its whole schedule (docs/experiments.md 16)
     device: str = "auto"
     precision: str = "auto"
     resume: bool = True
@@ -102,10 +103,7 @@ class BenchmarkOptions(FileOptions):
         for name in ("pretrain_images", "pretrain_steps", "pretrain_batch_size"):
             if getattr(self, name) < 1:
                 raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.patience < 0:  # refused here, before any pretraining runs
-            raise CtxRestoreError(
-                f"patience must be >= 0 validations (0: never stop early), got {self.patience}"
-            )
+        check_patience(self.patience)  # before any pretraining runs
         parse_fractions(self.fractions)
         if self.image_size is None:  # the task's own default (finetune's)
             object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZES[self.task])

@@ -89,3 +89,11 @@ def check_stage_options(config: object, positive: Iterable[str]) -> None:
             raise CtxRestoreError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.max_steps is not None and config.max_steps < 1:
         raise CtxRestoreError(f"max_steps must be >= 1, got {config.max_steps}")
+
+
+def check_patience(patience: int) -> None:
+    """Fine-tuning's early-stopping patience: validations without a new best; 0 never stops."""
+    if patience < 0:
+        raise CtxRestoreError(
+            f"patience must be >= 0 validations (0: never stop early), got {patience}"
+        )

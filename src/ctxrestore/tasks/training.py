@@ -28,6 +28,7 @@ from ctxrestore.engine.distributed import setup_distributed, teardown_distribute
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
     CONFIG_FILE,
+    check_patience,
     check_run_folder,
     check_stage_options,
     option_defaults,
@@ -114,10 +115,7 @@ class FinetuneConfig(FileOptions):
         if self.image_size is None:
             object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZES.get(self.task, 64))
         check_stage_options(self, ("num_images", "width", "image_size", "epochs", "batch_size"))
-        if self.patience < 0:
-            raise CtxRestoreError(
-                f"patience must be >= 0 validations (0: never stop early), got {self.patience}"
-            )
+        check_patience(self.patience)
         if not 0 < self.pretrained_lr_scale <= 1:
             raise CtxRestoreError(
                 f"pretrained_lr_scale must be in (0, 1], got {self.pretrained_lr_scale}; "

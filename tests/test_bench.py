@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import ctxrestore.api as api
 from ctxrestore.bench import mean_ci, paired_difference, relative_reduction
+from ctxrestore.bench.benchmark import parse_methods
 from ctxrestore.bench.protocol import Arm, Protocol
 from ctxrestore.bench.report import write_report
 from ctxrestore.bench.stats import higher_is_better
@@ -160,6 +161,57 @@ def test_report_without_random_has_no_differences(tmp_path):
     text = write_report(tmp_path / "report.md", protocol, rows, table, tmp_path / "p.png")
     assert "difference from" not in text.read_text()
     assert "Fraction 1.0: best mean wall_mm/mean is **relative_position**" in text.read_text()
+
+
+def test_report_reads_a_longer_random_control_as_a_head_start_check(tmp_path):
+    # Random weights trained twice as long catch up with context restoration at 0.1 (within
+    # 0.1 mm in every seed) and gain nothing at 1.0.
+    protocol, rows = _synthetic(tmp_path)
+    control = Arm("random_x2", label="random, 2x schedule", schedule_factor=2)
+    protocol = dataclasses.replace(protocol, arms=(protocol.arms[0], control, *protocol.arms[1:]))
+    errors = {"0.1": [8.1, 8.9, 9.5], "1.0": [4.0, 4.2, 4.1]}
+    rows += [{**row, "method": "random_x2", "steps": 10,
+              "wall_mm/mean": errors[row["fraction"]][row["seed"]]}
+             for row in rows if row["method"] == "random"]  # fmt: skip
+    methods = [arm.name for arm in protocol.arms]
+    table = summarize(rows, methods=methods, fractions=protocol.fractions, metric=protocol.metric)
+    text = write_report(tmp_path / "r.md", protocol, rows, table, tmp_path / "p.png").read_text()
+    assert (
+        "- Random weights get better with the longer schedule (random, 2x schedule) at "
+        "fraction(s) 0.1: the shared schedule under-trains them there"
+    ) in text
+    assert "context_restoration vs random, 2x schedule: no clear difference at 0.1 (" in text
+    assert "worse at 1.0" in text.split("vs random, 2x schedule:")[1].split("\n")[0]
+    assert "random, 2x schedule vs random: better at 0.1" in text
+    # The control is not a pretrained initialisation: the ranking leaves it out.
+    assert "1.0 (behind relative_position)." in text
+
+
+def test_methods_take_longer_random_controls_in_a_fixed_order():
+    assert parse_methods("context_restoration,random_x4,random,random_x2") == (
+        "random", "random_x2", "random_x4", "context_restoration")  # fmt: skip
+    for bad in ("random_x1", "random_x0", "random_xx", "random_x"):
+        with pytest.raises(CtxRestoreError, match=rf"unknown method\(s\) {bad}; .*random_xK"):
+            parse_methods(f"random,{bad}")
+
+
+def test_a_longer_random_control_trains_k_times_the_schedule_on_the_same_splits(tmp_path):
+    first = {**TINY, "methods": "random", "fractions": "1.0", "seeds": 1}
+    api.benchmark(out=tmp_path / "out", **first)
+    result = api.benchmark(out=tmp_path / "out", **{**first, "methods": "random,random_x3"})
+    assert (result.runs, result.trained, result.skipped) == (2, 1, 1)  # the grid grew by one
+    with (tmp_path / "out" / "results.csv").open() as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert (rows["random"]["steps"], rows["random_x3"]["steps"]) == ("2", "6")
+    runs = tmp_path / "out" / "runs"
+    configs = [json.loads((runs / m / "fraction_1.0/seed_0/config.json").read_text())
+               for m in ("random", "random_x3")]  # fmt: skip
+    assert [(c["epochs"], c["max_steps"], c["init"]) for c in configs] == [
+        (30, 2, "random"), (90, 6, "random")]  # fmt: skip
+    splits = [(runs / m / "fraction_1.0/seed_0/split.json").read_text()
+              for m in ("random", "random_x3")]  # fmt: skip
+    assert splits[0] == splits[1]
+    assert "random, 3x schedule" in result.report.read_text()
 
 
 def test_segmentation_summaries_show_the_brats_regions():

@@ -346,7 +346,9 @@ _PretrainSteps = Annotated[int, typer.Option(help="Pretraining steps, the same f
 _PretrainBatch = Annotated[int, typer.Option(help="Pretraining images per step.")]
 _PretrainRate = Annotated[float, typer.Option(help="Pretraining AdamW peak learning rate.")]
 _BenchBatch = Annotated[int, typer.Option(help="Fine-tuning images per step.")]
-_BenchEpochs = Annotated[int, typer.Option(help="Fine-tuning epochs unless stopped early.")]
+_BenchEpochs = Annotated[
+    int, typer.Option(help="Fine-tuning epochs (an epoch is at least 20 steps).")
+]
 _BenchMaxSteps = Annotated[int | None, typer.Option(help="Stop each fine-tuning at this step.")]
 _BenchRate = Annotated[float, typer.Option(help="Fine-tuning AdamW peak learning rate.")]
 _BenchLrScale = Annotated[
@@ -386,8 +388,9 @@ def benchmark(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated initialisations: 'random' and pretext names; default: random "
-            "and every registered pretext."
+            help="Comma-separated initialisations: 'random', pretext names, and 'random_xK' "
+            "(random weights fine-tuned K times as long: if they catch up, a pretrained gain is "
+            "a head start); default: random and every registered pretext."
         ),
     ] = None,
     seeds: _Seeds = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,10 @@ SEEDS_ON_CPU, SEEDS_ON_GPU = 3, 5
 METHOD_OPTIONS = {"relative_position": {"patch_size": 16}}
 PLACEMENTS = ("uniform", "foreground")
 CONTEXT_RESTORATION = "context_restoration"
+# random_x2, random_x4, ...: random weights fine-tuned for K times the schedule, a control for
+# head starts: a pretrained arm that beats random but not random_xK got there sooner, not to a
+# better place (docs/experiments.md, 17).
+LONGER_RANDOM = re.compile(r"random_x(\d+)")
 
 
 @dataclass(frozen=True)
@@ -153,18 +158,34 @@ def parse_fractions(text: str) -> tuple[str, ...]:
     return tuple(fractions)
 
 
+def longer_random_factor(method: str) -> int | None:
+    """K for 'random_xK' (K >= 2), None for any other name."""
+    match = LONGER_RANDOM.fullmatch(method)
+    return int(match.group(1)) if match and int(match.group(1)) >= 2 else None
+
+
 def parse_methods(text: str | None) -> tuple[str, ...]:
-    """None: random and every registered pretext; else the named ones, checked."""
+    """None: random and every registered pretext; else the named ones, checked, in the order
+    random, its longer controls (random_xK), then the pretexts as registered."""
     known = [RANDOM, *list_pretexts()]
     if text is None:
         return tuple(known)
     methods = _items(text, "methods")
-    unknown = [method for method in methods if method not in known]
+    unknown = [m for m in methods if m not in known and longer_random_factor(m) is None]
     if unknown:
         raise CtxRestoreError(
-            f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(known)}"
+            f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(known)}, and "
+            "random_xK (K >= 2: random weights fine-tuned K times as long, a head-start control)"
         )
-    return tuple(sorted(methods, key=known.index))
+
+    def order(method: str) -> tuple[int, int]:
+        factor = longer_random_factor(method)
+        if factor is not None:
+            return (1, factor)
+        position = known.index(method)
+        return (0 if position == 0 else 2, position)
+
+    return tuple(sorted(methods, key=order))
 
 
 def _integers(text: str, name: str) -> list[int]:
@@ -308,10 +329,13 @@ def run_benchmark(options: BenchmarkOptions, methods: str | None = None) -> Benc
     pretext) for every fraction x seed; see `ctxrestore.benchmark`."""
     arms = []
     for method in parse_methods(methods):
-        pretrain = (
-            None if method == RANDOM else {"method": method, **METHOD_OPTIONS.get(method, {})}
-        )
-        arms.append(Arm(method, pretrain))
+        factor = longer_random_factor(method)
+        if method == RANDOM:
+            arms.append(Arm(RANDOM))
+        elif factor is not None:
+            arms.append(Arm(method, label=f"random, {factor}x schedule", schedule_factor=factor))
+        else:
+            arms.append(Arm(method, {"method": method, **METHOD_OPTIONS.get(method, {})}))
     settings = {"methods": [arm.name for arm in arms]}
     return run_protocol(build_protocol(options, "benchmark", tuple(arms), settings))
 

@@ -46,11 +46,15 @@ RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "be
 @dataclass(frozen=True)
 class Arm:
     """One initialisation. `pretrain`: the pretraining options that differ from the shared
-    ones (method, patch_size, ...); None for random weights. `label`: what tables show."""
+    ones (method, patch_size, ...); None for random weights. `label`: what tables show.
+    `schedule_factor`: this arm fine-tunes for that many times the shared schedule (epochs and
+    max_steps): random weights trained longer tell whether a pretrained arm's gain is a head
+    start (docs/experiments.md, 17)."""
 
     name: str
     pretrain: dict | None = None
     label: str = ""
+    schedule_factor: int = 1
 
     @property
     def title(self) -> str:
@@ -97,6 +101,9 @@ class Protocol:
         options = dict(self.finetune_options)
         if init == RANDOM:  # nothing to transfer, in part or in full
             options["transfer_stages"] = None
+        for key in ("epochs", "max_steps"):
+            if options.get(key) is not None:
+                options[key] *= arm.schedule_factor
         return FinetuneConfig(
             task=self.task,
             out=self.run_folder(arm, fraction, seed),

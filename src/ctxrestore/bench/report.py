@@ -131,9 +131,44 @@ def focus_lines(
                 f"- With all labels (fraction {full}) it is {worse} than {reference} by the 95% "
                 f"interval: {_difference_text(difference)}."
             )
-    others = [arm.name for arm in protocol.arms if arm.name not in (focus, reference)]
+    for control in _longer_controls(protocol):
+        lines += _head_start_lines(protocol, rows, focus, control)
+    others = [arm.name for arm in protocol.arms
+              if arm.name not in (focus, reference) and arm.pretrain is not None]  # fmt: skip
     if others:
         lines.append(_rank_among_pretrained(protocol, summary, focus, others))
+    return lines
+
+
+def _longer_controls(protocol: Protocol) -> list[str]:
+    """Arms of random weights fine-tuned longer than the shared schedule (random_xK)."""
+    return [arm.name for arm in protocol.arms
+            if arm.pretrain is None and arm.schedule_factor > 1]  # fmt: skip
+
+
+def _head_start_lines(
+    protocol: Protocol, rows: Sequence[dict], focus: str, control: str
+) -> list[str]:
+    """Is the shared schedule long enough for random weights, and does the focus arm's gain
+    survive when they get a longer one? A gain that does not is a head start."""
+    title, control_title = protocol.arm(focus).title, protocol.arm(control).title
+    lines = []
+    if protocol.reference in {arm.name for arm in protocol.arms}:
+        gains = [f for f, (v, _) in against(protocol, rows, control, protocol.reference).items()
+                 if v == "better"]  # fmt: skip
+        if gains:
+            lines.append(
+                f"- Random weights get better with the longer schedule ({control_title}) at "
+                f"fraction(s) {', '.join(gains)}: the shared schedule under-trains them there, "
+                "so a gain over random at those fractions may be a head start."
+            )
+    parts = [f"{v} at {fraction} ({_difference_text(d)})"
+             for fraction, (v, d) in against(protocol, rows, focus, control).items()]  # fmt: skip
+    lines.append(
+        f"- {title} vs {control_title}: " + "; ".join(parts) + ". Where a gain over random "
+        "is gone here, the pretrained network reached sooner what random weights reach with "
+        "more steps: a head start, not a better end point."
+    )
     return lines
 
 

@@ -207,7 +207,7 @@ def test_a_longer_random_control_trains_k_times_the_schedule_on_the_same_splits(
     configs = [json.loads((runs / m / "fraction_1.0/seed_0/config.json").read_text())
                for m in ("random", "random_x3")]  # fmt: skip
     assert [(c["epochs"], c["max_steps"], c["init"]) for c in configs] == [
-        (30, 2, "random"), (90, 6, "random")]  # fmt: skip
+        (60, 2, "random"), (180, 6, "random")]  # fmt: skip
     splits = [(runs / m / "fraction_1.0/seed_0/split.json").read_text()
               for m in ("random", "random_x3")]  # fmt: skip
     assert splits[0] == splits[1]

@@ -412,7 +412,7 @@ def benchmark(
         float | None, typer.Option(help="Avoid patches whose values all lie at or below this.")
     ] = None,
     batch_size: _BenchBatch = 16,
-    epochs: _BenchEpochs = 30,
+    epochs: _BenchEpochs = 60,
     max_steps: _BenchMaxSteps = None,
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
@@ -477,7 +477,7 @@ def ablate(
     pretrain_batch_size: _PretrainBatch = 32,
     pretrain_learning_rate: _PretrainRate = 1e-3,
     batch_size: _BenchBatch = 16,
-    epochs: _BenchEpochs = 30,
+    epochs: _BenchEpochs = 60,
     max_steps: _BenchMaxSteps = None,
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,

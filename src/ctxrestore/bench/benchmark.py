@@ -82,7 +82,9 @@ class BenchmarkOptions(FileOptions):
     num_swaps: int = 20
     foreground_threshold: float | None = None
     batch_size: int = 16
-    epochs: int = 30
+    # 60 epochs of at least 20 steps: random weights at 5% labels need ~1,200 steps to converge
+    # (30 left them 9 Dice points short, a gap pretraining filled; docs/experiments.md 17-18)
+    epochs: int = 60
     max_steps: int | None = None
     learning_rate: float = 1e-3
     pretrained_lr_scale: float = 1.0

@@ -6,9 +6,11 @@ import csv
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import ctxrestore.api as api
@@ -327,6 +329,40 @@ def test_more_methods_and_fractions_extend_a_benchmark_and_fewer_are_refused(tmp
         api.benchmark(out=tmp_path / "out", **{**grown, "fractions": "1.0"})
 
 
+def test_each_seed_fine_tunes_from_its_own_pretraining_with_pretrain_seeds(tmp_path):
+    options = {**TINY, "fractions": "1.0", "seeds": 3, "pretrain_seeds": 2}
+    result = api.benchmark(out=tmp_path / "out", **options)
+    assert (result.runs, result.trained) == (6, 6)
+    pretrain = tmp_path / "out" / "pretrain" / "context_restoration"
+    configs = [json.loads((pretrain / f"seed_{k}" / "config.json").read_text()) for k in (0, 1)]
+    assert [config["seed"] for config in configs] == [0, 1]
+    weights = [load_file(pretrain / f"seed_{k}" / "model.safetensors") for k in (0, 1)]
+    assert any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    runs = tmp_path / "out" / "runs"
+    inits = [json.loads((runs / f"context_restoration/fraction_1.0/seed_{s}/config.json")
+                        .read_text())["init"] for s in range(3)]  # fmt: skip
+    assert [Path(init).relative_to(pretrain).as_posix() for init in inits] == [
+        "seed_0",
+        "seed_1",
+        "seed_0",
+    ]  # fine-tuning seed s: pretraining s mod 2
+    report = result.report.read_text()
+    assert "pretrained 2 times and fine-tuning seed s started from pretraining s mod 2" in report
+    assert "](pretrain/context_restoration/seed_1/report.md) | 1 |" in report
+    # The pairing of finished runs depends on it: another count in the same OUT is refused.
+    with pytest.raises(CtxRestoreError, match=r"pretrain_seeds: 2 -> 3"):
+        api.benchmark(out=tmp_path / "out", **{**options, "pretrain_seeds": 3})
+
+
+def test_one_pretraining_per_seed_is_said_to_cover_pretraining_variance(tmp_path):
+    options = {**TINY, "fractions": "1.0", "seeds": 2, "pretrain_seeds": 2}
+    report = api.benchmark(out=tmp_path / "out", **options).report.read_text()
+    assert (
+        "one pretraining per fine-tuning seed, so the intervals cover the variation of "
+        "pretraining as well" in report
+    )
+
+
 def test_transfer_stages_reach_the_pretrained_runs_only(tmp_path):
     api.benchmark(out=tmp_path / "out", **{**TINY, "fractions": "1.0", "seeds": 1,
                                            "transfer_stages": 1})  # fmt: skip
@@ -352,6 +388,8 @@ def test_transfer_stages_reach_the_pretrained_runs_only(tmp_path):
         ({"patch_size": 24}, "initialisation context_restoration: .*does not fit"),
         ({"network": "unet"}, "random initialisation builds"),
         ({"patience": -1}, r"patience must be >= 0 validations \(0: never stop early\), got -1"),
+        ({"pretrain_seeds": 3}, r"pretrain_seeds 3 is more than the 2 fine-tuning seeds"),
+        ({"pretrain_seeds": 0}, r"pretrain_seeds must be >= 1, got 0"),
     ],
 )
 def test_benchmark_checks_options_before_training(tmp_path, change, message):

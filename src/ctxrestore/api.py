@@ -345,6 +345,15 @@ _PretrainImages = Annotated[int, typer.Option(help="Unlabelled phantom images to
 _PretrainSteps = Annotated[int, typer.Option(help="Pretraining steps, the same for every method.")]
 _PretrainBatch = Annotated[int, typer.Option(help="Pretraining images per step.")]
 _PretrainRate = Annotated[float, typer.Option(help="Pretraining AdamW peak learning rate.")]
+_PretrainSeeds = Annotated[
+    int,
+    typer.Option(
+        help="Pretrain each initialisation this many times (seeds 0..K-1); fine-tuning seed s "
+        "starts from pretraining s mod K. Equal to --seeds, the intervals also cover the "
+        "variation between pretraining runs; 1 (default): one pretraining, which every seed "
+        "shares."
+    ),
+]
 _BenchBatch = Annotated[int, typer.Option(help="Fine-tuning images per step.")]
 _BenchEpochs = Annotated[
     int, typer.Option(help="Fine-tuning epochs (an epoch is at least 20 steps).")
@@ -404,6 +413,7 @@ def benchmark(
     pretrain_steps: _PretrainSteps = 1000,
     pretrain_batch_size: _PretrainBatch = 32,
     pretrain_learning_rate: _PretrainRate = 1e-3,
+    pretrain_seeds: _PretrainSeeds = 1,
     patch_size: Annotated[
         int, typer.Option(help="Side of the swapped / masked patches (pretexts that use one).")
     ] = 8,
@@ -431,12 +441,12 @@ def benchmark(
 ) -> BenchmarkResult:
     """Compare initialisations over label fractions and seeds: is pretraining worth it here?
 
-    Pretrains every method once (same network, steps x batch and images) into OUT/pretrain/,
-    fine-tunes each one and random weights with the same recipe for every fraction x seed into
-    OUT/runs/, and writes OUT/results.csv (one row per run), summary.csv (mean and 95% interval
-    per fraction x method, paired difference from random), plot.png and report.md. Rerunning
-    skips finished runs and continues interrupted ones; other settings in the same OUT are
-    refused.
+    Pretrains every method (same network, steps x batch and images; once, or --pretrain-seeds
+    times) into OUT/pretrain/, fine-tunes each one and random weights with the same recipe for
+    every fraction x seed into OUT/runs/, and writes OUT/results.csv (one row per run),
+    summary.csv (mean and 95% interval per fraction x method, paired difference from random),
+    plot.png and report.md. Rerunning skips finished runs and continues interrupted ones; other
+    settings in the same OUT are refused.
     """
     options = {key: _value(value) for key, value in locals().items()}
     methods = options.pop("methods")
@@ -476,6 +486,7 @@ def ablate(
     pretrain_steps: _PretrainSteps = 1000,
     pretrain_batch_size: _PretrainBatch = 32,
     pretrain_learning_rate: _PretrainRate = 1e-3,
+    pretrain_seeds: _PretrainSeeds = 1,
     batch_size: _BenchBatch = 16,
     epochs: _BenchEpochs = 60,
     max_steps: _BenchMaxSteps = None,
@@ -497,8 +508,8 @@ def ablate(
     """Ablate context restoration's patch size, T and placement on one task.
 
     Varies one setting at a time around the default (the first value of each list), pretrains
-    each once and fine-tunes it and random weights for every fraction x seed, with the
-    benchmark's statistics, plot and report in OUT.
+    each (once, or --pretrain-seeds times) and fine-tunes it and random weights for every
+    fraction x seed, with the benchmark's statistics, plot and report in OUT.
     """
     options = {key: _value(value) for key, value in locals().items()}
     ablation = {key: options.pop(key) for key in

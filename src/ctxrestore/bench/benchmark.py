@@ -78,6 +78,8 @@ class BenchmarkOptions(FileOptions):
     pretrain_steps: int = 1000
     pretrain_batch_size: int = 32
     pretrain_learning_rate: float = 1e-3
+    # Pretrainings per arm; fine-tuning seed s starts from pretraining s mod pretrain_seeds.
+    pretrain_seeds: int = 1
     patch_size: int = 8
     num_swaps: int = 20
     foreground_threshold: float | None = None
@@ -107,7 +109,7 @@ class BenchmarkOptions(FileOptions):
             )
         if self.seeds is not None and self.seeds < 1:
             raise CtxRestoreError(f"seeds must be >= 1, got {self.seeds}")
-        for name in ("pretrain_images", "pretrain_steps", "pretrain_batch_size"):
+        for name in ("pretrain_images", "pretrain_steps", "pretrain_batch_size", "pretrain_seeds"):
             if getattr(self, name) < 1:
                 raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_patience(self.patience)  # before any pretraining runs
@@ -236,6 +238,12 @@ def build_protocol(
             f"architecture; use --network {TASK_NETWORKS[task]} or leave out random"
         )
     seeds = options.seeds or _default_seeds(options)
+    if options.pretrain_seeds > seeds:
+        raise CtxRestoreError(
+            f"pretrain_seeds {options.pretrain_seeds} is more than the {seeds} fine-tuning "
+            f"seeds: fine-tuning seed s starts from pretraining s mod pretrain_seeds, so "
+            f"pretrainings beyond {seeds} would never be used; use at most {seeds}"
+        )
     # How files are read: the same for pretraining and fine-tuning.
     files = options.file_options
     pretrain_options = {
@@ -273,6 +281,7 @@ def build_protocol(
         finetune_options=finetune_options,
         settings=settings,
         resume=options.resume,
+        pretrain_seeds=options.pretrain_seeds,
     )
     for arm in arms:
         protocol.finetune_config(arm, protocol.fractions[0], 0, init=RANDOM)

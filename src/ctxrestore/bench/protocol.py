@@ -1,11 +1,17 @@
 """The run grid of the label-efficiency protocol: initialisations x label fractions x seeds.
 
-Every pretrained initialisation ("arm") is pretrained once, with the same network, budget
+Every pretrained initialisation ("arm") is pretrained with the same network, budget
 (steps x batch) and unlabelled images, into OUT/pretrain/<arm>/; then every arm is fine-tuned
 with the same recipe for every fraction x seed into OUT/runs/<arm>/fraction_<f>/seed_<s>/.
 A seed fixes the split, the head's first weights and the data order for every arm, so arms
-are compared pair by pair. Pretraining runs once per arm (seed 0): its own seed-to-seed
-variance is not sampled, and the paired differences are conditional on that one pretraining.
+are compared pair by pair.
+
+By default each arm is pretrained once (seed 0): pretraining's own seed-to-seed variance is
+not sampled, and the paired differences are conditional on that one pretraining. With
+`pretrain_seeds` K > 1 each arm is pretrained K times (seeds 0..K-1, into
+OUT/pretrain/<arm>/seed_<k>/) and fine-tuning seed s starts from pretraining s mod K; with K
+equal to the number of seeds every pair has its own pretraining, and the intervals cover
+both sources of variation.
 
 The grid resumes by itself: a run whose metrics.json exists is skipped, a pretraining whose
 metrics.json exists is reused, and an interrupted one (a folder without metrics.json) is
@@ -37,7 +43,7 @@ RANDOM = "random"
 NOT_COMPARED = ("device", "metric", "resume", "cache", "cache_dir")
 # Options added after benchmarks were first written, with the default they ran with.
 LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slice_axis": 0,
-                 "skip_bad": False, "transfer_stages": None}  # fmt: skip
+                 "skip_bad": False, "transfer_stages": None, "pretrain_seeds": 1}  # fmt: skip
 # Settings that only add runs when they grow: seeds (a count), methods and fractions (lists).
 GRID_SETTINGS = ("seeds", "methods", "fractions")
 RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "best_step")
@@ -79,25 +85,38 @@ class Protocol:
     settings: dict
     reference: str = RANDOM
     resume: bool = True
+    pretrain_seeds: int = 1
 
     def arm(self, name: str) -> Arm:
         return next(arm for arm in self.arms if arm.name == name)
 
-    def pretrain_folder(self, arm: Arm) -> Path:
-        return self.out / "pretrain" / arm.name
+    def pretrain_folder(self, arm: Arm, pretrain_seed: int = 0) -> Path:
+        folder = self.out / "pretrain" / arm.name
+        return folder if self.pretrain_seeds == 1 else folder / f"seed_{pretrain_seed}"
+
+    def pretrain_seed_of(self, seed: int) -> int:
+        """The pretraining that fine-tuning seed `seed` starts from."""
+        return seed % self.pretrain_seeds
 
     def run_folder(self, arm: Arm, fraction: str, seed: int) -> Path:
         return self.out / "runs" / arm.name / f"fraction_{fraction}" / f"seed_{seed}"
 
-    def pretrain_config(self, arm: Arm, *, resume: bool = False) -> PretrainConfig:
-        options = {**self.pretrain_options, **(arm.pretrain or {})}
-        return PretrainConfig(out=self.pretrain_folder(arm), resume=resume, **options)
+    def pretrain_config(
+        self, arm: Arm, pretrain_seed: int = 0, *, resume: bool = False
+    ) -> PretrainConfig:
+        options = {**self.pretrain_options, **(arm.pretrain or {}), "seed": pretrain_seed}
+        return PretrainConfig(
+            out=self.pretrain_folder(arm, pretrain_seed), resume=resume, **options
+        )
 
     def finetune_config(
         self, arm: Arm, fraction: str, seed: int, *, resume: bool = False, init: str | None = None
     ) -> FinetuneConfig:
         if init is None:
-            init = RANDOM if arm.pretrain is None else str(self.pretrain_folder(arm))
+            if arm.pretrain is None:
+                init = RANDOM
+            else:
+                init = str(self.pretrain_folder(arm, self.pretrain_seed_of(seed)))
         options = dict(self.finetune_options)
         if init == RANDOM:  # nothing to transfer, in part or in full
             options["transfer_stages"] = None
@@ -186,19 +205,25 @@ def _prepare_unfinished(folder: Path, resume: bool) -> bool:
     return False
 
 
-def run_pretrainings(protocol: Protocol) -> None:
+def pretrainings(protocol: Protocol) -> list[tuple[Arm, int]]:
+    """Every (pretrained arm, pretraining seed), seeds outermost as in the grid."""
     pretrained = [arm for arm in protocol.arms if arm.pretrain is not None]
-    for index, arm in enumerate(pretrained, start=1):
-        folder = protocol.pretrain_folder(arm)
+    return [(arm, seed) for seed in range(protocol.pretrain_seeds) for arm in pretrained]
+
+
+def run_pretrainings(protocol: Protocol) -> None:
+    todo = pretrainings(protocol)
+    for index, (arm, seed) in enumerate(todo, start=1):
+        folder = protocol.pretrain_folder(arm, seed)
         if _is_finished(folder):
-            logger.info("pretraining %d/%d: %s is done; reusing %s", index, len(pretrained),
-                        arm.title, folder)  # fmt: skip
+            logger.info("pretraining %d/%d: %s (seed %d) is done; reusing %s", index, len(todo),
+                        arm.title, seed, folder)  # fmt: skip
             continue
         resume = _prepare_unfinished(folder, protocol.resume)
-        config = protocol.pretrain_config(arm, resume=resume)
+        config = protocol.pretrain_config(arm, seed, resume=resume)
         logger.info(
-            "pretraining %d/%d: %s, %d steps x %d images%s",
-            index, len(pretrained), arm.title, config.max_steps, config.batch_size,
+            "pretraining %d/%d: %s (seed %d), %d steps x %d images%s",
+            index, len(todo), arm.title, seed, config.max_steps, config.batch_size,
             " (resumed)" if resume else "",
         )  # fmt: skip
         run_pretraining(config)
@@ -223,7 +248,8 @@ class GridRun:
 
 
 def run_grid(protocol: Protocol) -> GridRun:
-    """Pretrain every arm once, then fine-tune every arm x fraction x seed (resuming)."""
+    """Pretrain every arm (once per pretraining seed), then fine-tune every arm x fraction x
+    seed (resuming)."""
     check_settings(protocol.out, protocol.settings)
     run_pretrainings(protocol)
     grid = list(protocol.grid())

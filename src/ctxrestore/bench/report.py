@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from ctxrestore.bench.protocol import Protocol
+from ctxrestore.bench.protocol import Protocol, pretrainings
 from ctxrestore.bench.stats import PairedDifference, higher_is_better
 from ctxrestore.bench.summary import compare, interval, markdown_table, number
 from ctxrestore.data.splits import parse_fraction
@@ -194,18 +194,32 @@ def _rank_among_pretrained(
 
 
 def pretraining_lines(protocol: Protocol) -> list[str]:
-    lines = ["| initialisation | steps | final loss | what the pretext's held-out metrics show |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
-    for arm in protocol.arms:
-        if arm.pretrain is None:
-            continue
-        folder = protocol.pretrain_folder(arm)
+    lines = ["| initialisation | seed | steps | final loss | what the pretext's held-out metrics "
+             "show |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for arm, seed in pretrainings(protocol):
+        folder = protocol.pretrain_folder(arm, seed)
         metrics = read_json(folder / METRICS_FILE)
+        link = folder.relative_to(protocol.out).as_posix()
         lines.append(
-            f"| [{arm.title}](pretrain/{arm.name}/report.md) | {metrics.get('steps')} | "
+            f"| [{arm.title}]({link}/report.md) | {seed} | {metrics.get('steps')} | "
             f"{number(metrics.get('final_loss'))} | {metrics.get('summary', '')} |"
         )
     return lines
+
+
+def _pretraining_caveat(protocol: Protocol) -> str:
+    seeds, count = len(protocol.seeds), protocol.pretrain_seeds
+    if count == 1:
+        return ("each pretrained initialisation was pretrained once (seed 0), so the intervals "
+                "cover the variation of fine-tuning (split, head, data order), not that of "
+                "pretraining")  # fmt: skip
+    if count == seeds:
+        return (f"each pretrained initialisation was pretrained {count} times, one pretraining "
+                "per fine-tuning seed, so the intervals cover the variation of pretraining as "
+                "well as that of fine-tuning")  # fmt: skip
+    return (f"each pretrained initialisation was pretrained {count} times and fine-tuning seed "
+            f"s started from pretraining s mod {count}, so the {seeds} pairs share pretrainings "
+            "and the intervals cover pretraining's variation only in part")  # fmt: skip
 
 
 def _settings_lines(settings: dict) -> list[str]:
@@ -252,10 +266,8 @@ def write_report(
         lines += ["Each setting against the default:", "",
                   *comparison_lines(protocol, rows, DEFAULT_SETTING, variants), ""]  # fmt: skip
     lines += [
-        f"Caveats: each pretrained initialisation was pretrained once (seed 0), so the "
-        "intervals cover the variation of fine-tuning (split, head, data order), not that of "
-        f"pretraining; with {len(protocol.seeds)} seeds an interval is wide, and 'no clear "
-        "difference' is not evidence of no difference."
+        f"Caveats: {_pretraining_caveat(protocol)}; with {len(protocol.seeds)} seeds an "
+        "interval is wide, and 'no clear difference' is not evidence of no difference."
         + (
             " The data is a procedural phantom: the numbers describe the method on it, not on "
             "real scans."

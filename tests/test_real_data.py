@@ -5,6 +5,7 @@ classification CSV; the cache; small datasets; and bad input, each a clear one-l
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -122,6 +123,46 @@ def test_pretrain_finetune_predict_on_an_msd_folder(msd, tmp_path):
         assert np.allclose(written.affine, label.affine)
         assert written.shape == label.array.shape[1:][::-1]
         assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    ("names", "modality", "hint"),
+    [
+        ({"0": "CT"}, "generic", "--modality ct gives HU windows"),
+        ({"0": "T1", "1": "FLAIR"}, "generic", "--modality mr gives a robust z-score"),
+        ({"0": "CT"}, "ct", None),  # asked for: nothing to say
+        ({"0": "T1", "1": "CT"}, "generic", None),  # mixed: no guess
+        ({"0": "channel_0"}, "generic", None),
+    ],
+)
+def test_a_dataset_json_that_names_its_modality_hints_the_option(
+    tmp_path, monkeypatch, caplog, names, modality, hint
+):
+    folder = write_msd_folder(tmp_path / "msd", cases=2)
+    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset["channel_names"] = names
+    if len(names) == 1:  # one channel: keep the per-channel files of case01 only
+        dataset["training"] = [
+            {**entry, "image": entry["image"][:1]} for entry in dataset["training"] if
+            isinstance(entry["image"], list)
+        ]  # fmt: skip
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    window = "abdomen" if modality == "ct" else None
+    options = FolderOptions(Preprocessing(modality, window), ArrayCache(None))
+    for read in (
+        lambda: folder_data("segment", folder, (16, 16), options),
+        lambda: UnlabelledDataset(folder, preprocessing=options.preprocessing,
+                                  spatial_size=(16, 16), cache=ArrayCache(None)),
+    ):  # fmt: skip
+        monkeypatch.setattr("ctxrestore.data.loading._HINTED", set())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            read()
+        hints = [r.message for r in caplog.records if "scaled generically" in r.message]
+        if hint is None:
+            assert hints == []
+        else:
+            assert len(hints) == 1 and hint in hints[0] and str(folder / "dataset.json") in hints[0]
 
 
 def test_a_second_read_decodes_nothing(msd, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from ctxrestore.data.cache import ArrayCache
 from ctxrestore.data.layouts import DATASET_FILE, read_class_csv, read_segmentation_layout
-from ctxrestore.data.loading import BadFiles, PreparedCase, load_case
+from ctxrestore.data.loading import BadFiles, PreparedCase, hint_declared_modality, load_case
 from ctxrestore.data.preprocess import (
     MIN_FOREGROUND,
     Preprocessing,
@@ -71,6 +71,9 @@ class UnlabelledDataset(Dataset):
         self.slice_axis = slice_axis
         self._minimum: dict[int, float] = {}
         cases = unlabelled_cases(data)
+        if Path(data).is_dir() and (Path(data) / DATASET_FILE).is_file():
+            channel_names = read_segmentation_layout(data).channel_names
+            hint_declared_modality(preprocessing, channel_names, str(Path(data) / DATASET_FILE))
         bad = BadFiles(skip_bad)
         self.cases: list[PreparedCase] = []
         for name, sources in track(cases, description=f"preprocessing {Path(data).name}"):

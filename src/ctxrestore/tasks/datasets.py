@@ -29,12 +29,19 @@ from rich.progress import track
 from ctxrestore.data.cache import ArrayCache
 from ctxrestore.data.layouts import (
     BOXES_FILE,
+    DATASET_FILE,
     WorldBox,
     read_boxes_csv,
     read_classification,
     read_segmentation_layout,
 )
-from ctxrestore.data.loading import BadFiles, PreparedCase, check_label_values, load_case
+from ctxrestore.data.loading import (
+    BadFiles,
+    PreparedCase,
+    check_label_values,
+    hint_declared_modality,
+    load_case,
+)
 from ctxrestore.data.phantoms import get_phantom, phantom_dataset
 from ctxrestore.data.preprocess import Preprocessing, slice_indices, take_slice
 from ctxrestore.errors import CtxRestoreError
@@ -235,6 +242,7 @@ def _classify_folder(data: Path, spatial_size, options: FolderOptions) -> Labell
 
 def _segmentation_folder(task_name: str, folder: Path, spatial_size, options) -> LabelledData:
     layout = read_segmentation_layout(folder)
+    hint_declared_modality(options.preprocessing, layout.channel_names, str(folder / DATASET_FILE))
     values = tuple(sorted(layout.labels))
     boxes_csv = folder / BOXES_FILE
     if task_name == "segment":

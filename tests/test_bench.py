@@ -23,6 +23,7 @@ from ctxrestore.bench.summary import extra_metrics, markdown_table, summarize
 from ctxrestore.cli import app
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import write_json
+from ctxrestore.models import build_model
 
 runner = CliRunner()
 TINY = dict(task="classify", methods="random,context_restoration", fractions="0.35,1.0", seeds=2,
@@ -363,6 +364,27 @@ def test_one_pretraining_per_seed_is_said_to_cover_pretraining_variance(tmp_path
     )
 
 
+def test_frozen_feature_evaluation_freezes_every_encoder_random_included(tmp_path):
+    result = api.benchmark(out=tmp_path / "out", **{**TINY, "fractions": "1.0", "seeds": 1,
+                                                    "freeze_encoder": True})  # fmt: skip
+    runs = tmp_path / "out" / "runs"
+    for method in ("random", "context_restoration"):
+        run = runs / method / "fraction_1.0" / "seed_0"
+        assert json.loads((run / "config.json").read_text())["freeze_encoder"] is True
+        after = load_file(run / "model.safetensors")
+        if method == "random":  # the encoder keeps the seed's random weights
+            torch.manual_seed(0)
+            before = build_model(json.loads((run / "spec.json").read_text())["model"]).state_dict()
+        else:
+            before = load_file(tmp_path / "out" / "pretrain" / method / "model.safetensors")
+        encoder = [n for n in after if n.startswith("encoder.") and "num_batches" not in n]
+        assert encoder and all(torch.equal(before[n], after[n]) for n in encoder), method
+        if method == "random":  # and the rest did train
+            rest = [n for n in after if not n.startswith("encoder.") and "num_batches" not in n]
+            assert rest and any(not torch.equal(before[n], after[n]) for n in rest)
+    assert "Frozen-feature evaluation" in result.report.read_text()
+
+
 def test_transfer_stages_reach_the_pretrained_runs_only(tmp_path):
     api.benchmark(out=tmp_path / "out", **{**TINY, "fractions": "1.0", "seeds": 1,
                                            "transfer_stages": 1})  # fmt: skip
@@ -390,6 +412,7 @@ def test_transfer_stages_reach_the_pretrained_runs_only(tmp_path):
         ({"patience": -1}, r"patience must be >= 0 validations \(0: never stop early\), got -1"),
         ({"pretrain_seeds": 3}, r"pretrain_seeds 3 is more than the 2 fine-tuning seeds"),
         ({"pretrain_seeds": 0}, r"pretrain_seeds must be >= 1, got 0"),
+        ({"freeze_encoder": True, "transfer_stages": 1}, "choose one"),
     ],
 )
 def test_benchmark_checks_options_before_training(tmp_path, change, message):

@@ -231,7 +231,11 @@ def finetune(
         float, typer.Option(help="Learning-rate factor of the pretrained layers (<= 1).")
     ] = 1.0,
     freeze_encoder: Annotated[
-        bool, typer.Option(help="Keep the pretrained encoder fixed; train the rest.")
+        bool,
+        typer.Option(
+            help="Keep the encoder fixed (pretrained, or with --init random its random weights: "
+            "the random-features control); train the rest."
+        ),
     ] = False,
     transfer_stages: Annotated[
         int | None,
@@ -369,6 +373,14 @@ _BenchTransferStages = Annotated[
         help="Transfer only the first N encoder stages of each pretraining; default: all."
     ),
 ]
+_BenchFreeze = Annotated[
+    bool,
+    typer.Option(
+        help="Frozen-feature evaluation: every initialisation's encoder stays fixed (random "
+        "weights too: random features), only the decoder / head trains. Tells what each "
+        "pretext's encoder alone carries."
+    ),
+]
 _BenchPatience = Annotated[
     int,
     typer.Option(
@@ -427,6 +439,7 @@ def benchmark(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     transfer_stages: _BenchTransferStages = None,
+    freeze_encoder: _BenchFreeze = False,
     patience: _BenchPatience = 0,
     modality: _Modality = None,
     window: _Window = None,
@@ -493,6 +506,7 @@ def ablate(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     transfer_stages: _BenchTransferStages = None,
+    freeze_encoder: _BenchFreeze = False,
     patience: _BenchPatience = 0,
     modality: _Modality = None,
     window: _Window = None,

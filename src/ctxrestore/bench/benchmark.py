@@ -91,6 +91,7 @@ class BenchmarkOptions(FileOptions):
     learning_rate: float = 1e-3
     pretrained_lr_scale: float = 1.0
     transfer_stages: int | None = None
+    freeze_encoder: bool = False  # frozen-feature evaluation, random weights included
     patience: int = 0  # every arm trains its whole schedule (docs/experiments.md 16)
     device: str = "auto"
     precision: str = "auto"
@@ -113,6 +114,10 @@ class BenchmarkOptions(FileOptions):
             if getattr(self, name) < 1:
                 raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_patience(self.patience)  # before any pretraining runs
+        if self.freeze_encoder and self.transfer_stages is not None:
+            raise CtxRestoreError(
+                "freeze_encoder and transfer_stages together would freeze random stages; choose one"
+            )
         parse_fractions(self.fractions)
         if self.image_size is None:  # the task's own default (finetune's)
             object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZES[self.task])
@@ -260,7 +265,8 @@ def build_protocol(
         "width": options.width, "batch_size": options.batch_size, "epochs": options.epochs,
         "max_steps": options.max_steps, "learning_rate": options.learning_rate,
         "pretrained_lr_scale": options.pretrained_lr_scale,
-        "transfer_stages": options.transfer_stages, "patience": options.patience,
+        "transfer_stages": options.transfer_stages, "freeze_encoder": options.freeze_encoder,
+        "patience": options.patience,
         "device": options.device, "precision": options.precision, **files,
     }  # fmt: skip
     settings = {**options.settings(), "kind": kind, "network": network, "seeds": seeds,

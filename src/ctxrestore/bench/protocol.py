@@ -43,7 +43,8 @@ RANDOM = "random"
 NOT_COMPARED = ("device", "metric", "resume", "cache", "cache_dir")
 # Options added after benchmarks were first written, with the default they ran with.
 LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slice_axis": 0,
-                 "skip_bad": False, "transfer_stages": None, "pretrain_seeds": 1}  # fmt: skip
+                 "skip_bad": False, "transfer_stages": None, "pretrain_seeds": 1,
+                 "freeze_encoder": False}  # fmt: skip
 # Settings that only add runs when they grow: seeds (a count), methods and fractions (lists).
 GRID_SETTINGS = ("seeds", "methods", "fractions")
 RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "best_step")

@@ -244,7 +244,13 @@ def write_report(
         f"{len(arms)} initialisations x {len(protocol.fractions)} label fractions x "
         f"{len(protocol.seeds)} seeds = {len(rows)} fine-tuning runs on {data}. Test metric: "
         f"`{metric}` ({direction} is better); intervals are 95% Student-t intervals over seeds, "
-        "differences are paired by seed (same split, same head weights, same data order).",
+        "differences are paired by seed (same split, same head weights, same data order)."
+        + (
+            " Frozen-feature evaluation: every encoder stayed fixed and only the decoder / head "
+            "trained, so random weights are the random-features control."
+            if protocol.settings.get("freeze_encoder")
+            else ""
+        ),
         "",
         "## What the numbers show",
         "",

@@ -126,8 +126,6 @@ class FinetuneConfig(FileOptions):
             raise CtxRestoreError(
                 f"--init {self.init}: no such folder; give a pretraining run folder or 'random'"
             )
-        if self.freeze_encoder and self.init == "random":
-            raise CtxRestoreError("--freeze-encoder needs pretrained weights (--init DIR)")
         if self.transfer_stages is not None:
             if self.init == "random":
                 raise CtxRestoreError("--transfer-stages needs pretrained weights (--init DIR)")

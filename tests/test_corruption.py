@@ -143,6 +143,39 @@ def test_a_single_swap_moves_exactly_the_two_patches():
     assert torch.equal(out, expected)
 
 
+def _swap_by_slices(images: torch.Tensor, plan: SwapPlan) -> torch.Tensor:
+    """The plan, image by image and swap by swap, with plain slices: the oracle."""
+    out = images.clone()
+    for b in range(images.shape[0]):
+        for t in range(plan.active.shape[1]):
+            if not plan.active[b, t]:
+                continue
+            a, z = (
+                (b, slice(None), *(slice(c, c + n) for c, n in zip(corner, plan.patch_size)))
+                for corner in (plan.corners_a[b, t].tolist(), plan.corners_b[b, t].tolist())
+            )
+            patch_a = out[a].clone()
+            out[a] = out[z]
+            out[z] = patch_a
+    return out
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_batched_swaps_equal_slice_by_slice_swaps_in_every_image_and_channel(spatial_dims):
+    shape, patch = SHAPES[spatial_dims], PATCHES[spatial_dims]
+    images = distinct_images(3, 2, shape)
+    plan = sample_swap_plan(shape, 3, (2, 7), patch, generator=generator(5))
+    assert not plan.active.all()  # some images skip their last swaps
+    expected = _swap_by_slices(images, plan)
+    assert torch.equal(apply_swap_plan(images, plan), expected)
+    # Into a buffer that starts inside a larger tensor (a storage offset), and in place there.
+    storage = torch.zeros(3, *images.shape)
+    assert torch.equal(apply_swap_plan(images, plan, out=storage[1]), expected)
+    assert storage[0].eq(0).all() and storage[2].eq(0).all()  # nothing written outside
+    storage[1].copy_(images)
+    assert torch.equal(apply_swap_plan(storage[1], plan, out=storage[1]), expected)
+
+
 def test_inactive_swaps_are_the_identity():
     images = torch.rand(3, 1, 16, 16)
     plan = sample_swap_plan((16, 16), 3, 5, 4, generator=generator())

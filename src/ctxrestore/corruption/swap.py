@@ -22,32 +22,42 @@ from ctxrestore.corruption.sampling import SwapPlan, sample_swap_plan
 from ctxrestore.errors import CtxRestoreError
 
 
-def _patch_indices(corners: torch.Tensor, plan: SwapPlan) -> torch.Tensor:
-    """(B, T, P) flat indices of every voxel of every patch (P = prod(patch_size))."""
+def _row_starts(corners: torch.Tensor, plan: SwapPlan, channels: int) -> torch.Tensor:
+    """(..., B, T, C * R) offsets into the flattened (B, C, *spatial) batch of the first voxel of
+    every row of every patch; a row is a patch's run of patch_size[-1] voxels along the last
+    axis (contiguous in memory), and R = prod(patch_size[:-1]) rows make a patch."""
     shape = plan.spatial_shape
+    voxels = math.prod(shape)
     strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]
     device = corners.device
+    # Offsets of each row's first voxel from the patch corner, then of each channel.
     offsets = torch.zeros((), dtype=torch.long, device=device)
-    for axis, (size, stride) in enumerate(zip(plan.patch_size, strides)):
-        axis_offsets = torch.arange(size, device=device) * stride
-        view = [1] * len(shape)
+    for axis, (size, stride) in enumerate(zip(plan.patch_size[:-1], strides[:-1])):
+        view = [1] * (len(shape) - 1)
         view[axis] = size
-        offsets = offsets + axis_offsets.view(view)
-    corner_flat = (corners * torch.tensor(strides, device=device)).sum(dim=-1)
-    return corner_flat[..., None] + offsets.reshape(-1)
+        offsets = offsets + (torch.arange(size, device=device) * stride).view(view)
+    channel_offsets = torch.arange(channels, device=device) * voxels
+    offsets = (channel_offsets[:, None] + offsets.reshape(1, -1)).reshape(-1)  # (C * R,)
+    batch = corners.shape[-3]
+    image_offsets = torch.arange(batch, device=device) * (channels * voxels)
+    corner_flat = (corners * torch.tensor(strides, device=device)).sum(dim=-1)  # (..., B, T)
+    return (corner_flat + image_offsets[:, None])[..., None] + offsets
 
 
-def _swap_sources(plan: SwapPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T, 2P) flat spatial indices: step t writes voxels `targets[:, t]` of each image from
-    its voxels `sources[:, t]`, in every channel.
+def _swap_rows(plan: SwapPlan, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, B * 2 * C * R) row starts: step t writes rows `targets[t]` of the flattened batch
+    from its rows `sources[t]`, all images and channels at once.
 
     Both patches of a pair move in one indexed copy ([a|b] <- [b|a]); this is safe because
     the two patches of a pair never overlap.
     """
     # An inactive swap exchanges patch a with itself: a no-op without a branch per image.
     corners_b = torch.where(plan.active[..., None], plan.corners_b, plan.corners_a)
-    index_a, index_b = _patch_indices(torch.stack([plan.corners_a, corners_b]), plan)
-    return torch.cat([index_b, index_a], -1), torch.cat([index_a, index_b], -1)
+    rows_a, rows_b = _row_starts(torch.stack([plan.corners_a, corners_b]), plan, channels)
+    steps = plan.active.shape[1]
+    sources = torch.cat([rows_b, rows_a], -1).transpose(0, 1).reshape(steps, -1)
+    targets = torch.cat([rows_a, rows_b], -1).transpose(0, 1).reshape(steps, -1)
+    return sources, targets
 
 
 def apply_swap_plan(
@@ -58,7 +68,7 @@ def apply_swap_plan(
     images: (B, C, *spatial). Returns a new contiguous tensor, or writes into `out` (a
     contiguous tensor of the same shape; `out=images` swaps in place). Reusing a buffer saves
     the allocation, which on CPU costs more than the swaps for large volumes. Only the T swaps
-    are looped over; each is one indexed copy of B * C * 2P values.
+    are looped over; each is one row gather and one row scatter over the whole batch.
     """
     batch, channels = images.shape[:2]
     if tuple(images.shape[2:]) != plan.spatial_shape or plan.active.shape[0] != batch:
@@ -75,14 +85,17 @@ def apply_swap_plan(
         )
     if out is not images:
         out.copy_(images)
-    sources, targets = _swap_sources(plan.to(images.device))
-    flat = out.view(batch, channels, -1)
-    # One gather and one scatter per step; the indices are shared by the channels (expanded,
-    # not copied), which halves the time of indexing a flattened (B * C * N) view.
-    for step in range(sources.shape[1]):
-        source = sources[:, step, None, :].expand(batch, channels, -1)
-        target = targets[:, step, None, :].expand(batch, channels, -1)
-        flat.scatter_(2, target, flat.gather(2, source))
+    sources, targets = _swap_rows(plan.to(images.device), channels)
+    # Every run of `run` consecutive values of the batch, as the rows of one (overlapping)
+    # view: a patch row is then one index, and its voxels move as one contiguous copy, 3x
+    # faster than indexing voxel by voxel (README, corruption benchmark). The rows written in
+    # one step never share memory (the pair's patches do not overlap), so the overlap of the
+    # view is never written through twice.
+    run = plan.patch_size[-1]
+    flat = out.view(-1)
+    rows = flat.as_strided((flat.numel() - run + 1, run), (1, 1))
+    for step in range(sources.shape[0]):
+        rows.index_copy_(0, targets[step], rows.index_select(0, sources[step]))
     return out
 
 

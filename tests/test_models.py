@@ -5,6 +5,7 @@ The downstream networks (classifier, localizer) are tested with their tasks."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from ctxrestore.models import (
     model_spec,
 )
 from ctxrestore.models.decoders import DeconvDecoder, UNetDecoder
+from ctxrestore.models.transfer import check_compatible
 
 # Smallest sensible arguments per registered model; a new model must add an entry here.
 TINY_KWARGS = {"sononet": {"width": 4}, "unet": {"channels": (4, 8, 16)}}
@@ -211,3 +213,28 @@ def test_bad_configuration():
         UNetDecoder(2, (4,))
     with pytest.raises(CtxRestoreError, match="equal length"):
         ConvEncoder(2, 1, stage_channels=(4, 8), convs_per_stage=(2,))
+
+
+@pytest.mark.parametrize(
+    ("pretrained", "target", "warning"),
+    [
+        (["T1", "T2"], ["T2", "T1"], "in another order"),
+        (["FLAIR", "T1"], ["CT", "T1"], "will see other channels"),
+        (["T1", "T2"], ["t1 ", "T2"], None),  # case and spaces do not count
+        (["channel_0", "channel_1"], ["T2", "T1"], None),  # undeclared: nothing to compare
+        (["T1", "T2"], ["channel_0", "channel_1"], None),
+    ],
+)
+def test_channels_declared_differently_on_both_sides_are_warned_of(
+    caplog, pretrained, target, warning
+):
+    spec = {"spatial_dims": 2, "in_channels": 2, "channel_names": pretrained}
+    with caplog.at_level(logging.WARNING, logger="ctxrestore.models.transfer"):
+        check_compatible(spec, spatial_dims=2, in_channels=2, channel_names=target,
+                         adapt_channels=False, source="run A", target="data B")  # fmt: skip
+    messages = [r.message for r in caplog.records if "pretrained on channels" in r.message]
+    if warning is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and warning in messages[0]
+        assert "run A" in messages[0] and "data B" in messages[0] and str(target) in messages[0]

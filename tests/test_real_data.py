@@ -104,6 +104,7 @@ def test_pretrain_finetune_predict_on_an_msd_folder(msd, tmp_path):
     spec = json.loads((pre / "spec.json").read_text())
     recorded = {"modality": "mr", "window": None, "target_spacing": [3.0, 3.0, 3.0]}
     assert spec["preprocessing"] == recorded and spec["in_channels"] == 2
+    assert spec["channel_names"] == ["T1", "T2"]  # as dataset.json declares them
 
     run = tmp_path / "seg"
     ctxrestore.finetune("segment", msd, init=str(pre), out=run, **TINY)

@@ -71,9 +71,13 @@ class UnlabelledDataset(Dataset):
         self.slice_axis = slice_axis
         self._minimum: dict[int, float] = {}
         cases = unlabelled_cases(data)
+        # What each channel holds, where the layout says (an MSD / nnU-Net dataset.json).
+        self.channel_names: tuple[str, ...] | None = None
         if Path(data).is_dir() and (Path(data) / DATASET_FILE).is_file():
-            channel_names = read_segmentation_layout(data).channel_names
-            hint_declared_modality(preprocessing, channel_names, str(Path(data) / DATASET_FILE))
+            self.channel_names = read_segmentation_layout(data).channel_names
+            hint_declared_modality(
+                preprocessing, self.channel_names, str(Path(data) / DATASET_FILE)
+            )
         bad = BadFiles(skip_bad)
         self.cases: list[PreparedCase] = []
         for name, sources in track(cases, description=f"preprocessing {Path(data).name}"):

@@ -17,6 +17,8 @@ from torch import nn
 from ctxrestore.errors import CtxRestoreError
 
 logger = logging.getLogger(__name__)
+# Channel names of data that does not say what its channels are: channel_0, channel_1, ...
+GENERIC_CHANNEL = "channel_"
 
 TRANSFERABLE_PARTS = ("encoder", "decoder")
 
@@ -110,6 +112,29 @@ def check_compatible(
             f"{channel_names}; pass --adapt-channels to repeat or average the first layer's "
             "pretrained weights across the new channels"
         )
+    _warn_if_channels_differ(pretrained.get("channel_names"), channel_names, source, target)
+
+
+def _declared(names) -> bool:
+    return bool(names) and not any(str(n).startswith(GENERIC_CHANNEL) for n in names)
+
+
+def _warn_if_channels_differ(pretrained_names, names, source: str, target: str) -> None:
+    """The first layer's weights are per channel: pretrained on (T1, T2) and fine-tuned on
+    (T2, T1), each filter would see the other modality. Only names both sides declare count
+    (generic channel_0, ... say nothing); case and spaces are ignored."""
+    if not (_declared(pretrained_names) and _declared(names)):
+        return
+    canonical = [[str(n).strip().lower() for n in group] for group in (pretrained_names, names)]
+    if canonical[0] == canonical[1]:
+        return
+    order = " in another order" if sorted(canonical[0]) == sorted(canonical[1]) else ""
+    logger.warning(
+        "%s was pretrained on channels %s, but %s has channels %s%s: the first layer's "
+        "pretrained filters will see other channels than they learnt; reorder the channels "
+        "of one of them if they are the same images",
+        source, list(pretrained_names), target, list(names), order,
+    )  # fmt: skip
 
 
 def transfer_weights(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
 from ctxrestore.files import atomic_write, write_json
 from ctxrestore.models import PRETRAINING_NETWORKS, build_model, model_spec
+from ctxrestore.models.transfer import GENERIC_CHANNEL
 from ctxrestore.pretext.registry import (
     Pretext,
     create_pretext,
@@ -195,11 +197,14 @@ def _preprocessing_spec(config: PretrainConfig) -> dict:
     return {"preprocessing": Preprocessing.from_json(recorded).to_json()} if recorded else {}
 
 
-def _channel_names(config: PretrainConfig, in_channels: int) -> list[str]:
-    """What each input channel holds (modalities), so that fine-tuning can check the order."""
+def _channel_names(config: PretrainConfig, in_channels: int, declared=None) -> list[str]:
+    """What each input channel holds (modalities), so that fine-tuning can check the order:
+    the phantom's, a dataset.json's (`declared`), else channel_0, channel_1, ..."""
     if config.data is None and config.phantom != "shapes":
         return list(get_phantom(config.phantom).channel_names)
-    return [f"channel_{index}" for index in range(in_channels)]
+    if declared is not None and len(declared) == in_channels:
+        return [str(name) for name in declared]
+    return [f"{GENERIC_CHANNEL}{index}" for index in range(in_channels)]
 
 
 def _network_kwargs(config: PretrainConfig, in_channels: int) -> dict:
@@ -211,8 +216,14 @@ def _network_kwargs(config: PretrainConfig, in_channels: int) -> dict:
     return kwargs
 
 
-def build_spec(config: PretrainConfig, pretext: Pretext, in_channels: int) -> dict:
-    """The checkpoint contract (DESIGN.md): enough to rebuild and adapt the network."""
+def build_spec(
+    config: PretrainConfig,
+    pretext: Pretext,
+    in_channels: int,
+    channel_names: Sequence[str] | None = None,
+) -> dict:
+    """The checkpoint contract (DESIGN.md): enough to rebuild and adapt the network.
+    `channel_names`: what the data declares its channels to be, if it does."""
     network = pretext.network_spec(
         model_spec(config.network, **_network_kwargs(config, in_channels))
     )
@@ -228,7 +239,7 @@ def build_spec(config: PretrainConfig, pretext: Pretext, in_channels: int) -> di
         "model": network,
         "spatial_dims": config.spatial_dims,
         "in_channels": in_channels,
-        "channel_names": _channel_names(config, in_channels),
+        "channel_names": _channel_names(config, in_channels, channel_names),
         "image_size": list(config.spatial_size),
         "intensity": _intensity_spec(config),
         **_preprocessing_spec(config),
@@ -288,7 +299,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         pretext = create_pretext(config.method, **pretext_options(config))
         dataset = build_dataset(config)
         in_channels = int(dataset[0]["image"].shape[0])
-        spec = build_spec(config, pretext, in_channels)
+        spec = build_spec(config, pretext, in_channels, getattr(dataset, "channel_names", None))
         # The patch must fit the images; fail now rather than at the first step.
         pretext.make_batch(torch.zeros(1, in_channels, *config.spatial_size), torch.Generator())
         out = Path(config.out)

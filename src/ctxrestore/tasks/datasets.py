@@ -45,6 +45,7 @@ from ctxrestore.data.loading import (
 from ctxrestore.data.phantoms import get_phantom, phantom_dataset
 from ctxrestore.data.preprocess import Preprocessing, slice_indices, take_slice
 from ctxrestore.errors import CtxRestoreError
+from ctxrestore.models.transfer import GENERIC_CHANNEL
 from ctxrestore.tasks.classify import ClassificationTask
 from ctxrestore.tasks.localize import LocalizationTask, boxes_from_masks
 from ctxrestore.tasks.segment import SegmentationTask
@@ -372,7 +373,7 @@ def _folder_data(
             "image the same channels"
         )
     count = channels.pop()
-    names = tuple(channel_names or (f"channel_{c}" for c in range(count)))
+    names = tuple(channel_names or (f"{GENERIC_CHANNEL}{c}" for c in range(count)))
     return LabelledData(
         task=task,
         items=items,

@@ -443,6 +443,28 @@ def test_ablation_on_a_tiny_grid_writes_its_report(tmp_path):
     assert result.plot.stat().st_size > 5000
 
 
+def test_an_ablation_grows_a_longer_random_control_and_reads_it(tmp_path):
+    options = {key: value for key, value in TINY.items() if key not in
+               ("methods", "patch_size", "num_swaps", "fractions", "seeds")}  # fmt: skip
+    ablation = dict(out=tmp_path / "ablation", patch_sizes="4,6", num_swaps="5",
+                    placements="uniform", fractions="1.0", seeds=1, **options)  # fmt: skip
+    api.ablate(**ablation)
+    result = api.ablate(**ablation, controls="random_x3")
+    assert (result.runs, result.trained, result.skipped) == (4, 1, 3)  # only the control trains
+    assert [row["method"] for row in result.summary_rows] == [
+        "random", "random_x3", "default", "patch_size_6"]  # fmt: skip
+    config = tmp_path / "ablation" / "runs" / "random_x3" / "fraction_1.0" / "seed_0"
+    assert json.loads((config / "config.json").read_text())["max_steps"] == 3 * TINY["max_steps"]
+    report = result.report.read_text()
+    assert "default (patch 4, T 5, uniform) vs random, 3x schedule:" in report
+    settings_part = report.split("Each setting against the default:")[1].split("## Summary")[0]
+    assert "patch 6" in settings_part and "3x schedule" not in settings_part
+    with pytest.raises(CtxRestoreError, match=r"controls: \['random_x3'\] -> None"):
+        api.ablate(**ablation)  # dropping the control would leave its runs out
+    with pytest.raises(CtxRestoreError, match=r"unknown control.*random_x1"):
+        api.ablate(**{**ablation, "out": tmp_path / "other"}, controls="random_x1")
+
+
 def test_every_arm_runs_the_whole_schedule_by_default(tmp_path, monkeypatch):
     # Validation only gets worse after the first: with early stopping (patience 1) each run
     # would stop at its second validation; the benchmark's default runs every step.

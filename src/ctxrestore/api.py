@@ -487,6 +487,13 @@ def ablate(
         float,
         typer.Option(help="Foreground placement: values at or below this are background."),
     ] = 0.0,
+    controls: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated random_xK: random weights fine-tuned K times as long, so the "
+            "report says whether each setting's gain is a head start (as benchmark --methods)."
+        ),
+    ] = None,
     fractions: _Fractions = "0.1",
     seeds: _Seeds = None,
     metric: _Metric = None,
@@ -527,7 +534,8 @@ def ablate(
     """
     options = {key: _value(value) for key, value in locals().items()}
     ablation = {key: options.pop(key) for key in
-                ("patch_sizes", "num_swaps", "placements", "foreground_threshold")}  # fmt: skip
+                ("patch_sizes", "num_swaps", "placements", "foreground_threshold",
+                 "controls")}  # fmt: skip
     return run_ablation(BenchmarkOptions(**options), **ablation)
 
 

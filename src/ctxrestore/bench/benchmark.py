@@ -173,6 +173,26 @@ def longer_random_factor(method: str) -> int | None:
     return int(match.group(1)) if match and int(match.group(1)) >= 2 else None
 
 
+def longer_random_arm(method: str) -> Arm:
+    """The arm of 'random_xK': random weights fine-tuned for K times the shared schedule."""
+    factor = longer_random_factor(method)
+    return Arm(method, label=f"random, {factor}x schedule", schedule_factor=factor)
+
+
+def parse_controls(text: str | None) -> tuple[str, ...]:
+    """Ablation controls: random_xK names, checked, shortest schedule first."""
+    if text is None:
+        return ()
+    controls = _items(text, "controls")
+    unknown = [c for c in controls if longer_random_factor(c) is None]
+    if unknown:
+        raise CtxRestoreError(
+            f"unknown control(s) {', '.join(unknown)}; controls are random_xK (K >= 2: random "
+            "weights fine-tuned K times as long, a head-start control)"
+        )
+    return tuple(sorted(controls, key=longer_random_factor))
+
+
 def parse_methods(text: str | None) -> tuple[str, ...]:
     """None: random and every registered pretext; else the named ones, checked, in the order
     random, its longer controls (random_xK), then the pretexts as registered."""
@@ -346,11 +366,10 @@ def run_benchmark(options: BenchmarkOptions, methods: str | None = None) -> Benc
     pretext) for every fraction x seed; see `ctxrestore.benchmark`."""
     arms = []
     for method in parse_methods(methods):
-        factor = longer_random_factor(method)
         if method == RANDOM:
             arms.append(Arm(RANDOM))
-        elif factor is not None:
-            arms.append(Arm(method, label=f"random, {factor}x schedule", schedule_factor=factor))
+        elif longer_random_factor(method) is not None:
+            arms.append(longer_random_arm(method))
         else:
             arms.append(Arm(method, {"method": method, **METHOD_OPTIONS.get(method, {})}))
     settings = {"methods": [arm.name for arm in arms]}
@@ -358,10 +377,15 @@ def run_benchmark(options: BenchmarkOptions, methods: str | None = None) -> Benc
 
 
 def ablation_arms(
-    patch_sizes: str, num_swaps: str, placements: str, foreground_threshold: float
+    patch_sizes: str,
+    num_swaps: str,
+    placements: str,
+    foreground_threshold: float,
+    controls: str | None = None,
 ) -> tuple[Arm, ...]:
-    """Random weights, the default setting (the first value of each list), and one arm per
-    other value, varying one of patch size, T and placement at a time."""
+    """Random weights, its longer controls (random_xK), the default setting (the first value
+    of each list), and one arm per other value, varying one of patch size, T and placement at a
+    time."""
     sizes, swaps = _integers(patch_sizes, "patch_sizes"), _integers(num_swaps, "num_swaps")
     where = _items(placements, "placements")
     unknown = [placement for placement in where if placement not in PLACEMENTS]
@@ -376,7 +400,8 @@ def ablation_arms(
     default = {"method": CONTEXT_RESTORATION, "patch_size": sizes[0], "num_swaps": swaps[0],
                "foreground_threshold": threshold(where[0])}  # fmt: skip
     label = f"default (patch {sizes[0]}, T {swaps[0]}, {where[0]})"
-    arms = [Arm(RANDOM), Arm(DEFAULT_SETTING, default, label)]
+    arms = [Arm(RANDOM), *map(longer_random_arm, parse_controls(controls))]
+    arms.append(Arm(DEFAULT_SETTING, default, label))
     arms += [Arm(f"patch_size_{size}", {**default, "patch_size": size}, f"patch {size}")
              for size in sizes[1:]]  # fmt: skip
     arms += [Arm(f"num_swaps_{count}", {**default, "num_swaps": count}, f"T {count}")
@@ -393,13 +418,16 @@ def run_ablation(
     num_swaps: str = "20,5,50",
     placements: str = "uniform,foreground",
     foreground_threshold: float = 0.0,
+    controls: str | None = None,
 ) -> BenchmarkResult:
     """An ablation of context restoration's patch size, T and placement; see
     `ctxrestore.ablate`."""
     if CONTEXT_RESTORATION not in list_pretexts():
         raise CtxRestoreError(f"pretext '{CONTEXT_RESTORATION}' is not registered")
-    arms = ablation_arms(patch_sizes, num_swaps, placements, foreground_threshold)
+    arms = ablation_arms(patch_sizes, num_swaps, placements, foreground_threshold, controls)
     settings = {"patch_sizes": patch_sizes, "num_swaps": num_swaps, "placements": placements,
                 "foreground_threshold": foreground_threshold}  # fmt: skip
+    if controls is not None:  # absent from ablations written before controls existed
+        settings["controls"] = [arm.name for arm in arms if arm.schedule_factor > 1]
     protocol = build_protocol(options, "ablation", arms, settings, unused=("patch_size",))
     return run_protocol(protocol)

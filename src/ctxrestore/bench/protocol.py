@@ -46,7 +46,7 @@ LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slic
                  "skip_bad": False, "transfer_stages": None, "pretrain_seeds": 1,
                  "freeze_encoder": False}  # fmt: skip
 # Settings that only add runs when they grow: seeds (a count), methods and fractions (lists).
-GRID_SETTINGS = ("seeds", "methods", "fractions")
+GRID_SETTINGS = ("seeds", "methods", "fractions", "controls")
 RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "best_step")
 
 
@@ -177,6 +177,8 @@ def check_settings(out: Path, settings: dict) -> None:
 
 def _extends(key: str, stored: object, current: object) -> bool:
     """Whether `current` adds to the grid of `stored` without dropping any of its runs."""
+    if key == "controls" and stored is None and current:  # an ablation given its first control
+        return True
     if stored is None or current is None or stored == current:
         return False
     if key == "seeds":

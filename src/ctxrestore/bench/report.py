@@ -268,7 +268,8 @@ def write_report(
         lines += [f"{FOCUS_TITLES[protocol.kind]} ({protocol.arm(focus).title}):", "",
                   *focus_lines(protocol, rows, summary, focus), ""]  # fmt: skip
     if protocol.kind == "ablation" and DEFAULT_SETTING in arms:
-        variants = [name for name in arms if name not in (DEFAULT_SETTING, reference)]
+        variants = [arm.name for arm in protocol.arms  # the settings, not the controls
+                    if arm.pretrain is not None and arm.name != DEFAULT_SETTING]  # fmt: skip
         lines += ["Each setting against the default:", "",
                   *comparison_lines(protocol, rows, DEFAULT_SETTING, variants), ""]  # fmt: skip
     lines += [

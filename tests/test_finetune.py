@@ -138,6 +138,29 @@ def test_frozen_encoder_keeps_its_pretrained_values(tmp_path, pretrained):
     assert trained and all(n.startswith(("neck.", "head.")) for n in trained)
 
 
+def test_a_frozen_random_encoder_is_a_fixed_function_the_decoder_can_learn_on(tmp_path):
+    """Random features: nothing in the encoder changes, and it computes the same in training
+    and in evaluation (batch statistics would differ from the never-estimated running ones)."""
+    options = dict(init="random", freeze_encoder=True, **TINY_FINETUNE)
+    config = FinetuneConfig(task="segment", out="unused", **options)
+    data = load_data(config, None)
+    model, _, _ = build_network(config, data.task, data, (None, None))
+    initial = {n: t.clone() for n, t in model.state_dict().items()}
+    images = torch.rand(8, len(data.channel_names), 32, 32) * 3 + 1  # far from N(0, 1)
+    model.train()
+    in_training = model.encoder(images)
+    model.eval()
+    in_evaluation = model.encoder(images)
+    assert all(torch.equal(a, b) for a, b in zip(in_training, in_evaluation))
+    out = tmp_path / "frozen_random"
+    ctxrestore.finetune("segment", out=out, **options)
+    after, _ = load_checkpoint(out)
+    encoder = [n for n in after if n.startswith("encoder.") and "num_batches" not in n]
+    assert encoder and all(torch.equal(initial[n], after[n]) for n in encoder)
+    decoder = [n for n in after if n.startswith("decoder.") and "num_batches" not in n]
+    assert any(not torch.equal(initial[n], after[n]) for n in decoder)
+
+
 def test_transfer_stages_copies_only_the_first_encoder_stages(tmp_path, pretrained):
     before, spec = load_checkpoint(pretrained["segment"])
     options = dict(init=str(pretrained["segment"]), transfer_stages=2, **TINY_FINETUNE)

@@ -249,12 +249,25 @@ def build_network(
             source=f"checkpoint {config.init}",
         )
     if config.freeze_encoder:
-        for module in model.encoder.modules():
-            for parameter in module.parameters(recurse=False):
-                parameter.requires_grad_(False)
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = 0.0  # running statistics stay the pretrained ones
+        freeze(model.encoder)
     return model, network, report
+
+
+def _stay_in_eval_mode(module: nn.Module, inputs) -> None:
+    module.training = False
+
+
+def freeze(module: nn.Module) -> None:
+    """Make `module` a fixed function: no gradients, and eval mode in every forward pass
+    (normalisation by its running statistics, never by the batch's), whatever mode the
+    training loop sets. In training mode a frozen BatchNorm would still normalise by batch
+    statistics and meet its running ones only at test time: for random weights, whose running
+    statistics were never estimated, that mismatch left the decoder nothing to work with
+    (global Dice 0.05 against 0.49-0.51 for pretrained encoders; docs/experiments.md, 21)."""
+    for part in module.modules():
+        for parameter in part.parameters(recurse=False):
+            parameter.requires_grad_(False)
+        part.register_forward_pre_hook(_stay_in_eval_mode)
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -263,7 +263,7 @@ def freeze(module: nn.Module) -> None:
     training loop sets. In training mode a frozen BatchNorm would still normalise by batch
     statistics and meet its running ones only at test time: for random weights, whose running
     statistics were never estimated, that mismatch left the decoder nothing to work with
-    (global Dice 0.05 against 0.49-0.51 for pretrained encoders; docs/experiments.md, 21)."""
+    (global Dice 0.05; docs/experiments.md, 21)."""
     for part in module.modules():
         for parameter in part.parameters(recurse=False):
             parameter.requires_grad_(False)

@@ -45,7 +45,8 @@ NOT_COMPARED = ("device", "metric", "resume", "cache", "cache_dir")
 LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slice_axis": 0,
                  "skip_bad": False, "transfer_stages": None, "pretrain_seeds": 1,
                  "freeze_encoder": False}  # fmt: skip
-# Settings that only add runs when they grow: seeds (a count), methods and fractions (lists).
+# Settings that only add runs when they grow: seeds (a count), methods, fractions and an
+# ablation's controls (lists).
 GRID_SETTINGS = ("seeds", "methods", "fractions", "controls")
 RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "best_step")
 

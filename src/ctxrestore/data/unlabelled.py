@@ -37,17 +37,19 @@ from ctxrestore.errors import CtxRestoreError
 Case = tuple[str, tuple[ImageSource | Path, ...]]
 
 
-def unlabelled_cases(data: Path | str) -> list[Case]:
-    """(name, one source per channel file) for every case of any layout (module docstring)."""
+def unlabelled_cases(data: Path | str) -> tuple[list[Case], tuple[str, ...] | None]:
+    """(name, one source per channel file) for every case of any layout (module docstring),
+    and the channel names the layout declares (an MSD / nnU-Net dataset.json), else None."""
     data = Path(data)
     if data.is_file() and data.suffix.lower() == ".csv":
         items, _ = read_class_csv(data)  # a classification or boxes CSV: each image once
         paths = dict.fromkeys(path for path, _ in items)
-        return [(path.name, (path,)) for path in paths]
+        return [(path.name, (path,)) for path in paths], None
     if data.is_dir() and (data / DATASET_FILE).is_file():
         layout = read_segmentation_layout(data)
-        return [(case.name, tuple(case.images)) for case in layout.cases]
-    return [(source.name, (source,)) for source in find_sources(data)]
+        cases = [(case.name, tuple(case.images)) for case in layout.cases]
+        return cases, layout.channel_names
+    return [(source.name, (source,)) for source in find_sources(data)], None
 
 
 class UnlabelledDataset(Dataset):
@@ -70,11 +72,9 @@ class UnlabelledDataset(Dataset):
             raise CtxRestoreError(f"slice_axis must be 0, 1 or 2 (z, y, x), got {slice_axis}")
         self.slice_axis = slice_axis
         self._minimum: dict[int, float] = {}
-        cases = unlabelled_cases(data)
-        # What each channel holds, where the layout says (an MSD / nnU-Net dataset.json).
-        self.channel_names: tuple[str, ...] | None = None
-        if Path(data).is_dir() and (Path(data) / DATASET_FILE).is_file():
-            self.channel_names = read_segmentation_layout(data).channel_names
+        # channel_names: what each channel holds, where the layout says so.
+        cases, self.channel_names = unlabelled_cases(data)
+        if self.channel_names is not None:
             hint_declared_modality(
                 preprocessing, self.channel_names, str(Path(data) / DATASET_FILE)
             )

@@ -137,6 +137,22 @@ def _warn_if_channels_differ(pretrained_names, names, source: str, target: str) 
     )  # fmt: skip
 
 
+def _stay_in_eval_mode(module: nn.Module, inputs) -> None:
+    module.training = False
+
+
+def freeze(module: nn.Module) -> None:
+    """Make `module` a fixed function: no gradients, and eval mode in every forward pass
+    (normalisation by its running statistics, never by the batch's), whatever mode the
+    training loop sets. In training mode a frozen BatchNorm would still normalise by batch
+    statistics and meet its running ones only at test time: for random weights, whose running
+    statistics were never estimated, that mismatch left the decoder nothing to work with
+    (global Dice 0.05; docs/experiments.md, 21)."""
+    module.requires_grad_(False)
+    for part in module.modules():
+        part.register_forward_pre_hook(_stay_in_eval_mode)
+
+
 def transfer_weights(
     model: nn.Module,
     pretrained_state: dict[str, torch.Tensor],

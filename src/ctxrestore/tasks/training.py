@@ -37,7 +37,12 @@ from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import write_json
 from ctxrestore.models import build_model
 from ctxrestore.models.spec import model_spec
-from ctxrestore.models.transfer import TransferReport, check_compatible, transfer_weights
+from ctxrestore.models.transfer import (
+    TransferReport,
+    check_compatible,
+    freeze,
+    transfer_weights,
+)
 from ctxrestore.tasks.augment import Augmentation
 from ctxrestore.tasks.datasets import (
     DEFAULT_PHANTOMS,
@@ -251,23 +256,6 @@ def build_network(
     if config.freeze_encoder:
         freeze(model.encoder)
     return model, network, report
-
-
-def _stay_in_eval_mode(module: nn.Module, inputs) -> None:
-    module.training = False
-
-
-def freeze(module: nn.Module) -> None:
-    """Make `module` a fixed function: no gradients, and eval mode in every forward pass
-    (normalisation by its running statistics, never by the batch's), whatever mode the
-    training loop sets. In training mode a frozen BatchNorm would still normalise by batch
-    statistics and meet its running ones only at test time: for random weights, whose running
-    statistics were never estimated, that mismatch left the decoder nothing to work with
-    (global Dice 0.05; docs/experiments.md, 21)."""
-    for part in module.modules():
-        for parameter in part.parameters(recurse=False):
-            parameter.requires_grad_(False)
-        part.register_forward_pre_hook(_stay_in_eval_mode)
 
 
 # ----------------------------------------------------------------------------- the stage

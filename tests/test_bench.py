@@ -465,6 +465,34 @@ def test_an_ablation_grows_a_longer_random_control_and_reads_it(tmp_path):
         api.ablate(**{**ablation, "out": tmp_path / "other"}, controls="random_x1")
 
 
+def test_an_ablation_compares_pretraining_lengths_and_grows_them(tmp_path):
+    options = {key: value for key, value in TINY.items() if key not in
+               ("methods", "patch_size", "num_swaps", "fractions", "seeds")}  # fmt: skip
+    ablation = dict(out=tmp_path / "ablation", patch_sizes="4", num_swaps="5",
+                    placements="uniform", fractions="1.0", seeds=1, **options)  # fmt: skip
+    api.ablate(**ablation, pretrain_lengths="4")
+    result = api.ablate(**ablation, pretrain_lengths="6,4")
+    assert (result.runs, result.trained, result.skipped) == (4, 1, 3)  # only the 6-step arm
+    assert [row["method"] for row in result.summary_rows] == [
+        "random", "default", "pretrain_steps_4", "pretrain_steps_6"]  # fmt: skip
+    for arm, steps in (("default", 2), ("pretrain_steps_4", 4), ("pretrain_steps_6", 6)):
+        metrics = json.loads((tmp_path / "ablation" / "pretrain" / arm / "metrics.json")
+                             .read_text())  # fmt: skip
+        assert metrics["steps"] == steps, arm
+        config = json.loads((tmp_path / "ablation" / "pretrain" / arm / "config.json")
+                            .read_text())  # fmt: skip
+        assert (config["patch_size"], config["num_swaps"]) == (4, 5)  # only the length varies
+    report = result.report.read_text()
+    settings_part = report.split("Each setting against the default:")[1].split("## Summary")[0]
+    assert "pretrained 4 steps vs default" in settings_part
+    assert "pretrained 6 steps vs default" in settings_part
+    with pytest.raises(CtxRestoreError, match=r"pretrain_lengths: \[.*\] -> None"):
+        api.ablate(**ablation)  # dropping the lengths would leave their runs out
+    with pytest.raises(CtxRestoreError, match=r"repeats --pretrain-steps 2"):
+        api.ablate(**{**ablation, "out": tmp_path / "other"}, pretrain_lengths="2,8")
+    assert not (tmp_path / "other").exists()
+
+
 def test_every_arm_runs_the_whole_schedule_by_default(tmp_path, monkeypatch):
     # Validation only gets worse after the first: with early stopping (patience 1) each run
     # would stop at its second validation; the benchmark's default runs every step.

@@ -494,6 +494,13 @@ def ablate(
             "report says whether each setting's gain is a head start (as benchmark --methods)."
         ),
     ] = None,
+    pretrain_lengths: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated pretraining steps to compare with --pretrain-steps (the "
+            "default setting's), one arm each: does longer pretraining transfer better?"
+        ),
+    ] = None,
     fractions: _Fractions = "0.1",
     seeds: _Seeds = None,
     metric: _Metric = None,
@@ -526,7 +533,8 @@ def ablate(
     precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast on a GPU.")] = "auto",
     resume: _BenchResume = True,
 ) -> BenchmarkResult:
-    """Ablate context restoration's patch size, T and placement on one task.
+    """Ablate context restoration's patch size, T, placement and pretraining length on one
+    task.
 
     Varies one setting at a time around the default (the first value of each list), pretrains
     each (once, or --pretrain-seeds times) and fine-tunes it and random weights for every
@@ -535,7 +543,7 @@ def ablate(
     options = {key: _value(value) for key, value in locals().items()}
     ablation = {key: options.pop(key) for key in
                 ("patch_sizes", "num_swaps", "placements", "foreground_threshold",
-                 "controls")}  # fmt: skip
+                 "controls", "pretrain_lengths")}  # fmt: skip
     return run_ablation(BenchmarkOptions(**options), **ablation)
 
 

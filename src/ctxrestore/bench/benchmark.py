@@ -382,11 +382,20 @@ def ablation_arms(
     placements: str,
     foreground_threshold: float,
     controls: str | None = None,
+    pretrain_lengths: str | None = None,
+    pretrain_steps: int | None = None,
 ) -> tuple[Arm, ...]:
     """Random weights, its longer controls (random_xK), the default setting (the first value
-    of each list), and one arm per other value, varying one of patch size, T and placement at a
-    time."""
+    of each list), and one arm per other value, varying one of patch size, T, placement and
+    pretraining length (steps other than the shared `pretrain_steps`) at a time."""
     sizes, swaps = _integers(patch_sizes, "patch_sizes"), _integers(num_swaps, "num_swaps")
+    lengths = [] if pretrain_lengths is None else sorted(
+        _integers(pretrain_lengths, "pretrain_lengths"))  # fmt: skip
+    if pretrain_steps in lengths:
+        raise CtxRestoreError(
+            f"pretrain_lengths '{pretrain_lengths}' repeats --pretrain-steps {pretrain_steps}, "
+            "the default setting's length; give only the other lengths to compare with it"
+        )
     where = _items(placements, "placements")
     unknown = [placement for placement in where if placement not in PLACEMENTS]
     if unknown:
@@ -408,6 +417,10 @@ def ablation_arms(
              for count in swaps[1:]]  # fmt: skip
     arms += [Arm(f"placement_{place}", {**default, "foreground_threshold": threshold(place)},
                  f"{place} placement") for place in where[1:]]  # fmt: skip
+    # The same pretext pretrained for longer (or shorter): does the transfer follow the
+    # restoration? It did for segmentation, not classification (docs/experiments.md 15, 20).
+    arms += [Arm(f"pretrain_steps_{steps}", {**default, "max_steps": steps},
+                 f"pretrained {steps} steps") for steps in lengths]  # fmt: skip
     return tuple(arms)
 
 
@@ -419,15 +432,21 @@ def run_ablation(
     placements: str = "uniform,foreground",
     foreground_threshold: float = 0.0,
     controls: str | None = None,
+    pretrain_lengths: str | None = None,
 ) -> BenchmarkResult:
-    """An ablation of context restoration's patch size, T and placement; see
-    `ctxrestore.ablate`."""
+    """An ablation of context restoration's patch size, T, placement and pretraining length;
+    see `ctxrestore.ablate`."""
     if CONTEXT_RESTORATION not in list_pretexts():
         raise CtxRestoreError(f"pretext '{CONTEXT_RESTORATION}' is not registered")
-    arms = ablation_arms(patch_sizes, num_swaps, placements, foreground_threshold, controls)
+    arms = ablation_arms(patch_sizes, num_swaps, placements, foreground_threshold, controls,
+                         pretrain_lengths, options.pretrain_steps)  # fmt: skip
     settings = {"patch_sizes": patch_sizes, "num_swaps": num_swaps, "placements": placements,
                 "foreground_threshold": foreground_threshold}  # fmt: skip
-    if controls is not None:  # absent from ablations written before controls existed
+    # Both absent from ablations written before they existed, so those stay comparable.
+    if controls is not None:
         settings["controls"] = [arm.name for arm in arms if arm.schedule_factor > 1]
+    if pretrain_lengths is not None:
+        settings["pretrain_lengths"] = [arm.name for arm in arms
+                                        if arm.name.startswith("pretrain_steps_")]  # fmt: skip
     protocol = build_protocol(options, "ablation", arms, settings, unused=("patch_size",))
     return run_protocol(protocol)

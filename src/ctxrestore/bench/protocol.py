@@ -46,8 +46,10 @@ LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slic
                  "skip_bad": False, "transfer_stages": None, "pretrain_seeds": 1,
                  "freeze_encoder": False}  # fmt: skip
 # Settings that only add runs when they grow: seeds (a count), methods, fractions and an
-# ablation's controls (lists).
-GRID_SETTINGS = ("seeds", "methods", "fractions", "controls")
+# ablation's controls and pretraining lengths (lists of arm names).
+GRID_SETTINGS = ("seeds", "methods", "fractions", "controls", "pretrain_lengths")
+# Grid settings an ablation may be given for the first time (absent = no such arms).
+OPTIONAL_ARMS = ("controls", "pretrain_lengths")
 RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "best_step")
 
 
@@ -178,7 +180,7 @@ def check_settings(out: Path, settings: dict) -> None:
 
 def _extends(key: str, stored: object, current: object) -> bool:
     """Whether `current` adds to the grid of `stored` without dropping any of its runs."""
-    if key == "controls" and stored is None and current:  # an ablation given its first control
+    if key in OPTIONAL_ARMS and stored is None and current:  # its first control or length
         return True
     if stored is None or current is None or stored == current:
         return False

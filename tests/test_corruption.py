@@ -208,6 +208,43 @@ def test_foreground_threshold_avoids_pure_background_patches():
     assert not bool(((plain.corners_a > 12) & (plain.corners_a < 44)).all())
 
 
+@pytest.mark.parametrize(
+    ("shape", "patch", "voxels"),
+    [
+        ((12, 12), (3, 2), [(1, 1), (9, 10)]),
+        ((12, 11), (5, 1), [(4, 0), (11, 10)]),  # 5: not a power of two
+        ((8, 9, 10), (2, 3, 4), [(1, 2, 3), (6, 5, 6)]),
+        ((9, 8, 12), (3, 1, 7), [(0, 7, 5), (8, 0, 11)]),
+    ],
+)
+def test_foreground_corners_are_exactly_those_whose_patch_touches_it(shape, patch, voxels):
+    foreground = torch.zeros(4, *shape, dtype=torch.bool)
+    # Two far-apart clusters: every touching corner has isolated partners, and enough of them
+    # that no swap falls back to uniform placement.
+    for voxel in voxels:
+        foreground[(slice(None), *voxel)] = True
+    # Brute force: a corner touches when some foreground voxel lies inside its patch.
+    ranges = [s - p + 1 for s, p in zip(shape, patch)]
+    touching = {corner for corner in np.ndindex(*ranges)
+                if any(all(c <= v < c + p for c, v, p in zip(corner, voxel, patch))
+                       for voxel in voxels)}  # fmt: skip
+    plan = sample_swap_plan(shape, 4, 200, patch, generator=generator(), foreground=foreground)
+    drawn = {tuple(c) for c in torch.cat([plan.corners_a, plan.corners_b]).view(-1, len(shape))
+             .tolist()}  # fmt: skip
+    assert drawn == touching  # none outside, and every touching corner is reachable
+
+
+def test_an_image_without_foreground_is_corrupted_uniformly_beside_others():
+    images = torch.zeros(2, 1, 32, 32)
+    images[0, :, 8:24, 8:24] = 1.0
+    plan = sample_swap_plan((32, 32), 2, 50, 4, generator=generator(),
+                            foreground=(images > 0.5).any(dim=1))  # fmt: skip
+    corners = torch.cat([plan.corners_a[1], plan.corners_b[1]])
+    assert bool((corners < 5).any()) and bool((corners > 23).any())  # all over the image
+    inside = torch.cat([plan.corners_a[0], plan.corners_b[0]])
+    assert bool(((inside > 4) & (inside < 24)).all())
+
+
 def test_foreground_falls_back_to_uniform_when_too_small_for_a_pair():
     images = torch.zeros(2, 1, 32, 32)
     images[0, 0, 0, 0] = 1.0  # a single bright voxel: no isolated pair can touch it twice

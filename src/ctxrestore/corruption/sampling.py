@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ctxrestore.errors import CtxRestoreError
 
@@ -186,44 +185,55 @@ def _sample_isolated_pairs(
     return a, b
 
 
-def _pad_before(axis: int, tensor: torch.Tensor) -> list[int]:
-    """F.pad argument that adds one zero before index 0 of `axis`."""
-    pad = [0, 0] * (tensor.dim() - axis)
-    pad[-2] = 1
-    return pad
+def _any_in_window(mask: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """out[i] = any(mask[i : i + size]) along `axis` (length L - size + 1), for bool masks.
 
-
-def _foreground_weights(foreground: torch.Tensor, patch_size: tuple[int, ...]) -> torch.Tensor:
-    """(B, M) weights over all valid corners: 1 where the patch there touches foreground.
-
-    Images with no foreground patch at all get uniform weights, so they are still corrupted.
+    Doubling: after the step of width w each entry covers [i, i + 2w); two overlapping
+    windows of the largest power of two <= size then cover [i, i + size). A few bytewise ORs
+    instead of cumulative sums, which torch runs several times slower along an inner axis.
     """
-    # Foreground count in every patch-sized window: separable sliding sums from cumulative
-    # sums, O(1) per voxel and axis (a max-pool with the patch as kernel is 10x slower on CPU).
-    counts = foreground.to(torch.int32)
+    width = 1
+    while 2 * width <= size:
+        length = mask.shape[axis] - width
+        mask = mask.narrow(axis, 0, length) | mask.narrow(axis, width, length)
+        width *= 2
+    if width < size:
+        length = mask.shape[axis] - (size - width)
+        mask = mask.narrow(axis, 0, length) | mask.narrow(axis, size - width, length)
+    return mask
+
+
+def _foreground_counts(foreground: torch.Tensor, patch_size: tuple[int, ...]) -> torch.Tensor:
+    """(B, M) int32 running count, over all valid corners in flat order, of the corners whose
+    patch touches the foreground: the inverse CDF of the draw.
+
+    Images with no foreground patch at all count every corner, so they are still corrupted.
+    """
+    touches = foreground.bool()
     for axis, size in enumerate(patch_size, start=1):
-        cumulative = F.pad(counts.cumsum(dim=axis, dtype=torch.int32), _pad_before(axis, counts))
-        length = cumulative.shape[axis] - size
-        counts = cumulative.narrow(axis, size, length) - cumulative.narrow(axis, 0, length)
-    weights = (counts > 0).flatten(1).float()
-    weights[weights.sum(dim=1) == 0] = 1.0
-    return weights
+        touches = _any_in_window(touches, axis, size)
+    # int32: exact up to 2**31 corners, beyond any volume a batch holds.
+    counts = touches.flatten(1).cumsum(dim=1, dtype=torch.int32)
+    corners = counts.shape[1]
+    counts[counts[:, -1] == 0] = torch.arange(1, corners + 1, dtype=counts.dtype,
+                                              device=counts.device)  # fmt: skip
+    return counts
 
 
-def _draw_weighted(
-    cumulative: torch.Tensor, count: int, generator: torch.Generator
-) -> torch.Tensor:
-    """(B, count) flat corner indices drawn per image by inverse CDF over `cumulative` (B, M)."""
+def _draw_weighted(counts: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, count) flat corner indices drawn per image uniformly among the corners that
+    `counts` (running counts, B x M) marks: the k-th marked corner, k uniform below the total."""
+    totals = counts[:, -1:].to(torch.float64)
     targets = torch.rand(
-        cumulative.shape[0], count, generator=generator, device=cumulative.device,
-        dtype=cumulative.dtype,
-    )  # fmt: skip
-    flat = torch.searchsorted(cumulative, targets * cumulative[:, -1:], right=True)
-    return flat.clamp_(max=cumulative.shape[1] - 1)
+        counts.shape[0], count, generator=generator, device=counts.device, dtype=torch.float64
+    )
+    ranks = (targets * totals).to(torch.int32)  # floor: the running counts are integers
+    flat = torch.searchsorted(counts, ranks, right=True)
+    return flat.clamp_(max=counts.shape[1] - 1)
 
 
 def _place_in_foreground(
-    weights: torch.Tensor,
+    counts: torch.Tensor,
     shape: tuple[int, int],
     ranges: tuple[int, ...],
     patch: torch.Tensor,
@@ -231,14 +241,12 @@ def _place_in_foreground(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rejection rounds among foreground patches; returns (a, b, placed) of shape (B, T, ...)."""
     batch, swaps = shape
-    # float64: counts stay exact far beyond float32's 2**24 corners (large 3D volumes).
-    cumulative = weights.to(torch.float64).cumsum(dim=1)
     corners_a = torch.zeros(batch, swaps, len(ranges), dtype=torch.long, device=patch.device)
     corners_b = torch.zeros_like(corners_a)
     placed = torch.zeros(batch, swaps, dtype=torch.bool, device=patch.device)
     for _ in range(MAX_ROUNDS):
         draws = [
-            _unravel(_draw_weighted(cumulative, swaps * CANDIDATES, generator), ranges).view(
+            _unravel(_draw_weighted(counts, swaps * CANDIDATES, generator), ranges).view(
                 batch, swaps, CANDIDATES, -1
             )
             for _ in range(2)
@@ -295,10 +303,10 @@ def sample_swap_plan(
                 f"foreground mask has shape {tuple(foreground.shape)}, expected "
                 f"{(batch_size, *spatial_shape)}"
             )
-        weights = _foreground_weights(foreground.to(device), sizes)
+        counts = _foreground_counts(foreground.to(device), sizes)
         patch = torch.tensor(sizes, device=device)
         fg_a, fg_b, placed = _place_in_foreground(
-            weights, (batch_size, high), ranges, patch, generator
+            counts, (batch_size, high), ranges, patch, generator
         )
         corners_a = torch.where(placed[..., None], fg_a, corners_a)
         corners_b = torch.where(placed[..., None], fg_b, corners_b)

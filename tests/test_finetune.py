@@ -19,7 +19,7 @@ from ctxrestore.data.splits import read_split
 from ctxrestore.engine.checkpoint import load_checkpoint
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models.transfer import adapt_input_channels
-from ctxrestore.tasks.training import FinetuneConfig, build_network, load_data
+from ctxrestore.tasks.training import FinetuneConfig, build_network, freeze_encoder, load_data
 
 runner = CliRunner()
 TINY_FINETUNE = dict(num_images=40, image_size=32, width=4, batch_size=8, max_steps=6,
@@ -139,24 +139,41 @@ def test_frozen_encoder_keeps_its_pretrained_values(tmp_path, pretrained):
 
 
 def test_a_frozen_random_encoder_is_a_fixed_function_the_decoder_can_learn_on(tmp_path):
-    """Random features: nothing in the encoder changes, and it computes the same in training
-    and in evaluation (batch statistics would differ from the never-estimated running ones)."""
+    """Random features: the encoder's normalisation statistics come from the training images
+    (a fresh BatchNorm's mean 0 / variance 1 would not normalise), then nothing in it changes,
+    and it computes the same in training and in evaluation."""
     options = dict(init="random", freeze_encoder=True, **TINY_FINETUNE)
     config = FinetuneConfig(task="segment", out="unused", **options)
     data = load_data(config, None)
     model, _, _ = build_network(config, data.task, data, (None, None))
     initial = {n: t.clone() for n, t in model.state_dict().items()}
-    images = torch.rand(8, len(data.channel_names), 32, 32) * 3 + 1  # far from N(0, 1)
+    images = list(torch.rand(8, len(data.channel_names), 32, 32) * 3 + 1)  # far from N(0, 1)
+    inputs = {}
+    norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args[0].clone()))
+             for m in norms]  # fmt: skip
+    freeze_encoder(model, images, torch.device("cpu"))
+    for hook in hooks:
+        hook.remove()
+    for norm in norms:  # one batch of 8: the statistics are exactly its mean and variance
+        seen = inputs[norm].transpose(0, 1).flatten(1)
+        assert torch.allclose(norm.running_mean, seen.mean(dim=1), atol=1e-5)
+        assert torch.allclose(norm.running_var, seen.var(dim=1), rtol=1e-4, atol=1e-6)
+    batch = torch.stack(images)
     model.train()
-    in_training = model.encoder(images)
+    in_training = model.encoder(batch)
     model.eval()
-    in_evaluation = model.encoder(images)
+    in_evaluation = model.encoder(batch)
     assert all(torch.equal(a, b) for a, b in zip(in_training, in_evaluation))
+    assert 0.1 < float(in_evaluation[-1].std()) < 10  # normalised all the way down
     out = tmp_path / "frozen_random"
     ctxrestore.finetune("segment", out=out, **options)
     after, _ = load_checkpoint(out)
-    encoder = [n for n in after if n.startswith("encoder.") and "num_batches" not in n]
-    assert encoder and all(torch.equal(initial[n], after[n]) for n in encoder)
+    weights = [n for n in after if n.startswith("encoder.") and "running" not in n
+               and "num_batches" not in n]  # fmt: skip
+    assert weights and all(torch.equal(initial[n], after[n]) for n in weights)
+    estimated = [n for n in after if n.startswith("encoder.") and "running_var" in n]
+    assert estimated and not any(torch.equal(initial[n], after[n]) for n in estimated)
     decoder = [n for n in after if n.startswith("decoder.") and "num_batches" not in n]
     assert any(not torch.equal(initial[n], after[n]) for n in decoder)
 

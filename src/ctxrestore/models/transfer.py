@@ -9,6 +9,7 @@ task-specific and start random. What moved and what did not is returned, for the
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -139,6 +140,41 @@ def _warn_if_channels_differ(pretrained_names, names, source: str, target: str) 
 
 def _stay_in_eval_mode(module: nn.Module, inputs) -> None:
     module.training = False
+
+
+def estimate_missing_statistics(module: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Running statistics for the BatchNorm layers of `module` that never saw data (random
+    weights), from one pass over `batches`; returns how many layers were estimated.
+
+    A fresh BatchNorm's statistics (mean 0, variance 1) do not describe its input, so in eval
+    mode it does not normalise: through a random SonoNet encoder the features shrank 10^5-fold
+    and a frozen random encoder scored as a constant guess (docs/experiments.md, 22). Layers
+    with statistics (a pretrained encoder's) are left as they are.
+    """
+    fresh = [
+        part
+        for part in module.modules()
+        if isinstance(part, nn.modules.batchnorm._BatchNorm)
+        and part.track_running_stats
+        and int(part.num_batches_tracked) == 0
+    ]
+    if not fresh:
+        return 0
+    modes = {part: part.training for part in module.modules()}
+    momenta = {part: part.momentum for part in fresh}
+    module.eval()  # only the fresh layers learn their statistics from this pass
+    for part in fresh:
+        part.reset_running_stats()
+        part.momentum = None  # a cumulative average over the pass, not an exponential one
+        part.train()
+    with torch.no_grad():
+        for batch in batches:
+            module(batch)
+    for part, momentum in momenta.items():
+        part.momentum = momentum
+    for part, training in modes.items():
+        part.training = training
+    return len(fresh)
 
 
 def freeze(module: nn.Module) -> None:

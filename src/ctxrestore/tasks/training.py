@@ -40,6 +40,7 @@ from ctxrestore.models.spec import model_spec
 from ctxrestore.models.transfer import (
     TransferReport,
     check_compatible,
+    estimate_missing_statistics,
     freeze,
     transfer_weights,
 )
@@ -253,9 +254,22 @@ def build_network(
             encoder_stages=config.transfer_stages,
             source=f"checkpoint {config.init}",
         )
-    if config.freeze_encoder:
-        freeze(model.encoder)
     return model, network, report
+
+
+def freeze_encoder(model: nn.Module, images: list[torch.Tensor], device: torch.device) -> None:
+    """Fix the encoder, after estimating the normalisation statistics it never had (random
+    weights) from the training images, so that frozen random features are a fair control."""
+    model.encoder.to(device)
+    batches = (torch.stack(images[start : start + EVALUATION_BATCH]).to(device)
+               for start in range(0, len(images), EVALUATION_BATCH))  # fmt: skip
+    estimated = estimate_missing_statistics(model.encoder, batches)
+    if estimated:
+        logger.info(
+            "frozen encoder: running statistics of %d normalisation layers estimated from the "
+            "%d training images (they had none)", estimated, len(images),
+        )  # fmt: skip
+    freeze(model.encoder)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -354,6 +368,8 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
         if config.augment:
             task = dataclasses.replace(task, augmentation=Augmentation())
         model, network, transfer = build_network(config, task, data, pretrained)
+        if config.freeze_encoder:
+            freeze_encoder(model, [item["image"] for item in train_items], context.device)
         spec = {
             "format": SPEC_FORMAT,
             "ctxrestore_version": ctxrestore.__version__,

@@ -233,8 +233,9 @@ def finetune(
     freeze_encoder: Annotated[
         bool,
         typer.Option(
-            help="Keep the encoder fixed (pretrained, or with --init random its random weights: "
-            "the random-features control); train the rest."
+            help="Keep the encoder fixed (pretrained, or with --init random its random weights, "
+            "normalisation statistics estimated from the training images: the random-features "
+            "control); train the rest."
         ),
     ] = False,
     transfer_stages: Annotated[

@@ -247,7 +247,8 @@ def write_report(
         "differences are paired by seed (same split, same head weights, same data order)."
         + (
             " Frozen-feature evaluation: every encoder stayed fixed and only the decoder / head "
-            "trained, so random weights are the random-features control."
+            "trained, so random weights (normalisation statistics estimated from the training "
+            "images) are the random-features control."
             if protocol.settings.get("freeze_encoder")
             else ""
         ),

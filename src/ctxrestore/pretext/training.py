@@ -24,6 +24,7 @@ from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.unlabelled import UnlabelledDataset
 from ctxrestore.engine.checkpoint import SPEC_FILE, WEIGHTS_FILE, load_checkpoint
 from ctxrestore.engine.distributed import (
+    barrier,
     setup_distributed,
     teardown_distributed,
 )
@@ -356,6 +357,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
                 },
             )
             write_pretraining_report(out)
+        barrier(context)  # every rank leaves together (see tasks/training.py)
         return PretrainResult(out, result.steps, result.resumed_from, result.final_loss, metrics)
     finally:
         teardown_distributed(context)

@@ -24,7 +24,7 @@ from ctxrestore.data.phantoms import list_phantoms
 from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
 from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint
-from ctxrestore.engine.distributed import setup_distributed, teardown_distributed
+from ctxrestore.engine.distributed import barrier, setup_distributed, teardown_distributed
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
     CONFIG_FILE,
@@ -466,6 +466,9 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             }
             write_json(out / METRICS_FILE, summary)
             write_finetuning_report(out, task, model, data, split, device, config.figures)
+        # Every rank leaves together: a rank tearing down its gloo group while rank 0 still
+        # tests and writes aborted ("terminate called without an active exception") under load.
+        barrier(context)
         return FinetuneResult(
             out, result.steps, result.best_step, result.stopped_early, metrics,
             transfer.to_json(),

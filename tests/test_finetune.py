@@ -3,6 +3,7 @@ transfer really loads, the errors for checkpoints that do not fit, splits, resum
 
 import csv
 import json
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -119,6 +120,20 @@ def test_mismatched_checkpoints_stop_before_training(tmp_path, pretrained):
                                  "--init", str(pretrained["segment"]),
                                  *_cli_options(TINY_FINETUNE)])  # fmt: skip
     assert result.exit_code == 2 and "--adapt-channels" in result.output
+
+
+def test_fine_tuning_from_an_unfinished_pretraining_says_so(tmp_path, pretrained, caplog):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(pretrained["classify"], unfinished)
+    (unfinished / "metrics.json").unlink()  # as while it still runs: checkpoints, no metrics
+    with caplog.at_level("WARNING", logger="ctxrestore"):
+        ctxrestore.finetune("classify", out=tmp_path / "a", init=str(unfinished), **TINY_FINETUNE)
+    assert f"{unfinished} holds an unfinished run" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ctxrestore"):
+        ctxrestore.finetune("classify", out=tmp_path / "b", init=str(pretrained["classify"]),
+                            **TINY_FINETUNE)  # fmt: skip
+    assert "unfinished run" not in caplog.text
 
 
 def test_frozen_encoder_keeps_its_pretrained_values(tmp_path, pretrained):

@@ -420,7 +420,7 @@ def ablation_arms(
     arms += [Arm(f"placement_{place}", {**default, "foreground_threshold": threshold(place)},
                  f"{place} placement") for place in where[1:]]  # fmt: skip
     # The same pretext pretrained for longer (or shorter): does the transfer follow the
-    # restoration? It did for segmentation, not classification (docs/experiments.md 15, 20).
+    # restoration? It did for segmentation, not classification (docs/experiments.md 15, 20, 22).
     arms += [Arm(f"pretrain_steps_{steps}", {**default, "max_steps": steps},
                  f"pretrained {steps} steps") for steps in lengths]  # fmt: skip
     return tuple(arms)

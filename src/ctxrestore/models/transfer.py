@@ -148,7 +148,7 @@ def estimate_missing_statistics(module: nn.Module, batches: Iterable[torch.Tenso
 
     A fresh BatchNorm's statistics (mean 0, variance 1) do not describe its input, so in eval
     mode it does not normalise: through a random SonoNet encoder the features shrank 10^5-fold
-    and a frozen random encoder scored as a constant guess (docs/experiments.md, 22). Layers
+    and a frozen random encoder scored as a constant guess (docs/experiments.md, 23). Layers
     with statistics (a pretrained encoder's) are left as they are.
     """
     fresh = [

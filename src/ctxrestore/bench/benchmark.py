@@ -449,6 +449,6 @@ def run_ablation(
         settings["controls"] = [arm.name for arm in arms if arm.schedule_factor > 1]
     if pretrain_lengths is not None:
         settings["pretrain_lengths"] = [arm.name for arm in arms
-                                        if arm.name.startswith("pretrain_steps_")]  # fmt: skip
+                                        if "max_steps" in (arm.pretrain or {})]  # fmt: skip
     protocol = build_protocol(options, "ablation", arms, settings, unused=("patch_size",))
     return run_protocol(protocol)

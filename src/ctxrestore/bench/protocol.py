@@ -28,10 +28,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctxrestore.engine.run_folder import METRICS_FILE, is_finished
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import atomic_write, read_json, write_json
 from ctxrestore.pretext.training import PretrainConfig, run_pretraining
-from ctxrestore.tasks.training import METRICS_FILE, FinetuneConfig, run_finetuning
+from ctxrestore.tasks.training import FinetuneConfig, run_finetuning
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +197,6 @@ def stored_settings(out: Path) -> dict | None:
     return read_json(path) if path.exists() else None
 
 
-def _is_finished(folder: Path) -> bool:
-    return (folder / METRICS_FILE).is_file()
-
-
 def _prepare_unfinished(folder: Path, resume: bool) -> bool:
     """Whether to continue the interrupted run in `folder`; without resume it starts over."""
     if not folder.exists():
@@ -221,7 +218,7 @@ def run_pretrainings(protocol: Protocol) -> None:
     todo = pretrainings(protocol)
     for index, (arm, seed) in enumerate(todo, start=1):
         folder = protocol.pretrain_folder(arm, seed)
-        if _is_finished(folder):
+        if is_finished(folder):
             logger.info("pretraining %d/%d: %s (seed %d) is done; reusing %s", index, len(todo),
                         arm.title, seed, folder)  # fmt: skip
             continue
@@ -259,7 +256,7 @@ def run_grid(protocol: Protocol) -> GridRun:
     check_settings(protocol.out, protocol.settings)
     run_pretrainings(protocol)
     grid = list(protocol.grid())
-    pending = [cell for cell in grid if not _is_finished(protocol.run_folder(*cell))]
+    pending = [cell for cell in grid if not is_finished(protocol.run_folder(*cell))]
     logger.info(
         "%d fine-tuning runs: %d finished, %d to run", len(grid), len(grid) - len(pending),
         len(pending),

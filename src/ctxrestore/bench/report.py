@@ -12,8 +12,8 @@ from ctxrestore.bench.protocol import Protocol, pretrainings
 from ctxrestore.bench.stats import PairedDifference, higher_is_better
 from ctxrestore.bench.summary import compare, interval, markdown_table, number
 from ctxrestore.data.splits import parse_fraction
+from ctxrestore.engine.run_folder import METRICS_FILE
 from ctxrestore.files import atomic_write, read_json
-from ctxrestore.tasks.training import METRICS_FILE
 
 CONTEXT_RESTORATION = "context_restoration"
 DEFAULT_SETTING = "default"  # the centre arm of an ablation

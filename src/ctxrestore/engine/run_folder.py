@@ -15,11 +15,18 @@ from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import read_json
 
 CONFIG_FILE = "config.json"
+# Written last by pretraining and fine-tuning alike: a folder holding it is a finished run;
+# one with checkpoints but without it is still running or was interrupted.
+METRICS_FILE = "metrics.json"
 # Options that may change on --resume: how long and where to run, how often to log or draw.
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "epochs", "resume", "device", "num_workers", "checkpoint_every",
      "log_every", "preview_every", "compile", "figures", "cache", "cache_dir"}
 )  # fmt: skip
+
+
+def is_finished(folder: Path) -> bool:
+    return (Path(folder) / METRICS_FILE).is_file()
 
 
 def option_defaults(config_class: type) -> dict:

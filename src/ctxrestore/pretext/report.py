@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ctxrestore.engine.loop import read_log
+from ctxrestore.engine.run_folder import METRICS_FILE
 from ctxrestore.figures import save_loss_curve
 from ctxrestore.files import atomic_write, read_json
 
@@ -30,7 +31,7 @@ def write_pretraining_report(
     run_dir = Path(run_dir)
     report_path = Path(report_path or run_dir / "report.md")
     config = read_json(run_dir / "config.json")
-    metrics = read_json(run_dir / "metrics.json")
+    metrics = read_json(run_dir / METRICS_FILE)
     rows = read_log(run_dir)
     save_loss_curve(
         run_dir / "loss.png",

@@ -31,6 +31,7 @@ from ctxrestore.engine.distributed import (
 from ctxrestore.engine.loop import FitResult, LoopConfig, fit
 from ctxrestore.engine.run_folder import (
     CONFIG_FILE,
+    METRICS_FILE,
     check_run_folder,
     check_stage_options,
     option_defaults,
@@ -343,7 +344,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         )
         if context.is_main:
             write_json(
-                out / "metrics.json",
+                out / METRICS_FILE,
                 {
                     "steps": result.steps,
                     "final_loss": result.final_loss,

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ctxrestore.engine.loop import VALIDATION_FILE, read_log
+from ctxrestore.engine.run_folder import METRICS_FILE
 from ctxrestore.figures import save_confusion_matrix, save_loss_curve
 from ctxrestore.files import atomic_write, read_json
 
@@ -108,7 +109,7 @@ def write_finetuning_report(
     test pictures (a benchmark's hundreds of runs skip them: they cost more than a tiny run)."""
     run_dir = Path(run_dir)
     config = read_json(run_dir / "config.json")
-    summary = read_json(run_dir / "metrics.json")
+    summary = read_json(run_dir / METRICS_FILE)
     rows = read_log(run_dir)
     if rows and figures:
         save_loss_curve(

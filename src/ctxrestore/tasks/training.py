@@ -28,9 +28,11 @@ from ctxrestore.engine.distributed import barrier, setup_distributed, teardown_d
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
     CONFIG_FILE,
+    METRICS_FILE,
     check_patience,
     check_run_folder,
     check_stage_options,
+    is_finished,
     option_defaults,
 )
 from ctxrestore.errors import CtxRestoreError
@@ -59,7 +61,6 @@ logger = logging.getLogger(__name__)
 TASK_NAMES = tuple(DEFAULT_PHANTOMS)
 SPEC_FORMAT = 1
 SPLIT_FILE = "split.json"
-METRICS_FILE = "metrics.json"
 # The labelled phantom cohort is one fixed "hospital", apart from the pretraining images
 # (seed 0 upwards) and the same for every --seed: seeds vary the split and the weights.
 LABELLED_PHANTOM_SEED = 7_000_001
@@ -197,7 +198,7 @@ def encoder_config(pretrained_model_spec: dict) -> dict:
 def _warn_if_unfinished(folder: Path) -> None:
     """A run writes its checkpoint every few hundred steps and metrics.json at the end: a
     folder with a training state but no metrics.json is still running, or was interrupted."""
-    if (folder / TRAINING_STATE_FILE).is_file() and not (folder / METRICS_FILE).is_file():
+    if (folder / TRAINING_STATE_FILE).is_file() and not is_finished(folder):
         logger.warning(
             "%s holds an unfinished run (a checkpoint, no %s yet): fine-tuning from its last "
             "checkpoint, not its final weights; finish it with --resume to use those",

@@ -77,6 +77,32 @@ def test_paired_difference_known_values():
         paired_difference([1.0, 2.0], [1.0])
 
 
+def test_pairs_sharing_a_pretraining_count_once_in_the_interval():
+    # Differences 0.2 and 0.4 from pretraining "a", 0.0 from "b": the pretrainings' means are
+    # 0.3 and 0.0, so the interval has 1 degree of freedom: mean 0.15, sd 0.3 / sqrt(2).
+    a, b = [0.8, 0.9, 0.7], [0.6, 0.5, 0.7]
+    grouped = paired_difference(a, b, groups=["a", "a", "b"])
+    half = T_975[1] * (0.3 / math.sqrt(2)) / math.sqrt(2)
+    assert grouped.mean == pytest.approx(0.15)
+    assert (grouped.low, grouped.high) == pytest.approx((0.15 - half, 0.15 + half))
+    assert (grouped.wins, grouped.n) == (2, 3)  # wins and n still count pairs
+    # Every pair its own pretraining: the pairs are the draws, as without groups. One shared
+    # pretraining cannot show its variation: the pairs as they are, too.
+    for groups in (["a", "b", "c"], ["a", "a", "a"]):
+        assert paired_difference(a, b, groups=groups) == paired_difference(a, b)
+    # A pair left out (not finite) takes its label with it: "a" keeps one pair (0.4).
+    nan = float("nan")
+    skipped = paired_difference([nan, 0.9, 0.7], [0.6, 0.5, 0.7], groups=["a", "a", "b"])
+    assert (skipped.mean, skipped.n) == (pytest.approx(0.2), 2)
+    # Reductions 0.2 and 0.1 from pretraining 0 (mean 0.15), 0.4 from 1: mean 0.275, sd 0.25/sqrt(2)
+    half = T_975[1] * 0.125
+    assert relative_reduction([8.0, 9.0, 6.0], [10.0, 10.0, 10.0], groups=[0, 0, 1]) == (
+        pytest.approx((0.275, 0.275 - half, 0.275 + half))
+    )
+    with pytest.raises(CtxRestoreError, match="one pretraining label per pair"):
+        paired_difference(a, b, groups=["a", "b"])
+
+
 def test_relative_reduction_and_direction():
     # (10 - 8) / 10 = 0.2 and (10 - 9) / 10 = 0.1: mean 0.15, sd 0.05 * sqrt(2)
     mean, low, high = relative_reduction([8.0, 9.0], [10.0, 10.0])
@@ -139,6 +165,32 @@ def test_report_says_what_known_numbers_show(tmp_path):
     assert "1.0 (behind relative_position)" in text
     assert "20.0% [20.0%, 20.0%]" in "\n".join(
         markdown_table(table, metric=protocol.metric, reference="random", labels={})
+    )
+
+
+def test_summary_counts_pairs_that_share_a_pretraining_once(tmp_path):
+    # Seeds 0 and 2 fine-tuned from pretraining 0 (2.0 and 2.4 mm better than random), seed 1
+    # from pretraining 1 (1.6 mm): the interval is over the pretrainings' means, 2.2 and 1.6.
+    protocol, rows = _synthetic(tmp_path)
+    for row in rows:
+        row["pretrain_seed"] = "" if row["method"] == "random" else row["seed"] % 2
+        if (row["method"], row["fraction"], row["seed"]) == ("context_restoration", "0.1", 1):
+            row["wall_mm/mean"] = 9.4
+    methods = [arm.name for arm in protocol.arms]
+    table = summarize(rows, methods=methods, fractions=("0.1",), metric=protocol.metric)
+    restoration = next(e for e in table if e["method"] == "context_restoration")
+    half = T_975[1] * (0.6 / math.sqrt(2)) / math.sqrt(2)
+    assert restoration["diff_mean"] == pytest.approx(-1.9)
+    assert (restoration["diff_low"], restoration["diff_high"]) == pytest.approx(
+        (-1.9 - half, -1.9 + half)
+    )
+    assert (restoration["wins"], restoration["pairs"]) == (3, 3)
+    # Reductions 20% and 20% from pretraining 0, 1.6 / 11 from pretraining 1.
+    second = 1.6 / 11
+    half = T_975[1] * ((0.2 - second) / math.sqrt(2)) / math.sqrt(2)
+    middle = (0.2 + second) / 2
+    assert (restoration["rel_reduction"], restoration["rel_low"], restoration["rel_high"]) == (
+        pytest.approx((middle, middle - half, middle + half))
     )
 
 
@@ -347,8 +399,14 @@ def test_each_seed_fine_tunes_from_its_own_pretraining_with_pretrain_seeds(tmp_p
         "seed_1",
         "seed_0",
     ]  # fine-tuning seed s: pretraining s mod 2
+    with (tmp_path / "out" / "results.csv").open() as handle:
+        started = {(r["method"], r["seed"]): r["pretrain_seed"] for r in csv.DictReader(handle)}
+    assert started == {("random", "0"): "", ("random", "1"): "", ("random", "2"): "",
+                       ("context_restoration", "0"): "0", ("context_restoration", "1"): "1",
+                       ("context_restoration", "2"): "0"}  # fmt: skip
     report = result.report.read_text()
     assert "pretrained 2 times and fine-tuning seed s started from pretraining s mod 2" in report
+    assert "the paired intervals are over the 2 pretrainings" in report
     assert "](pretrain/context_restoration/seed_1/report.md) | 1 |" in report
     # The pairing of finished runs depends on it: another count in the same OUT is refused.
     with pytest.raises(CtxRestoreError, match=r"pretrain_seeds: 2 -> 3"):

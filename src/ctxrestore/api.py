@@ -354,9 +354,9 @@ _PretrainSeeds = Annotated[
     int,
     typer.Option(
         help="Pretrain each initialisation this many times (seeds 0..K-1); fine-tuning seed s "
-        "starts from pretraining s mod K. Equal to --seeds, the intervals also cover the "
-        "variation between pretraining runs; 1 (default): one pretraining, which every seed "
-        "shares."
+        "starts from pretraining s mod K. K > 1: the paired intervals also cover the "
+        "variation between pretraining runs (pairs that share one count once); 1 (default): "
+        "one pretraining, which every seed shares."
     ),
 ]
 _BenchBatch = Annotated[int, typer.Option(help="Fine-tuning images per step.")]

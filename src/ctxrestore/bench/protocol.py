@@ -9,9 +9,9 @@ are compared pair by pair.
 By default each arm is pretrained once (seed 0): pretraining's own seed-to-seed variance is
 not sampled, and the paired differences are conditional on that one pretraining. With
 `pretrain_seeds` K > 1 each arm is pretrained K times (seeds 0..K-1, into
-OUT/pretrain/<arm>/seed_<k>/) and fine-tuning seed s starts from pretraining s mod K; with K
-equal to the number of seeds every pair has its own pretraining, and the intervals cover
-both sources of variation.
+OUT/pretrain/<arm>/seed_<k>/) and fine-tuning seed s starts from pretraining s mod K; the
+intervals then cover both sources of variation: pairs that share a pretraining count once
+(results.csv's pretrain_seed column; bench/stats.py).
 
 The grid resumes by itself: a run whose metrics.json exists is skipped, a pretraining whose
 metrics.json exists is reused, and an interrupted one (a folder without metrics.json) is
@@ -51,7 +51,10 @@ LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slic
 GRID_SETTINGS = ("seeds", "methods", "fractions", "controls", "pretrain_lengths")
 # Grid settings an ablation may be given for the first time (absent = no such arms).
 OPTIONAL_ARMS = ("controls", "pretrain_lengths")
-RUN_COLUMNS = ("task", "method", "fraction", "seed", "train_cases", "steps", "best_step")
+# pretrain_seed: which of the arm's pretrainings the run started from ("" for random weights);
+# pairs that share one count once in the summary's intervals.
+RUN_COLUMNS = ("task", "method", "fraction", "seed", "pretrain_seed", "train_cases", "steps",
+               "best_step")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,7 @@ def result_row(protocol: Protocol, arm: Arm, fraction: str, seed: int) -> dict:
         "method": arm.name,
         "fraction": fraction,
         "seed": seed,
+        "pretrain_seed": "" if arm.pretrain is None else protocol.pretrain_seed_of(seed),
         "train_cases": summary["split"]["train"]["cases"],
         "steps": summary["steps"],
         "best_step": summary["best_step"],

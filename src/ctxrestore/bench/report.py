@@ -218,8 +218,10 @@ def _pretraining_caveat(protocol: Protocol) -> str:
                 "per fine-tuning seed, so the intervals cover the variation of pretraining as "
                 "well as that of fine-tuning")  # fmt: skip
     return (f"each pretrained initialisation was pretrained {count} times and fine-tuning seed "
-            f"s started from pretraining s mod {count}, so the {seeds} pairs share pretrainings "
-            "and the intervals cover pretraining's variation only in part")  # fmt: skip
+            f"s started from pretraining s mod {count}; the {seeds} pairs share pretrainings, so "
+            f"the paired intervals are over the {count} pretrainings (each one's mean "
+            f"difference, {count - 1} degrees of freedom) and cover the variation of "
+            "pretraining as well as that of fine-tuning")  # fmt: skip
 
 
 def _settings_lines(settings: dict) -> list[str]:

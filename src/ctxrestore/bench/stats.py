@@ -7,12 +7,19 @@ initialisation changes, which a t-interval of the paired differences measures.
 
 Values that are not finite (a metric undefined for a run, e.g. the box error of an organ never
 present) are left out; a pair is left out when either side is.
+
+Pairs that started from the same pretraining run are not independent: pretraining varies
+too, and K pretrainings shared by n > K pairs carry only K draws of it. Given each pair's
+pretraining (`groups`), the interval is that of the mean over pretrainings of each one's mean
+difference, so it covers pretraining's variation as well as fine-tuning's (a two-stage,
+cluster-level interval: K - 1 degrees of freedom). One shared pretraining cannot show its own
+variation; its pairs are then taken as they are.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -62,7 +69,9 @@ class PairedDifference(NamedTuple):
     n: int
 
 
-def _pairs(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _pairs(
+    a: Sequence[float], b: Sequence[float], groups: Sequence[Hashable] | None = None
+) -> tuple[np.ndarray, np.ndarray, list | None]:
     first = np.asarray(a, dtype=np.float64).reshape(-1)
     second = np.asarray(b, dtype=np.float64).reshape(-1)
     if first.shape != second.shape:
@@ -70,8 +79,22 @@ def _pairs(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarr
             f"paired values need the same number of runs on both sides, got {first.size} and "
             f"{second.size}"
         )
+    if groups is not None and len(groups) != first.size:
+        raise CtxRestoreError(
+            f"one pretraining label per pair is needed, got {len(groups)} for {first.size} pairs"
+        )
     keep = np.isfinite(first) & np.isfinite(second)
-    return first[keep], second[keep]
+    kept_groups = None if groups is None else [g for g, k in zip(groups, keep) if k]
+    return first[keep], second[keep], kept_groups
+
+
+def _per_group(values: np.ndarray, groups: list | None) -> np.ndarray:
+    """Each group's mean (pairs from one pretraining count as one draw of it); the values
+    themselves without groups, or when they all share one group."""
+    if groups is None or len(set(groups)) < 2:
+        return values
+    labels = list(dict.fromkeys(groups))
+    return np.array([values[[g == label for g in groups]].mean() for label in labels])
 
 
 def paired_difference(
@@ -80,22 +103,31 @@ def paired_difference(
     *,
     higher_is_better: bool = True,
     confidence: float = 0.95,
+    groups: Sequence[Hashable] | None = None,
 ) -> PairedDifference:
     """The paired difference a - b (a[i] and b[i] share a seed); a "win" is a pair where a is
-    better: larger when `higher_is_better`, smaller otherwise. Ties are not wins."""
-    first, second = _pairs(a, b)
+    better: larger when `higher_is_better`, smaller otherwise. Ties are not wins. `groups`:
+    the pretraining(s) pair i started from; the mean and interval are then over pretrainings
+    (module docstring), wins and n still count pairs."""
+    first, second, groups = _pairs(a, b, groups)
     difference = first - second
-    mean, low, high = mean_ci(difference, confidence)
+    mean, low, high = mean_ci(_per_group(difference, groups), confidence)
     wins = int((difference > 0).sum() if higher_is_better else (difference < 0).sum())
     return PairedDifference(mean, low, high, wins, int(difference.size))
 
 
 def relative_reduction(
-    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
+    a: Sequence[float],
+    b: Sequence[float],
+    confidence: float = 0.95,
+    groups: Sequence[Hashable] | None = None,
 ) -> tuple[float, float, float]:
     """(mean, low, high) over pairs of (b - a) / b: how much smaller a is than b, as a share
     of b (0.15 = 15% lower), for metrics where lower is better. Pairs with b == 0 are left
-    out."""
-    first, second = _pairs(a, b)
+    out. `groups` as in `paired_difference`."""
+    first, second, groups = _pairs(a, b, groups)
     keep = second != 0
-    return mean_ci((second[keep] - first[keep]) / second[keep], confidence)
+    reductions = (second[keep] - first[keep]) / second[keep]
+    if groups is not None:
+        groups = [g for g, k in zip(groups, keep) if k]
+    return mean_ci(_per_group(reductions, groups), confidence)

@@ -47,16 +47,35 @@ def _by_seed(rows: Sequence[dict], method: str, fraction: str) -> dict[int, dict
     }
 
 
+def _pretraining(row: dict) -> str:
+    """Which pretraining run a run started from ("" for random weights, or a results file
+    from before the column existed)."""
+    value = row.get("pretrain_seed")
+    return "" if value is None else str(value)
+
+
+def _paired(
+    rows: Sequence[dict], metric: str, method: str, reference: str, fraction: str
+) -> tuple[list[float], list[float], list[tuple[str, str]]]:
+    """Both sides' values over the seeds both ran at this fraction, and each pair's
+    pretrainings (method's, reference's): pairs that share one are not independent."""
+    runs, baseline = _by_seed(rows, method, fraction), _by_seed(rows, reference, fraction)
+    seeds = sorted(runs.keys() & baseline.keys())
+    return (
+        [_value(runs[s], metric) for s in seeds],
+        [_value(baseline[s], metric) for s in seeds],
+        [(_pretraining(runs[s]), _pretraining(baseline[s])) for s in seeds],
+    )
+
+
 def compare(
     rows: Sequence[dict], metric: str, method: str, reference: str, fraction: str
 ) -> PairedDifference:
-    """method - reference over the seeds both ran at this fraction."""
-    runs, baseline = _by_seed(rows, method, fraction), _by_seed(rows, reference, fraction)
-    seeds = sorted(runs.keys() & baseline.keys())
+    """method - reference over the seeds both ran at this fraction; pairs that started from
+    the same pretraining count once in the interval (bench/stats.py)."""
+    values, baseline, groups = _paired(rows, metric, method, reference, fraction)
     return paired_difference(
-        [_value(runs[s], metric) for s in seeds],
-        [_value(baseline[s], metric) for s in seeds],
-        higher_is_better=higher_is_better(metric),
+        values, baseline, higher_is_better=higher_is_better(metric), groups=groups
     )
 
 
@@ -75,11 +94,8 @@ def _differences(
                 "diff_high": difference.high, "wins": difference.wins,
                 "pairs": difference.n}  # fmt: skip
     if lower:
-        runs, baseline = _by_seed(rows, method, fraction), _by_seed(rows, reference, fraction)
-        seeds = sorted(runs.keys() & baseline.keys())
-        reduction = relative_reduction(
-            [_value(runs[s], metric) for s in seeds], [_value(baseline[s], metric) for s in seeds]
-        )
+        values, baseline, groups = _paired(rows, metric, method, reference, fraction)
+        reduction = relative_reduction(values, baseline, groups=groups)
         columns |= dict(zip(("rel_reduction", "rel_low", "rel_high"), reduction))
     return columns
 

@@ -192,6 +192,25 @@ def test_summary_counts_pairs_that_share_a_pretraining_once(tmp_path):
     assert (restoration["rel_reduction"], restoration["rel_low"], restoration["rel_high"]) == (
         pytest.approx((middle, middle - half, middle + half))
     )
+    # The report tells each pretraining's own transfer apart.
+    protocol = dataclasses.replace(protocol, pretrain_seeds=2)
+    for arm in protocol.arms[1:]:
+        for k in (0, 1):
+            write_json(tmp_path / "pretrain" / arm.name / f"seed_{k}" / "metrics.json",
+                       {"steps": 5, "final_loss": 0.1, "summary": "learned."})  # fmt: skip
+    table = summarize(rows, methods=methods, fractions=protocol.fractions, metric=protocol.metric)
+    text = write_report(tmp_path / "r.md", protocol, rows, table, tmp_path / "p.png").read_text()
+    assert "its fine-tunes against random (mean paired difference) |" in text
+    link = "(pretrain/context_restoration/seed_{}/report.md)"
+    assert (
+        f"{link.format(0)} | 0 | 5 | 0.1 | learned. | 0.1: -2.2 (2 runs); 1.0: +2 (2 runs) |"
+        in text
+    )
+    assert (
+        f"{link.format(1)} | 1 | 5 | 0.1 | learned. | 0.1: -1.6 (1 run); 1.0: +2.1 (1 run) |"
+        in text
+    )
+    assert "the paired intervals are over the 2 pretrainings" in text
 
 
 def test_report_of_a_higher_is_better_metric_has_no_reduction_column(tmp_path):
@@ -408,6 +427,7 @@ def test_each_seed_fine_tunes_from_its_own_pretraining_with_pretrain_seeds(tmp_p
     assert "pretrained 2 times and fine-tuning seed s started from pretraining s mod 2" in report
     assert "the paired intervals are over the 2 pretrainings" in report
     assert "](pretrain/context_restoration/seed_1/report.md) | 1 |" in report
+    assert "| 1.0: " in report and "(2 runs) |" in report and "(1 run) |" in report
     # The pairing of finished runs depends on it: another count in the same OUT is refused.
     with pytest.raises(CtxRestoreError, match=r"pretrain_seeds: 2 -> 3"):
         api.benchmark(out=tmp_path / "out", **{**options, "pretrain_seeds": 3})

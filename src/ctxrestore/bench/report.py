@@ -193,17 +193,48 @@ def _rank_among_pretrained(
             "initialisation at every fraction.")  # fmt: skip
 
 
-def pretraining_lines(protocol: Protocol) -> list[str]:
-    lines = ["| initialisation | seed | steps | final loss | what the pretext's held-out metrics "
-             "show |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+def _transfer_of(
+    protocol: Protocol, rows: Sequence[dict], arm_name: str, pretrain_seed: int, reference: str
+) -> str:
+    """The mean paired difference from `reference` of the runs that started from one
+    pretraining, per fraction: which pretraining transferred well, which did not."""
+    own = [row for row in rows if row["method"] != arm_name
+           or str(row.get("pretrain_seed")) == str(pretrain_seed)]  # fmt: skip
+    parts = []
+    for fraction in protocol.fractions:
+        difference = compare(own, protocol.metric, arm_name, reference, fraction)
+        if difference.n:
+            runs = "run" if difference.n == 1 else "runs"
+            parts.append(f"{fraction}: {number(difference.mean, signed=True)} "
+                         f"({difference.n} {runs})")  # fmt: skip
+    return "; ".join(parts) or "no paired run yet"
+
+
+def pretraining_lines(
+    protocol: Protocol, rows: Sequence[dict] = (), reference: str | None = None
+) -> list[str]:
+    """The pretraining runs; with several per initialisation, each one's transfer (its
+    fine-tunes against `reference`): restoring as well does not mean transferring as well."""
+    transfer = protocol.pretrain_seeds > 1 and reference is not None
+    header = (
+        "| initialisation | seed | steps | final loss | what the pretext's held-out metrics show |"
+    )
+    rule = "| --- | --- | --- | --- | --- |"
+    if transfer:
+        header += f" its fine-tunes against {reference} (mean paired difference) |"
+        rule += " --- |"
+    lines = [header, rule]
     for arm, seed in pretrainings(protocol):
         folder = protocol.pretrain_folder(arm, seed)
         metrics = read_json(folder / METRICS_FILE)
         link = folder.relative_to(protocol.out).as_posix()
-        lines.append(
+        line = (
             f"| [{arm.title}]({link}/report.md) | {seed} | {metrics.get('steps')} | "
             f"{number(metrics.get('final_loss'))} | {metrics.get('summary', '')} |"
         )
+        if transfer:
+            line += f" {_transfer_of(protocol, rows, arm.name, seed, reference)} |"
+        lines.append(line)
     return lines
 
 
@@ -295,7 +326,7 @@ def write_report(
         "",
         "## Pretraining",
         "",
-        *pretraining_lines(protocol),
+        *pretraining_lines(protocol, rows, reference),
         "",
         "## Settings",
         "",

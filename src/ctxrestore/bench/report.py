@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ctxrestore.bench.protocol import Protocol, pretrainings
 from ctxrestore.bench.stats import PairedDifference, higher_is_better
-from ctxrestore.bench.summary import compare, interval, markdown_table, number
+from ctxrestore.bench.summary import compare, interval, markdown_table, number, pretraining_of
 from ctxrestore.data.splits import parse_fraction
 from ctxrestore.engine.run_folder import METRICS_FILE
 from ctxrestore.files import atomic_write, read_json
@@ -199,7 +199,7 @@ def _transfer_of(
     """The mean paired difference from `reference` of the runs that started from one
     pretraining, per fraction: which pretraining transferred well, which did not."""
     own = [row for row in rows if row["method"] != arm_name
-           or str(row.get("pretrain_seed")) == str(pretrain_seed)]  # fmt: skip
+           or pretraining_of(row) == str(pretrain_seed)]  # fmt: skip
     parts = []
     for fraction in protocol.fractions:
         difference = compare(own, protocol.metric, arm_name, reference, fraction)

@@ -47,7 +47,7 @@ def _by_seed(rows: Sequence[dict], method: str, fraction: str) -> dict[int, dict
     }
 
 
-def _pretraining(row: dict) -> str:
+def pretraining_of(row: dict) -> str:
     """Which pretraining run a run started from ("" for random weights, or a results file
     from before the column existed)."""
     value = row.get("pretrain_seed")
@@ -64,7 +64,7 @@ def _paired(
     return (
         [_value(runs[s], metric) for s in seeds],
         [_value(baseline[s], metric) for s in seeds],
-        [(_pretraining(runs[s]), _pretraining(baseline[s])) for s in seeds],
+        [(pretraining_of(runs[s]), pretraining_of(baseline[s])) for s in seeds],
     )
 
 
@@ -89,12 +89,12 @@ def _differences(
         columns |= dict.fromkeys(("rel_reduction", "rel_low", "rel_high"))
     if reference is None or method == reference or not _by_seed(rows, reference, fraction):
         return columns
-    difference = compare(rows, metric, method, reference, fraction)
+    values, baseline, groups = _paired(rows, metric, method, reference, fraction)
+    difference = paired_difference(values, baseline, higher_is_better=not lower, groups=groups)
     columns |= {"diff_mean": difference.mean, "diff_low": difference.low,
                 "diff_high": difference.high, "wins": difference.wins,
                 "pairs": difference.n}  # fmt: skip
     if lower:
-        values, baseline, groups = _paired(rows, metric, method, reference, fraction)
         reduction = relative_reduction(values, baseline, groups=groups)
         columns |= dict(zip(("rel_reduction", "rel_low", "rel_high"), reduction))
     return columns

@@ -467,15 +467,16 @@ def test_frozen_feature_evaluation_freezes_every_encoder_random_included(tmp_pat
     assert "Frozen-feature evaluation" in result.report.read_text()
 
 
-def test_transfer_stages_reach_the_pretrained_runs_only(tmp_path):
+def test_transfer_stages_and_head_only_steps_reach_the_pretrained_runs_only(tmp_path):
     api.benchmark(out=tmp_path / "out", **{**TINY, "fractions": "1.0", "seeds": 1,
-                                           "transfer_stages": 1})  # fmt: skip
+                                           "transfer_stages": 1, "head_only_steps": 1})  # fmt: skip
     runs = tmp_path / "out" / "runs"
     pretrained = json.loads(
         (runs / "context_restoration/fraction_1.0/seed_0/config.json").read_text()
     )
     random = json.loads((runs / "random/fraction_1.0/seed_0/config.json").read_text())
     assert (pretrained["transfer_stages"], random["transfer_stages"]) == (1, None)
+    assert (pretrained["head_only_steps"], random["head_only_steps"]) == (1, 0)
     metrics = json.loads(
         (runs / "context_restoration/fraction_1.0/seed_0/metrics.json").read_text()
     )
@@ -495,6 +496,9 @@ def test_transfer_stages_reach_the_pretrained_runs_only(tmp_path):
         ({"pretrain_seeds": 3}, r"pretrain_seeds 3 is more than the 2 fine-tuning seeds"),
         ({"pretrain_seeds": 0}, r"pretrain_seeds must be >= 1, got 0"),
         ({"freeze_encoder": True, "transfer_stages": 1}, "choose one"),
+        ({"freeze_encoder": True, "head_only_steps": 1}, "never trains; choose one"),
+        ({"head_only_steps": 2}, "head_only_steps 2 is not shorter than max_steps 2"),
+        ({"head_only_steps": -1}, "head_only_steps must be >= 0, got -1"),
     ],
 )
 def test_benchmark_checks_options_before_training(tmp_path, change, message):

@@ -1,5 +1,7 @@
 """Engine pieces: atomic files, safe checkpoint loading, the resumable sharded sampler."""
 
+import math
+
 import pytest
 import torch
 
@@ -177,3 +179,36 @@ def test_validation_state_survives_resume(tmp_path):
     # A finished (early-stopped) run resumes to nothing.
     again, _ = _fit_with_validation(tmp_path, [], max_steps=20, patience=2, resume=True)
     assert again.steps == 8 and again.stopped_early
+
+
+def test_delayed_layers_hold_their_values_then_warm_up_and_decay(tmp_path):
+    """LP-FT: a delayed prefix keeps its exact values for `delay` steps while the rest
+    trains, then gets the warm-up and cosine decay fitted into the steps left."""
+    from ctxrestore.engine.distributed import DistributedContext
+    from ctxrestore.engine.loop import _schedule, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+    seen = []  # the weights each step starts from
+
+    class Task(_RegressTask):
+        def training_loss(self, wrapped, batch, generator):
+            seen.append([layer.weight.detach().clone() for layer in model])
+            return super().training_loss(wrapped, batch, generator)
+
+    config = LoopConfig(max_steps=7, batch_size=4, warmup_steps=2, log_every=1)
+    context = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    fit(model=model, dataset=_Points(), task=Task(), config=config, context=context,
+        run_dir=tmp_path, spec={"format": 1}, delays={"0.": 3})  # fmt: skip
+    first = [step[0] for step in seen]
+    assert all(torch.equal(first[0], weights) for weights in first[:4])  # steps 0-2 held
+    assert not torch.equal(first[3], first[4])  # step 3 trains it
+    assert not torch.equal(seen[0][1], seen[1][1])  # the other layer trains from step 0
+    held, free = _schedule(config, 3), _schedule(config)
+    assert [held(s) for s in range(4)] == [0.0, 0.0, 0.0, 0.5]
+    # warm-up over 2 steps from step 3, then a cosine over the 2 steps left (the free
+    # layers' cosine spans 5)
+    assert held(4) == held(5) == free(1) == free(2) == 1.0
+    assert held(6) == pytest.approx(0.5)
+    assert free(4) == pytest.approx(0.5 * (1 + math.cos(0.4 * math.pi)))
+    assert held(7) == free(7) == pytest.approx(0.0)

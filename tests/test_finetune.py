@@ -227,6 +227,33 @@ def test_transfer_stages_copies_only_the_first_encoder_stages(tmp_path, pretrain
     assert result.transfer["prefixes"] == ["encoder.stages.0.", "encoder.stages.1."]
 
 
+def test_head_only_steps_hold_exactly_the_pretrained_layers(tmp_path, pretrained, monkeypatch):
+    import ctxrestore.tasks.training as training
+
+    calls = []
+
+    def recording_fit(**kwargs):
+        calls.append(kwargs["delays"])
+        return fit(**kwargs)
+
+    fit = training.fit
+    monkeypatch.setattr(training, "fit", recording_fit)
+    options = dict(init=str(pretrained["classify"]), head_only_steps=3, **TINY_FINETUNE)
+    result = ctxrestore.finetune("classify", out=tmp_path / "run", **options)
+    assert result.transfer["prefixes"] and calls == [dict.fromkeys(result.transfer["prefixes"], 3)]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["head_only_steps"] == 3
+    assert "| head_only_steps | 3 |" in (tmp_path / "run" / "report.md").read_text()
+    for extra, message in [
+        (["--head-only-steps", "6"], "--head-only-steps 6 is not shorter than the 6-step"),
+        (["--head-only-steps", "2", "--freeze-encoder"], "never trains; choose one"),
+        (["--head-only-steps", "2", "--init", "random"], "needs pretrained weights"),
+    ]:
+        result = runner.invoke(app, ["finetune", "classify", "--out", str(tmp_path / "x"),
+                                     "--init", str(pretrained["classify"]), *extra,
+                                     *_cli_options(TINY_FINETUNE)])  # fmt: skip
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
 def test_volumes_are_split_by_case_and_predicted_back(tmp_path):
     """A 2D segmentation on 3D volumes: slices of one volume stay on one side of the split."""
     data = tmp_path / "brain3d"

@@ -245,6 +245,13 @@ def finetune(
             "start random); default: all that fit."
         ),
     ] = None,
+    head_only_steps: Annotated[
+        int,
+        typer.Option(
+            help="Hold the pretrained layers for the first N steps while the new head learns, "
+            "then warm them up and train everything (LP-FT); 0: all layers from the start."
+        ),
+    ] = 0,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up, then cosine decay.")] = 20,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
     patience: Annotated[
@@ -374,6 +381,13 @@ _BenchTransferStages = Annotated[
         help="Transfer only the first N encoder stages of each pretraining; default: all."
     ),
 ]
+_BenchHeadOnly = Annotated[
+    int,
+    typer.Option(
+        help="Pretrained initialisations hold their pretrained layers for the first N "
+        "fine-tuning steps while the new head learns (LP-FT); random weights train at once."
+    ),
+]
 _BenchFreeze = Annotated[
     bool,
     typer.Option(
@@ -440,6 +454,7 @@ def benchmark(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     transfer_stages: _BenchTransferStages = None,
+    head_only_steps: _BenchHeadOnly = 0,
     freeze_encoder: _BenchFreeze = False,
     patience: _BenchPatience = 0,
     modality: _Modality = None,
@@ -521,6 +536,7 @@ def ablate(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     transfer_stages: _BenchTransferStages = None,
+    head_only_steps: _BenchHeadOnly = 0,
     freeze_encoder: _BenchFreeze = False,
     patience: _BenchPatience = 0,
     modality: _Modality = None,

@@ -93,6 +93,7 @@ class BenchmarkOptions(FileOptions):
     learning_rate: float = 1e-3
     pretrained_lr_scale: float = 1.0
     transfer_stages: int | None = None
+    head_only_steps: int = 0  # LP-FT for pretrained arms; random weights train at once
     freeze_encoder: bool = False  # frozen-feature evaluation, random weights included
     patience: int = 0  # every arm trains its whole schedule (docs/experiments.md 16)
     device: str = "auto"
@@ -119,6 +120,18 @@ class BenchmarkOptions(FileOptions):
         if self.freeze_encoder and self.transfer_stages is not None:
             raise CtxRestoreError(
                 "freeze_encoder and transfer_stages together would freeze random stages; choose one"
+            )
+        if self.head_only_steps < 0:
+            raise CtxRestoreError(f"head_only_steps must be >= 0, got {self.head_only_steps}")
+        if self.max_steps is not None and self.head_only_steps >= self.max_steps:
+            raise CtxRestoreError(
+                f"head_only_steps {self.head_only_steps} is not shorter than max_steps "
+                f"{self.max_steps}: the pretrained layers would never train"
+            )
+        if self.freeze_encoder and self.head_only_steps:
+            raise CtxRestoreError(
+                "freeze_encoder and head_only_steps together: a frozen encoder never trains; "
+                "choose one"
             )
         parse_fractions(self.fractions)
         if self.image_size is None:  # the task's own default (finetune's)
@@ -288,6 +301,7 @@ def build_protocol(
         "max_steps": options.max_steps, "learning_rate": options.learning_rate,
         "pretrained_lr_scale": options.pretrained_lr_scale,
         "transfer_stages": options.transfer_stages, "freeze_encoder": options.freeze_encoder,
+        "head_only_steps": options.head_only_steps,
         "patience": options.patience,
         "device": options.device, "precision": options.precision, **files,
     }  # fmt: skip

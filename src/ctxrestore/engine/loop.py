@@ -185,27 +185,35 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _schedule(config: LoopConfig):
-    """Linear warm-up, then cosine decay to zero at max_steps."""
+def _schedule(config: LoopConfig, delay: int = 0):
+    """Linear warm-up, then cosine decay to zero at max_steps. With a `delay` the factor is 0
+    for that many steps and the same warm-up and decay then fit into the steps left."""
 
     def factor(step: int) -> float:
+        step -= delay
+        if step < 0:
+            return 0.0
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
-        span = max(1, config.max_steps - config.warmup_steps)
+        span = max(1, config.max_steps - delay - config.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
 
     return factor
 
 
-def _parameter_groups(model: nn.Module, config: LoopConfig, lr_scales: dict[str, float]):
-    """AdamW groups by (learning-rate scale, weight decay): no decay on norms and biases."""
-    groups: dict[tuple[float, bool], list] = {}
+def _parameter_groups(
+    model: nn.Module, config: LoopConfig, lr_scales: dict[str, float], delays: dict[str, int]
+):
+    """AdamW groups by (learning-rate scale, delay, weight decay): no decay on norms and
+    biases. Each group carries its `delay` (steps at learning rate 0) for the schedule."""
+    groups: dict[tuple[float, int, bool], list] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         scale = next((v for k, v in lr_scales.items() if name.startswith(k)), 1.0)
+        delay = next((v for k, v in delays.items() if name.startswith(k)), 0)
         decays = not (parameter.dim() <= 1 or name.endswith(".bias"))
-        groups.setdefault((scale, decays), []).append(parameter)
+        groups.setdefault((scale, delay, decays), []).append(parameter)
     if not groups:
         raise CtxRestoreError("no parameter is trainable (all are frozen)")
     return [
@@ -213,9 +221,10 @@ def _parameter_groups(model: nn.Module, config: LoopConfig, lr_scales: dict[str,
             "params": parameters,
             "lr": config.learning_rate * scale,
             "weight_decay": config.weight_decay if decays else 0.0,
+            "delay": delay,
         }
-        for (scale, decays), parameters in sorted(
-            groups.items(), key=lambda g: (-g[0][0], not g[0][1])
+        for (scale, delay, decays), parameters in sorted(
+            groups.items(), key=lambda g: (-g[0][0], g[0][1], not g[0][2])
         )
     ]
 
@@ -273,14 +282,17 @@ def fit(
     resume: bool = False,
     validation: Validation | None = None,
     lr_scales: dict[str, float] | None = None,
+    delays: dict[str, int] | None = None,
 ) -> FitResult:
     """Train `model` for config.max_steps steps, writing checkpoints into `run_dir`.
 
     The folder gets model.safetensors + spec.json (the checkpoint), training_state.pt (for
     resume), log.csv, and previews/; with `validation` also validation.csv and best/.
     `resume=True` continues from training_state.pt. `lr_scales` maps weight-name prefixes to
-    learning-rate multipliers (e.g. a lower rate for pretrained layers); parameters with
-    requires_grad off (a frozen encoder) are left out of the optimizer.
+    learning-rate multipliers (e.g. a lower rate for pretrained layers); `delays` maps prefixes
+    to a number of first steps at learning rate 0 (pretrained layers held while a new head
+    learns, then warmed up: LP-FT); parameters with requires_grad off (a frozen encoder) are
+    left out of the optimizer.
     """
     run_dir = Path(run_dir)
     device = context.device
@@ -290,9 +302,11 @@ def fit(
         model.to(memory_format=torch.channels_last)
 
     optimizer = torch.optim.AdamW(
-        _parameter_groups(model, config, lr_scales or {}), lr=config.learning_rate
+        _parameter_groups(model, config, lr_scales or {}, delays or {}), lr=config.learning_rate
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [_schedule(config, group["delay"]) for group in optimizer.param_groups]
+    )
 
     start_step = 0
     state = None

@@ -94,6 +94,7 @@ class FinetuneConfig(FileOptions):
     pretrained_lr_scale: float = 1.0
     freeze_encoder: bool = False
     transfer_stages: int | None = None
+    head_only_steps: int = 0
     warmup_steps: int = 20
     weight_decay: float = 1e-4
     patience: int = 10
@@ -133,6 +134,19 @@ class FinetuneConfig(FileOptions):
             raise CtxRestoreError(
                 f"--init {self.init}: no such folder; give a pretraining run folder or 'random'"
             )
+        if self.head_only_steps:
+            if self.head_only_steps < 0:
+                raise CtxRestoreError(f"head_only_steps must be >= 0, got {self.head_only_steps}")
+            if self.init == "random":
+                raise CtxRestoreError(
+                    "--head-only-steps needs pretrained weights (--init DIR): with random "
+                    "weights no layer is pretrained, so none would wait for the head"
+                )
+            if self.freeze_encoder:
+                raise CtxRestoreError(
+                    "--head-only-steps and --freeze-encoder together: a frozen encoder never "
+                    "trains; choose one"
+                )
         if self.transfer_stages is not None:
             if self.init == "random":
                 raise CtxRestoreError("--transfer-stages needs pretrained weights (--init DIR)")
@@ -417,6 +431,12 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
         max_steps = validate_every * config.epochs
         if config.max_steps is not None:
             max_steps = min(max_steps, config.max_steps)
+        if config.head_only_steps >= max_steps:
+            raise CtxRestoreError(
+                f"--head-only-steps {config.head_only_steps} is not shorter than the "
+                f"{max_steps}-step schedule: the pretrained layers would never train "
+                "(use --freeze-encoder for that)"
+            )
         loop = LoopConfig(
             max_steps=max_steps,
             batch_size=batch_size,
@@ -455,6 +475,9 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             resume=config.resume and (out / WEIGHTS_FILE).exists(),
             validation=validation,
             lr_scales=dict.fromkeys(transfer.prefixes, config.pretrained_lr_scale),
+            # LP-FT (Kumar et al. 2022): the new head first learns on fixed pretrained
+            # features, so its first random gradients do not rewrite them
+            delays=dict.fromkeys(transfer.prefixes, config.head_only_steps),
         )
         metrics: dict[str, float] = {}
         if context.is_main:

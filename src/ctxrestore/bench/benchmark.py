@@ -32,7 +32,7 @@ from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import get_phantom
 from ctxrestore.data.splits import parse_fraction
 from ctxrestore.engine.distributed import resolve_device
-from ctxrestore.engine.run_folder import check_patience
+from ctxrestore.engine.run_folder import check_head_only_steps, check_patience
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import PRETRAINING_NETWORKS
 from ctxrestore.pretext import create_pretext, list_pretexts
@@ -121,17 +121,11 @@ class BenchmarkOptions(FileOptions):
             raise CtxRestoreError(
                 "freeze_encoder and transfer_stages together would freeze random stages; choose one"
             )
-        if self.head_only_steps < 0:
-            raise CtxRestoreError(f"head_only_steps must be >= 0, got {self.head_only_steps}")
+        check_head_only_steps(self.head_only_steps, self.freeze_encoder)
         if self.max_steps is not None and self.head_only_steps >= self.max_steps:
             raise CtxRestoreError(
                 f"head_only_steps {self.head_only_steps} is not shorter than max_steps "
                 f"{self.max_steps}: the pretrained layers would never train"
-            )
-        if self.freeze_encoder and self.head_only_steps:
-            raise CtxRestoreError(
-                "freeze_encoder and head_only_steps together: a frozen encoder never trains; "
-                "choose one"
             )
         parse_fractions(self.fractions)
         if self.image_size is None:  # the task's own default (finetune's)

@@ -104,3 +104,13 @@ def check_patience(patience: int) -> None:
         raise CtxRestoreError(
             f"patience must be >= 0 validations (0: never stop early), got {patience}"
         )
+
+
+def check_head_only_steps(head_only_steps: int, freeze_encoder: bool) -> None:
+    """Fine-tuning's LP-FT hold: steps >= 0, and not with an encoder that never trains."""
+    if head_only_steps < 0:
+        raise CtxRestoreError(f"head_only_steps must be >= 0, got {head_only_steps}")
+    if head_only_steps and freeze_encoder:
+        raise CtxRestoreError(
+            "head_only_steps and freeze_encoder together: a frozen encoder never trains; choose one"
+        )

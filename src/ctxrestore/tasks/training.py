@@ -29,6 +29,7 @@ from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
     CONFIG_FILE,
     METRICS_FILE,
+    check_head_only_steps,
     check_patience,
     check_run_folder,
     check_stage_options,
@@ -134,19 +135,12 @@ class FinetuneConfig(FileOptions):
             raise CtxRestoreError(
                 f"--init {self.init}: no such folder; give a pretraining run folder or 'random'"
             )
-        if self.head_only_steps:
-            if self.head_only_steps < 0:
-                raise CtxRestoreError(f"head_only_steps must be >= 0, got {self.head_only_steps}")
-            if self.init == "random":
-                raise CtxRestoreError(
-                    "--head-only-steps needs pretrained weights (--init DIR): with random "
-                    "weights no layer is pretrained, so none would wait for the head"
-                )
-            if self.freeze_encoder:
-                raise CtxRestoreError(
-                    "--head-only-steps and --freeze-encoder together: a frozen encoder never "
-                    "trains; choose one"
-                )
+        check_head_only_steps(self.head_only_steps, self.freeze_encoder)
+        if self.head_only_steps and self.init == "random":
+            raise CtxRestoreError(
+                "--head-only-steps needs pretrained weights (--init DIR): with random "
+                "weights no layer is pretrained, so none would wait for the head"
+            )
         if self.transfer_stages is not None:
             if self.init == "random":
                 raise CtxRestoreError("--transfer-stages needs pretrained weights (--init DIR)")

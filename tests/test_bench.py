@@ -15,7 +15,12 @@ from typer.testing import CliRunner
 
 import ctxrestore.api as api
 from ctxrestore.bench import mean_ci, paired_difference, relative_reduction
-from ctxrestore.bench.benchmark import parse_methods
+from ctxrestore.bench.benchmark import (
+    METHOD_OPTIONS,
+    BenchmarkOptions,
+    build_protocol,
+    parse_methods,
+)
 from ctxrestore.bench.protocol import Arm, Protocol
 from ctxrestore.bench.report import write_report
 from ctxrestore.bench.stats import higher_is_better
@@ -24,6 +29,7 @@ from ctxrestore.cli import app
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import write_json
 from ctxrestore.models import build_model
+from ctxrestore.pretext import list_pretexts
 
 runner = CliRunner()
 TINY = dict(task="classify", methods="random,context_restoration", fractions="0.35,1.0", seeds=2,
@@ -484,9 +490,23 @@ def test_transfer_stages_and_head_only_steps_reach_the_pretrained_runs_only(tmp_
     assert json.loads((tmp_path / "out" / "benchmark.json").read_text())["transfer_stages"] == 1
 
 
+def test_the_restoration_loss_reaches_the_restoration_pretexts_only(tmp_path):
+    settings = {key: value for key, value in TINY.items() if key != "methods"}
+    options = BenchmarkOptions(**{**settings, "image_size": 64,
+                                  "restoration_loss": "l1_gradient"}, out=tmp_path)  # fmt: skip
+    arms = tuple(Arm(m, {"method": m, **METHOD_OPTIONS.get(m, {})}) for m in list_pretexts())
+    protocol = build_protocol(options, "benchmark", arms, {})
+    losses = {arm.name: protocol.pretrain_config(arm).restoration_loss for arm in arms}
+    assert losses == {"context_restoration": "l1_gradient", "autoencoder": "l1_gradient",
+                      "models_genesis": "l1_gradient", "context_encoder": "mse",
+                      "relative_position": "mse"}  # fmt: skip
+    assert protocol.settings["restoration_loss"] == "l1_gradient"
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
+        ({"restoration_loss": "huber"}, "unknown restoration loss 'huber'"),
         ({"methods": "random,nope"}, "unknown method.*nope.*context_restoration"),
         ({"fractions": "0.1,10%"}, "same fraction twice"),
         ({"fractions": "0.1,2.5"}, "label fraction '2.5' is not valid"),

@@ -13,6 +13,7 @@ from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import build_model, model_spec
 from ctxrestore.pretext import create_pretext, list_pretexts
 from ctxrestore.pretext.registry import get_pretext_factory
+from ctxrestore.pretext.restoration import RESTORATION_LOSSES, gradient_difference
 
 SHARED_OPTIONS = {"num_swaps": 5, "patch_size": 4}  # small enough for 16^3 volumes
 IDENTITY_INPUT = {"autoencoder"}  # the one restoration pretext that corrupts nothing
@@ -75,3 +76,50 @@ def test_unknown_pretext_and_options_are_named():
         create_pretext("jigsaw")
     with pytest.raises(CtxRestoreError, match=r"does not accept 'mask_ratio'"):
         create_pretext("context_restoration", mask_ratio=0.5)
+
+
+# ------------------------------------------------------------------- restoration losses
+RESTORING = [n for n in list_pretexts() if "restoration_loss" in inspect.signature(
+    get_pretext_factory(n)).parameters]  # fmt: skip
+
+
+def test_restoration_losses_against_hand_values():
+    # A step edge, restored blurred (a) or sharp with an offset beside it (b): equal MSE and
+    # equal L1, but the blurred edge has smaller neighbour differences than the target's.
+    target = torch.tensor([0.0, 0.0, 1.0, 1.0]).view(1, 1, 1, 4)
+    blurred = torch.tensor([0.0, 0.25, 0.75, 1.0]).view(1, 1, 1, 4)
+    sharp = torch.tensor([0.25, 0.25, 1.0, 1.0]).view(1, 1, 1, 4)
+    for output in (blurred, sharp):
+        assert float(RESTORATION_LOSSES["mse"](output, target)) == pytest.approx(0.03125)
+        assert float(RESTORATION_LOSSES["l1"](output, target)) == pytest.approx(0.125)
+    # Differences along the width: target (0, 1, 0), blurred (.25, .5, .25), sharp (0, .75, 0);
+    # the height of 1 pixel has none and does not count.
+    assert float(gradient_difference(blurred, target)) == pytest.approx(1 / 3)
+    assert float(gradient_difference(sharp, target)) == pytest.approx(0.25 / 3)
+    assert float(RESTORATION_LOSSES["l1_gradient"](blurred, target)) == pytest.approx(0.125 + 1 / 3)
+    assert float(RESTORATION_LOSSES["l1_gradient"](sharp, target)) == pytest.approx(
+        0.125 + 0.25 / 3
+    )
+    # An intensity offset keeps every edge: no gradient difference, but an L1 error.
+    assert float(gradient_difference(target + 0.5, target)) == 0
+
+
+@pytest.mark.parametrize("name", RESTORING)
+def test_restoration_pretexts_train_with_the_chosen_loss(name):
+    images = torch.rand(2, 1, 32, 32)
+    outputs = torch.rand(2, 1, 32, 32, requires_grad=True)
+    values = set()
+    for loss in RESTORATION_LOSSES:
+        pretext = create_pretext(name, restoration_loss=loss)
+        assert pretext.params()["restoration_loss"] == loss
+        value = pretext.loss(outputs, images)
+        assert torch.equal(value, RESTORATION_LOSSES[loss](outputs, images))
+        assert pretext.loss(images, images) == 0
+        value.backward()
+        values.add(value.item())
+    assert len(values) == len(RESTORATION_LOSSES)  # the option is not ignored
+    # Held-out metrics stay MSE whatever the loss, so runs with different losses compare.
+    metrics = create_pretext(name, restoration_loss="l1").evaluate(images, images, outputs)
+    assert metrics["restoration_mse"] == pytest.approx(float(((outputs - images) ** 2).mean()))
+    with pytest.raises(CtxRestoreError, match=r"unknown restoration loss 'huber'; losses: mse"):
+        create_pretext(name, restoration_loss="huber")

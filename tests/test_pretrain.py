@@ -53,12 +53,23 @@ def test_pretrain_writes_a_checkpoint_that_loads(
             "num_swaps": 5,
             "patch_size": tiny_pretrain["patch_size"],
             "foreground_threshold": None,
+            "restoration_loss": "mse",
         },
     }
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, weights[name])
     size = tiny_pretrain["image_size"]
     assert model(torch.rand(1, channels, *(size,) * spatial_dims)).shape[1] == channels
+
+
+def test_the_restoration_loss_reaches_training_the_spec_and_the_report(tmp_path, tiny_pretrain):
+    for loss in ("mse", "l1"):
+        ctxrestore.pretrain(out=tmp_path / loss, restoration_loss=loss, **tiny_pretrain)
+        assert load_checkpoint(tmp_path / loss)[1]["pretext"]["params"]["restoration_loss"] == loss
+        assert f"| restoration_loss | {loss} |" in (tmp_path / loss / "report.md").read_text()
+    # Same seed, same first batch: errors below 1 cost less squared than absolute.
+    first = {loss: read_log(tmp_path / loss)[0]["loss"] for loss in ("mse", "l1")}
+    assert 0 < first["mse"] < first["l1"]
 
 
 def test_interrupted_run_resumes_exactly(tmp_path, tiny_pretrain, monkeypatch):
@@ -143,6 +154,11 @@ def test_pretrain_on_a_folder_of_png_and_npy(tmp_path, tiny_pretrain):
         (dict(network="resnet"), "unknown network 'resnet'"),
         (dict(batch_size=64), "fewer than batch_size 64"),
         (dict(spatial_dims=4), "spatial_dims must be 2 or 3"),
+        (dict(restoration_loss="huber"), "unknown restoration loss 'huber'"),
+        (
+            dict(method="relative_position", restoration_loss="l1"),
+            "restoration_loss 'l1' is for the restoration pretexts .*; relative_position has its",
+        ),
     ],
 )
 def test_bad_options_fail_before_training(tmp_path, tiny_pretrain, change, message):

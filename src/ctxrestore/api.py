@@ -19,6 +19,7 @@ from ctxrestore.data.phantoms.gallery import phantom_gallery
 from ctxrestore.files import atomic_write
 from ctxrestore.models import PRETRAINING_NETWORKS
 from ctxrestore.pretext import list_pretexts
+from ctxrestore.pretext.restoration import RESTORATION_LOSSES
 from ctxrestore.pretext.training import PretrainConfig, PretrainResult, run_pretraining
 from ctxrestore.pretext.training import load_pretrained as _load_pretrained
 from ctxrestore.tasks.predict import PredictResult, run_prediction
@@ -30,6 +31,15 @@ Network = Enum("Network", {name: name for name in PRETRAINING_NETWORKS}, type=st
 Phantom = Enum("Phantom", {name: name for name in list_phantoms()}, type=str)
 Method = Enum("Method", {name: name for name in list_pretexts()}, type=str)
 Task = Enum("Task", {name: name for name in TASK_NAMES}, type=str)
+RestorationLoss = Enum("RestorationLoss", {name: name for name in RESTORATION_LOSSES}, type=str)
+_RestorationLoss = Annotated[
+    RestorationLoss,
+    typer.Option(
+        help="Loss of the restoration pretexts (context_restoration, autoencoder, "
+        "models_genesis) against the clean image: mse (the paper's), l1, or l1_gradient (L1 "
+        "plus a gradient difference term that charges for blurred edges)."
+    ),
+]
 
 
 class Device(str, Enum):
@@ -133,6 +143,7 @@ def pretrain(
         float | None,
         typer.Option(help="Avoid swapping patches whose values all lie at or below this."),
     ] = None,
+    restoration_loss: _RestorationLoss = "mse",
     batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 32,
     epochs: Annotated[int, typer.Option(help="Passes over the data (unless --max-steps).")] = 10,
     max_steps: Annotated[
@@ -448,6 +459,7 @@ def benchmark(
     foreground_threshold: Annotated[
         float | None, typer.Option(help="Avoid patches whose values all lie at or below this.")
     ] = None,
+    restoration_loss: _RestorationLoss = "mse",
     batch_size: _BenchBatch = 16,
     epochs: _BenchEpochs = 60,
     max_steps: _BenchMaxSteps = None,
@@ -530,6 +542,7 @@ def ablate(
     pretrain_batch_size: _PretrainBatch = 32,
     pretrain_learning_rate: _PretrainRate = 1e-3,
     pretrain_seeds: _PretrainSeeds = 1,
+    restoration_loss: _RestorationLoss = "mse",
     batch_size: _BenchBatch = 16,
     epochs: _BenchEpochs = 60,
     max_steps: _BenchMaxSteps = None,

@@ -36,6 +36,7 @@ from ctxrestore.engine.run_folder import check_head_only_steps, check_patience
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import PRETRAINING_NETWORKS
 from ctxrestore.pretext import create_pretext, list_pretexts
+from ctxrestore.pretext.restoration import check_restoration_loss
 from ctxrestore.pretext.training import PretrainConfig, pretext_options
 from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS
 from ctxrestore.tasks.training import DEFAULT_IMAGE_SIZES, TASK_NAMES
@@ -85,6 +86,7 @@ class BenchmarkOptions(FileOptions):
     patch_size: int = 8
     num_swaps: int = 20
     foreground_threshold: float | None = None
+    restoration_loss: str = "mse"  # for the restoration pretexts; the others keep their own
     batch_size: int = 16
     # 60 epochs of at least 20 steps: random weights at 5% labels need ~1,200 steps to converge
     # (30 left them 9 Dice points short, a gap pretraining filled; docs/experiments.md 17-18)
@@ -117,6 +119,7 @@ class BenchmarkOptions(FileOptions):
             if getattr(self, name) < 1:
                 raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_patience(self.patience)  # before any pretraining runs
+        check_restoration_loss(self.restoration_loss)
         if self.freeze_encoder and self.transfer_stages is not None:
             raise CtxRestoreError(
                 "freeze_encoder and transfer_stages together would freeze random stages; choose one"
@@ -285,6 +288,7 @@ def build_protocol(
         "num_images": options.pretrain_images, "network": network, "width": options.width,
         "image_size": options.image_size, "patch_size": options.patch_size,
         "num_swaps": options.num_swaps, "foreground_threshold": options.foreground_threshold,
+        "restoration_loss": options.restoration_loss,
         "batch_size": options.pretrain_batch_size, "max_steps": options.pretrain_steps,
         "learning_rate": options.pretrain_learning_rate, "seed": 0, "device": options.device,
         "precision": options.precision, **files,

@@ -13,7 +13,8 @@ import torch
 
 from ctxrestore.pretext.registry import register_pretext
 from ctxrestore.pretext.restoration import (
-    restoration_loss,
+    RESTORATION_LOSSES,
+    check_restoration_loss,
     restoration_metrics,
     restoration_summary,
 )
@@ -22,9 +23,14 @@ from ctxrestore.pretext.restoration import (
 @register_pretext("autoencoder")
 @dataclass(frozen=True)
 class AutoencoderPretext:
-    """No options: there is nothing to corrupt."""
+    """Nothing to corrupt; restoration_loss: as context restoration's, so that the control
+    differs from it only in the corruption."""
 
+    restoration_loss: str = "mse"
     name: str = field(default="autoencoder", init=False)
+
+    def __post_init__(self) -> None:
+        check_restoration_loss(self.restoration_loss)
 
     def network_spec(self, base: dict) -> dict:
         return base
@@ -36,7 +42,7 @@ class AutoencoderPretext:
         return images, images
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return restoration_loss(outputs, targets)
+        return RESTORATION_LOSSES[self.restoration_loss](outputs, targets)
 
     def evaluate(self, inputs, targets, outputs) -> dict[str, float]:
         """restoration_mse of the reconstruction; identity_mse is 0 (input == target)."""

@@ -1,7 +1,8 @@
 """Context restoration (Chen et al., MedIA 2019): restore images whose patch pairs were swapped.
 
-The network sees the corrupted image and is trained with an L2 loss to output the ORIGINAL
-image (using the corrupted one as the target is a known bug of public reimplementations).
+The network sees the corrupted image and is trained with an L2 loss (the default; see
+RESTORATION_LOSSES) to output the ORIGINAL image (using the corrupted one as the target is a
+known bug of public reimplementations).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from ctxrestore.corruption import context_restoration
 from ctxrestore.corruption.sampling import normalize_num_swaps
 from ctxrestore.pretext.registry import register_pretext
 from ctxrestore.pretext.restoration import (
-    restoration_loss,
+    RESTORATION_LOSSES,
+    check_restoration_loss,
     restoration_metrics,
     restoration_summary,
 )
@@ -25,15 +27,18 @@ from ctxrestore.pretext.restoration import (
 @dataclass(frozen=True)
 class ContextRestorationPretext:
     """num_swaps: T (or a (min, max) range per image); patch_size: int or one per axis;
-    foreground_threshold: avoid swapping pure-background patches (None: anywhere)."""
+    foreground_threshold: avoid swapping pure-background patches (None: anywhere);
+    restoration_loss: a name in RESTORATION_LOSSES (the paper's is mse)."""
 
     num_swaps: int | Sequence[int] = 20
     patch_size: int | Sequence[int] = 16
     foreground_threshold: float | None = None
+    restoration_loss: str = "mse"
     name: str = "context_restoration"
 
     def __post_init__(self) -> None:
         normalize_num_swaps(self.num_swaps)
+        check_restoration_loss(self.restoration_loss)
 
     def network_spec(self, base: dict) -> dict:
         return base
@@ -52,7 +57,7 @@ class ContextRestorationPretext:
         return corrupted, images
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return restoration_loss(outputs, targets)
+        return RESTORATION_LOSSES[self.restoration_loss](outputs, targets)
 
     def evaluate(self, inputs, targets, outputs) -> dict[str, float]:
         return restoration_metrics(inputs, targets, outputs)

@@ -24,7 +24,8 @@ from ctxrestore.corruption.genesis import (
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.pretext.registry import register_pretext
 from ctxrestore.pretext.restoration import (
-    restoration_loss,
+    RESTORATION_LOSSES,
+    check_restoration_loss,
     restoration_metrics,
     restoration_rows,
     restoration_summary,
@@ -40,7 +41,8 @@ class ModelsGenesisPretext:
     """patch_size: side of the blocks of local pixel shuffling (Genesis draws blocks of 1 to
     1/10 of the image per axis; pretrain passes its --patch-size). The rates are per-image
     probabilities; the defaults are the authors' (block_rate: the fraction of blocks shuffled;
-    invert_rate: how often the intensity curve is decreasing)."""
+    invert_rate: how often the intensity curve is decreasing); restoration_loss: a name in
+    RESTORATION_LOSSES (Genesis's is mse)."""
 
     patch_size: int | Sequence[int] = 4
     nonlinear_rate: float = NONLINEAR_RATE
@@ -49,9 +51,11 @@ class ModelsGenesisPretext:
     inpaint_rate: float = INPAINT_RATE
     invert_rate: float = INVERT_RATE
     block_rate: float = BLOCK_RATE
+    restoration_loss: str = "mse"
     name: str = field(default="models_genesis", init=False)
 
     def __post_init__(self) -> None:
+        check_restoration_loss(self.restoration_loss)
         for rate in RATES:
             value = getattr(self, rate)
             if not 0 <= value <= 1:
@@ -69,7 +73,7 @@ class ModelsGenesisPretext:
         return corrupted, images
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return restoration_loss(outputs, targets)
+        return RESTORATION_LOSSES[self.restoration_loss](outputs, targets)
 
     def evaluate(self, inputs, targets, outputs) -> dict[str, float]:
         return restoration_metrics(inputs, targets, outputs)

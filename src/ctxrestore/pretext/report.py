@@ -13,7 +13,8 @@ from ctxrestore.files import atomic_write, read_json
 
 SETTINGS = (
     "method", "network", "width", "spatial_dims", "image_size", "num_swaps", "num_swaps_max",
-    "patch_size", "foreground_threshold", "batch_size", "learning_rate", "seed",
+    "patch_size", "foreground_threshold", "restoration_loss", "batch_size", "learning_rate",
+    "seed",
 )  # fmt: skip
 
 

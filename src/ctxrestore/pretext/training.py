@@ -48,6 +48,7 @@ from ctxrestore.pretext.registry import (
     list_pretexts,
 )
 from ctxrestore.pretext.report import write_pretraining_report
+from ctxrestore.pretext.restoration import check_restoration_loss
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class PretrainConfig(FileOptions):
     num_swaps_max: int | None = None
     patch_size: int = 8
     foreground_threshold: float | None = None
+    restoration_loss: str = "mse"
     batch_size: int = 32
     epochs: int = 10
     max_steps: int | None = None
@@ -104,6 +106,13 @@ class PretrainConfig(FileOptions):
         check_stage_options(self, ("num_images", "width", "image_size", "epochs", "batch_size"))
         if self.in_channels is not None and self.in_channels < 1:
             raise CtxRestoreError(f"in_channels must be >= 1, got {self.in_channels}")
+        check_restoration_loss(self.restoration_loss)
+        if self.restoration_loss != "mse" and not takes_restoration_loss(self.method):
+            raise CtxRestoreError(
+                f"restoration_loss '{self.restoration_loss}' is for the restoration pretexts "
+                f"({', '.join(m for m in list_pretexts() if takes_restoration_loss(m))}); "
+                f"{self.method} has its own loss"
+            )
         if self.num_swaps_max is not None and self.num_swaps_max < self.num_swaps:
             raise CtxRestoreError(
                 f"num_swaps_max {self.num_swaps_max} must be >= num_swaps {self.num_swaps}"
@@ -283,12 +292,17 @@ def evaluate_pretext(
     return pretext.evaluate(inputs, targets, model(inputs).float())
 
 
+def takes_restoration_loss(method: str) -> bool:
+    return "restoration_loss" in inspect.signature(get_pretext_factory(method)).parameters
+
+
 def pretext_options(config: PretrainConfig) -> dict:
     """The shared pretrain options that the chosen pretext's factory takes."""
     offered = {
         "num_swaps": config.swaps,
         "patch_size": config.patch_size,
         "foreground_threshold": config.foreground_threshold,
+        "restoration_loss": config.restoration_loss,
     }
     accepted = inspect.signature(get_pretext_factory(config.method)).parameters
     return {key: value for key, value in offered.items() if key in accepted}

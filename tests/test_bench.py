@@ -503,6 +503,18 @@ def test_the_restoration_loss_reaches_the_restoration_pretexts_only(tmp_path):
     assert protocol.settings["restoration_loss"] == "l1_gradient"
 
 
+def test_a_pretraining_network_with_the_tasks_encoder_is_compared_with_random(tmp_path):
+    # sononet_unet pretrains the classifier's own encoder (under another decoder): random
+    # weights build the same architecture, so the comparison is allowed; a U-Net's is refused.
+    settings = {key: value for key, value in TINY.items() if key != "methods"}
+    arms = (Arm("random"), Arm("context_restoration", {"method": "context_restoration"}))
+    options = BenchmarkOptions(**{**settings, "network": "sononet_unet"}, out=tmp_path)
+    protocol = build_protocol(options, "benchmark", arms, {})
+    assert protocol.pretrain_config(arms[1]).network == "sononet_unet"
+    with pytest.raises(CtxRestoreError, match="random initialisation builds the classify"):
+        build_protocol(dataclasses.replace(options, network="unet"), "benchmark", arms, {})
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

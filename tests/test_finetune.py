@@ -92,6 +92,19 @@ def test_transfer_loads_the_pretrained_tensors(pretrained):
     assert torch.allclose(first, state["encoder.stages.0.0.conv.weight"].repeat(1, 4, 1, 1) / 4)
 
 
+def test_a_sononet_unet_pretraining_gives_the_classifier_its_whole_encoder(tmp_path):
+    ctxrestore.pretrain(out=tmp_path / "pre", network="sononet_unet", phantom="ultrasound",
+                        **TINY_PRETRAIN)  # fmt: skip
+    config = FinetuneConfig(task="classify", out="unused", init=str(tmp_path / "pre"),
+                            **TINY_FINETUNE)  # fmt: skip
+    data = load_data(config, None)
+    state, spec = load_checkpoint(tmp_path / "pre")
+    model, _, report = build_network(config, data.task, data, (state, spec))
+    encoder = [name for name in state if name.startswith("encoder.")]
+    assert encoder and all(torch.equal(model.state_dict()[n], state[n]) for n in encoder)
+    assert report.transferred == {"encoder": len(encoder)}  # the U-Net decoder stays behind
+
+
 def test_channel_adaptation_keeps_the_response_to_equal_channels():
     weight = torch.randn(8, 4, 3, 3)
     fewer, how = adapt_input_channels(weight, 1)

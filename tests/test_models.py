@@ -24,7 +24,11 @@ from ctxrestore.models.decoders import DeconvDecoder, UNetDecoder
 from ctxrestore.models.transfer import check_compatible
 
 # Smallest sensible arguments per registered model; a new model must add an entry here.
-TINY_KWARGS = {"sononet": {"width": 4}, "unet": {"channels": (4, 8, 16)}}
+TINY_KWARGS = {
+    "sononet": {"width": 4},
+    "sononet_unet": {"width": 4},
+    "unet": {"channels": (4, 8, 16)},
+}
 
 MODELS = list(PRETRAINING_NETWORKS)
 DIMS = (2, 3)
@@ -50,6 +54,18 @@ def test_every_model_has_tiny_kwargs():
         "localizer",
         "relative_position",
     }
+
+
+def test_sononet_unet_puts_sononets_encoder_under_a_unet_decoder():
+    def shapes(model, part):
+        return {n: t.shape for n, t in model.state_dict().items() if n.startswith(part)}
+
+    ours, sononet = create_model("sononet_unet", width=4), create_model("sononet", width=4)
+    assert shapes(sononet, "encoder.") and shapes(ours, "encoder.") == shapes(sononet, "encoder.")
+    assert (
+        model_spec("sononet_unet", width=4)["encoder"] == model_spec("sononet", width=4)["encoder"]
+    )
+    assert isinstance(ours.decoder, UNetDecoder) and isinstance(sononet.decoder, DeconvDecoder)
 
 
 @pytest.mark.parametrize("name", MODELS)

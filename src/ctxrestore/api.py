@@ -122,7 +122,12 @@ def pretrain(
         Method, typer.Option(help="Pretext task (context_restoration is the paper's method).")
     ] = "context_restoration",
     network: Annotated[
-        Network, typer.Option(help="Image-to-image network whose encoder is pretrained.")
+        Network,
+        typer.Option(
+            help="Image-to-image network whose encoder is pretrained: unet (segmentation), "
+            "sononet (SonoNet encoder, the paper's light decoder: classify, localize), "
+            "sononet_unet (SonoNet encoder under a U-Net decoder with skips)."
+        ),
     ] = "unet",
     width: Annotated[
         int, typer.Option(help="Channels of the first stage (doubled per stage in a U-Net).")
@@ -346,7 +351,10 @@ _Metric = Annotated[
 ]
 _BenchNetwork = Annotated[
     Network | None,
-    typer.Option(help="Pretrained network; default sononet (classify, localize), unet (segment)."),
+    typer.Option(
+        help="Pretrained network; default sononet (classify, localize), unet (segment). "
+        "sononet_unet: the classify / localize encoder under a U-Net decoder with skips."
+    ),
 ]
 _BenchWidth = Annotated[int, typer.Option(help="Channels of the first encoder stage.")]
 _BenchImageSize = Annotated[

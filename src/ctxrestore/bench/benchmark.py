@@ -34,7 +34,7 @@ from ctxrestore.data.splits import parse_fraction
 from ctxrestore.engine.distributed import resolve_device
 from ctxrestore.engine.run_folder import check_head_only_steps, check_patience
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.models import PRETRAINING_NETWORKS
+from ctxrestore.models import PRETRAINING_NETWORKS, pretraining_spec
 from ctxrestore.pretext import create_pretext, list_pretexts
 from ctxrestore.pretext.restoration import check_restoration_loss
 from ctxrestore.pretext.training import PretrainConfig, pretext_options
@@ -267,12 +267,15 @@ def build_protocol(
     """The run grid, every run's configuration checked before anything trains. `unused`:
     options that this kind of grid sets per arm instead, left out of the stored settings."""
     task = options.task
-    network = options.network or TASK_NETWORKS[task]
-    if network != TASK_NETWORKS[task] and any(arm.pretrain is None for arm in arms):
+    network, own = options.network or TASK_NETWORKS[task], TASK_NETWORKS[task]
+    # The task network is built around the pretrained encoder; the decoder may differ.
+    encoders = [pretraining_spec(name, options.width)["encoder"] for name in (network, own)]
+    if encoders[0] != encoders[1] and any(arm.pretrain is None for arm in arms):
         raise CtxRestoreError(
             f"network '{network}': random initialisation builds the {task} task's own "
-            f"{TASK_NETWORKS[task]} encoder, so the comparison would not be of one "
-            f"architecture; use --network {TASK_NETWORKS[task]} or leave out random"
+            f"{own} encoder, which '{network}' does not have, so the comparison would not be "
+            f"of one architecture; use --network {own} (or one with its encoder) or leave out "
+            "random"
         )
     seeds = options.seeds or _default_seeds(options)
     if options.pretrain_seeds > seeds:

@@ -9,11 +9,11 @@ from ctxrestore.models import unet as _unet  # noqa: F401
 from ctxrestore.models.encoder import ConvEncoder
 from ctxrestore.models.network import EncoderDecoder
 from ctxrestore.models.registry import create_model, list_models, register_model
-from ctxrestore.models.spec import build_model, model_spec
+from ctxrestore.models.spec import build_model, model_spec, pretraining_spec
 
 # Image-to-image networks (encoder + reconstruction part) that a pretext can train; the
 # classifier and localizer are downstream networks built around their encoders.
-PRETRAINING_NETWORKS = ("sononet", "unet")
+PRETRAINING_NETWORKS = ("sononet", "sononet_unet", "unet")
 
 __all__ = [
     "PRETRAINING_NETWORKS",
@@ -23,5 +23,6 @@ __all__ = [
     "create_model",
     "list_models",
     "model_spec",
+    "pretraining_spec",
     "register_model",
 ]

@@ -2,7 +2,10 @@
 
 SonoNet (Baumgartner et al. 2017) is VGG-like: 13 conv layers in 5 stages with 4 max-poolings.
 For context-restoration pretraining the paper attaches a few transposed convolutions as the
-reconstruction part and discards them before fine-tuning.
+reconstruction part and discards them before fine-tuning (`sononet`). `sononet_unet` puts the
+same encoder under a U-Net decoder instead: the light decoder must rebuild every pixel from the
+16x-pooled features, so its restorations are blurred throughout; with skips the unchanged
+pixels are copied and the loss is left to the swapped patches (docs/experiments.md 26).
 """
 
 from __future__ import annotations
@@ -14,6 +17,13 @@ from ctxrestore.models.encoder import ConvEncoder
 from ctxrestore.models.heads import ConvHead
 from ctxrestore.models.network import EncoderDecoder
 from ctxrestore.models.registry import register_model
+from ctxrestore.models.unet import unet
+
+CONVS_PER_STAGE = (2, 2, 3, 3, 3)
+
+
+def stage_channels(width: int) -> tuple[int, ...]:
+    return (width, 2 * width, 4 * width, 8 * width, 8 * width)
 
 
 @register_model("sononet")
@@ -32,8 +42,8 @@ def sononet(
     encoder = ConvEncoder(
         spatial_dims,
         in_channels,
-        stage_channels=(width, 2 * width, 4 * width, 8 * width, 8 * width),
-        convs_per_stage=(2, 2, 3, 3, 3),
+        stage_channels=stage_channels(width),
+        convs_per_stage=CONVS_PER_STAGE,
         norm=norm,
     )
     # Halve the width at each upsampling, mirroring the encoder, but never below `width`.
@@ -48,3 +58,23 @@ def sononet(
         out_channels = in_channels
     head = ConvHead(spatial_dims, decoder.out_channels, out_channels)
     return EncoderDecoder(encoder, decoder, head)
+
+
+@register_model("sononet_unet")
+def sononet_unet(
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    out_channels: int | None = None,
+    width: int = 64,
+    norm: str = "batch",
+) -> nn.Module:
+    """SonoNet-`width` encoder (as `sononet`'s, so the classifier and localiser take it over)
+    under a U-Net decoder with skips; (B, in_channels, *S) -> (B, out_channels, *S)."""
+    return unet(
+        spatial_dims,
+        in_channels,
+        out_channels,
+        channels=stage_channels(width),
+        norm=norm,
+        convs_per_stage=CONVS_PER_STAGE,
+    )

@@ -57,6 +57,16 @@ def model_spec(name: str, **kwargs: Any) -> dict[str, Any]:
     }
 
 
+def pretraining_spec(network: str, width: int, spatial_dims: int = 2, in_channels: int = 1) -> dict:
+    """The spec of pretraining network `network` whose first stage has `width` channels (a
+    U-Net doubles them at each of its five stages; SonoNet has its own widths)."""
+    if network == "unet":
+        sizes = {"channels": [width * 2**level for level in range(5)]}
+    else:
+        sizes = {"width": width}
+    return model_spec(network, spatial_dims=spatial_dims, in_channels=in_channels, **sizes)
+
+
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """Build the model that `spec` (from `model_spec`, possibly via JSON) describes."""
     if not isinstance(spec, dict) or "name" not in spec:

@@ -39,7 +39,7 @@ from ctxrestore.engine.run_folder import (
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
 from ctxrestore.files import atomic_write, write_json
-from ctxrestore.models import PRETRAINING_NETWORKS, build_model, model_spec
+from ctxrestore.models import PRETRAINING_NETWORKS, build_model, pretraining_spec
 from ctxrestore.models.transfer import GENERIC_CHANNEL
 from ctxrestore.pretext.registry import (
     Pretext,
@@ -218,15 +218,6 @@ def _channel_names(config: PretrainConfig, in_channels: int, declared=None) -> l
     return [f"{GENERIC_CHANNEL}{index}" for index in range(in_channels)]
 
 
-def _network_kwargs(config: PretrainConfig, in_channels: int) -> dict:
-    kwargs = {"spatial_dims": config.spatial_dims, "in_channels": in_channels}
-    if config.network == "unet":
-        kwargs["channels"] = [config.width * 2**level for level in range(5)]
-    else:
-        kwargs["width"] = config.width
-    return kwargs
-
-
 def build_spec(
     config: PretrainConfig,
     pretext: Pretext,
@@ -236,7 +227,7 @@ def build_spec(
     """The checkpoint contract (DESIGN.md): enough to rebuild and adapt the network.
     `channel_names`: what the data declares its channels to be, if it does."""
     network = pretext.network_spec(
-        model_spec(config.network, **_network_kwargs(config, in_channels))
+        pretraining_spec(config.network, config.width, config.spatial_dims, in_channels)
     )
     factor = network["downsampling_factor"]
     if config.image_size % factor:

@@ -25,8 +25,8 @@ class Pretext(Protocol):
     - `preview_rows(inputs, targets, outputs)`: rows of images (title, (B, C, *S)) to draw.
     - `params()`: what the checkpoint spec records.
 
-    The factory takes only the options it uses among `num_swaps`, `patch_size` and
-    `foreground_threshold` (pretrain's shared options).
+    The factory takes only the options it uses among `num_swaps`, `patch_size`,
+    `foreground_threshold` and `restoration_loss` (pretrain's shared options).
     """
 
     name: str

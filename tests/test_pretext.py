@@ -119,6 +119,7 @@ def test_restoration_pretexts_train_with_the_chosen_loss(name):
         values.add(value.item())
     assert len(values) == len(RESTORATION_LOSSES)  # the option is not ignored
     # Held-out metrics stay MSE whatever the loss, so runs with different losses compare.
+    outputs = outputs.detach()
     metrics = create_pretext(name, restoration_loss="l1").evaluate(images, images, outputs)
     assert metrics["restoration_mse"] == pytest.approx(float(((outputs - images) ** 2).mean()))
     with pytest.raises(CtxRestoreError, match=r"unknown restoration loss 'huber'; losses: mse"):

@@ -113,9 +113,8 @@ class Protocol:
         self, arm: Arm, pretrain_seed: int = 0, *, resume: bool = False
     ) -> PretrainConfig:
         options = {**self.pretrain_options, **(arm.pretrain or {}), "seed": pretrain_seed}
-        method = options.get("method", PretrainConfig.method)
-        if not takes_restoration_loss(method):  # RP and CE keep their own losses
-            options["restoration_loss"] = "mse"
+        if not takes_restoration_loss(options.get("method", PretrainConfig.method)):
+            options.pop("restoration_loss", None)  # RP and CE keep their own losses
         return PretrainConfig(
             out=self.pretrain_folder(arm, pretrain_seed), resume=resume, **options
         )

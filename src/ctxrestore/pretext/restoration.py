@@ -17,6 +17,10 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(outputs.float(), targets.float())
 
 
+def l1(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(outputs.float(), targets.float())
+
+
 def gradient_difference(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mathieu et al. 2016's gradient difference loss (alpha 1), averaged over the spatial
     axes: the mean gap between the sizes of neighbouring-pixel differences in output and
@@ -30,14 +34,14 @@ def gradient_difference(outputs: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 def l1_gradient(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """L1 plus gradient difference: both in intensity units, so neither swamps the other."""
-    return F.l1_loss(outputs.float(), targets.float()) + gradient_difference(outputs, targets)
+    return l1(outputs, targets) + gradient_difference(outputs, targets)
 
 
 # The paper's L2 restores the conditional mean, which is blurred wherever the network is
 # unsure where a swapped patch belongs; L1 (the median) and an edge term reward sharpness.
 RESTORATION_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": mse,
-    "l1": lambda outputs, targets: F.l1_loss(outputs.float(), targets.float()),
+    "l1": l1,
     "l1_gradient": l1_gradient,
 }
 

@@ -283,8 +283,12 @@ def evaluate_pretext(
     return pretext.evaluate(inputs, targets, model(inputs).float())
 
 
+def _factory_options(method: str) -> set[str]:
+    return set(inspect.signature(get_pretext_factory(method)).parameters)
+
+
 def takes_restoration_loss(method: str) -> bool:
-    return "restoration_loss" in inspect.signature(get_pretext_factory(method)).parameters
+    return "restoration_loss" in _factory_options(method)
 
 
 def pretext_options(config: PretrainConfig) -> dict:
@@ -295,7 +299,7 @@ def pretext_options(config: PretrainConfig) -> dict:
         "foreground_threshold": config.foreground_threshold,
         "restoration_loss": config.restoration_loss,
     }
-    accepted = inspect.signature(get_pretext_factory(config.method)).parameters
+    accepted = _factory_options(config.method)
     return {key: value for key, value in offered.items() if key in accepted}
 
 

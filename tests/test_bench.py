@@ -24,7 +24,7 @@ from ctxrestore.bench.benchmark import (
 from ctxrestore.bench.protocol import Arm, Protocol
 from ctxrestore.bench.report import write_report
 from ctxrestore.bench.stats import higher_is_better
-from ctxrestore.bench.summary import extra_metrics, markdown_table, summarize
+from ctxrestore.bench.summary import class_metrics, extra_metrics, markdown_table, summarize
 from ctxrestore.cli import app
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import write_json
@@ -230,6 +230,48 @@ def test_report_of_a_higher_is_better_metric_has_no_reduction_column(tmp_path):
     assert "reduction from" not in text.read_text()
 
 
+def test_class_metrics_are_the_members_of_the_metrics_family():
+    available = ["macro_f1", "f1/head", "f1/femur", "accuracy", "precision/head",
+                 "wall_mm/mean", "wall_mm/liver", "iou/liver", "global_dice/mean",
+                 "global_dice/oedema", "dice/oedema"]  # fmt: skip
+    assert class_metrics("macro_f1", available) == ("f1/femur", "f1/head")
+    assert class_metrics("wall_mm/mean", available) == ("wall_mm/liver",)
+    assert class_metrics("global_dice/mean", available) == ("global_dice/oedema",)
+    assert class_metrics("accuracy", available) == ()
+    assert class_metrics("iou/liver", available) == ()  # one class already
+
+
+def test_report_says_which_classes_the_difference_comes_from(tmp_path):
+    # Per organ at 0.1: liver 2 mm lower with context restoration in every seed (better),
+    # spleen 1 mm higher in every seed (worse), aorta +1, -1, 0 (no clear difference).
+    protocol, rows = _synthetic(tmp_path)
+    change = {"liver": [-2.0, -2.1, -1.9], "spleen": [1.0, 1.1, 0.9], "aorta": [1.0, -1.0, 0.0]}
+    for row in rows:
+        for organ, shifts in change.items():
+            shift = shifts[row["seed"]] if row["method"] == "context_restoration" else 0.0
+            row[f"wall_mm/{organ}"] = 10.0 + shift if row["fraction"] == "0.1" else 5.0
+    methods = [arm.name for arm in protocol.arms]
+    table = summarize(rows, methods=methods, fractions=protocol.fractions, metric=protocol.metric)
+    text = write_report(tmp_path / "r.md", protocol, rows, table, tmp_path / "p.png").read_text()
+    section = text.split("## Per class", 1)[1].split("## Pretraining", 1)[0]
+    assert "per class (`wall_mm/<class>`, lower is better)" in section
+    assert "| class | 0.1 | 1.0 |" in section
+    liver = next(line for line in section.splitlines() if line.startswith("| liver |"))
+    # -2 +- t(2) * 0.1 / sqrt(3), bold: below zero; at 1.0 no difference at all, no wins.
+    assert liver == "| liver | **-2 [-2.25, -1.75], 3/3** | +0 [+0, +0], 0/3 |"
+    aorta = next(line for line in section.splitlines() if line.startswith("| aorta |"))
+    assert aorta.startswith("| aorta | +0 [") and "**" not in aorta and ", 1/3 |" in aorta
+    assert "- Clearly better: liver at 0.1." in section
+    assert "- Clearly worse: spleen at 0.1." in section
+    # A metric that averages no classes has no such section.
+    protocol = dataclasses.replace(protocol, metric="accuracy")
+    for row in rows:
+        row["accuracy"] = 0.5
+    table = summarize(rows, methods=methods, fractions=protocol.fractions, metric="accuracy")
+    assert "## Per class" not in write_report(tmp_path / "a.md", protocol, rows, table,
+                                               tmp_path / "p.png").read_text()  # fmt: skip
+
+
 def test_report_without_random_has_no_differences(tmp_path):
     protocol, rows = _synthetic(tmp_path)
     pretrained = tuple(arm for arm in protocol.arms if arm.name != "random")
@@ -345,7 +387,8 @@ def test_benchmark_writes_results_summary_plot_and_report(benchmark_out):
                  "Context restoration, the paper's method", "With all labels (fraction 1.0)",
                  "## Summary", "| fraction | initialisation | runs | macro_f1 (95% CI) |",
                  "![macro_f1 against label fraction](plot.png)", "## Pretraining",
-                 "## Settings", "Caveats"):  # fmt: skip
+                 "## Settings", "Caveats", "## Per class", "per class (`f1/<class>`",
+                 "| class | 0.35 | 1.0 |", "| head |"):  # fmt: skip
         assert part in report, part
     assert (benchmark_out / "pretrain" / "context_restoration" / "model.safetensors").is_file()
     assert not (benchmark_out / "pretrain" / "random").exists()

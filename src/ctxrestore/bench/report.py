@@ -1,6 +1,7 @@
 """report.md of a benchmark or an ablation: what the numbers show, in words generated from
 them (best initialisation per fraction, each against random with the 95% interval of the
-paired difference), the summary table, the plot, the pretraining runs and the settings."""
+paired difference), the summary table, the plot, the difference per class, the pretraining
+runs and the settings."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from pathlib import Path
 
 from ctxrestore.bench.protocol import Protocol, pretrainings
 from ctxrestore.bench.stats import PairedDifference, higher_is_better
-from ctxrestore.bench.summary import compare, interval, markdown_table, number, pretraining_of
+from ctxrestore.bench.summary import (
+    class_metrics,
+    compare,
+    interval,
+    markdown_table,
+    number,
+    pretraining_of,
+)
 from ctxrestore.data.splits import parse_fraction
 from ctxrestore.engine.run_folder import METRICS_FILE
 from ctxrestore.files import atomic_write, read_json
@@ -255,6 +263,50 @@ def _pretraining_caveat(protocol: Protocol) -> str:
             "pretraining as well as that of fine-tuning")  # fmt: skip
 
 
+def per_class_lines(
+    protocol: Protocol, rows: Sequence[dict], focus: str, reference: str
+) -> list[str]:
+    """Where `focus`'s difference from `reference` comes from: the paired difference of each
+    class's member of the metric's family at each fraction, a table and the classes whose
+    interval excludes zero. [] when the metric averages no classes."""
+    classes = class_metrics(protocol.metric, {key for row in rows for key in row})
+    if not classes:
+        return []
+    family = classes[0].split("/", 1)[0]
+    direction = "higher" if higher_is_better(classes[0]) else "lower"
+    lines = [
+        f"{protocol.arm(focus).title} minus {protocol.arm(reference).title}, paired by seed, "
+        f"per class (`{family}/<class>`, {direction} is better); **bold**: the 95% interval "
+        "excludes zero.",
+        "",
+        "| class | " + " | ".join(protocol.fractions) + " |",
+        "|" + " --- |" * (len(protocol.fractions) + 1),
+    ]
+    clear = {"better": [], "worse": []}
+    for key in classes:
+        cells = []
+        for fraction in protocol.fractions:
+            difference = compare(rows, key, focus, reference, fraction)
+            state = verdict(difference, key)
+            text = (
+                interval(difference.mean, difference.low, difference.high, signed=True)
+                + f", {difference.wins}/{difference.n}"
+            )
+            if state in clear:
+                clear[state].append(f"{key.split('/', 1)[1]} at {fraction}")
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {key.split('/', 1)[1]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if clear["better"] or clear["worse"]:
+        for state, found in clear.items():
+            if found:
+                lines.append(f"- Clearly {state}: {', '.join(found)}.")
+    else:
+        lines.append("- No class differs clearly at any fraction.")
+    return lines
+
+
 def _settings_lines(settings: dict) -> list[str]:
     lines = ["| setting | value |", "| --- | --- |"]
     return lines + [f"| {key} | {value} |" for key, value in sorted(settings.items())]
@@ -324,6 +376,13 @@ def write_report(
         "",
         f"![{metric} against label fraction]({plot.name})",
         "",
+    ]
+    classes = (
+        per_class_lines(protocol, rows, focus, reference) if focus in arms and reference else []
+    )
+    if classes:
+        lines += ["## Per class", "", *classes, ""]
+    lines += [
         "## Pretraining",
         "",
         *pretraining_lines(protocol, rows, reference),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ctxrestore.bench.stats import (
@@ -32,6 +32,19 @@ def extra_metrics(task: str, metric: str, available: Sequence[str]) -> tuple[str
         regions = sorted(k for k in available if k.startswith("global_dice/") and k != metric)
         regions = [key for key in regions if key != "global_dice/mean"]
     return tuple(key for key in regions if key != metric)
+
+
+def class_metrics(metric: str, available: Iterable[str]) -> tuple[str, ...]:
+    """The per-class members of `metric`'s family among `available` keys: 'wall_mm/mean' ->
+    'wall_mm/<class>', 'macro_f1' -> 'f1/<class>'; () for a metric that averages no classes."""
+    if metric.endswith("/mean"):
+        prefix = metric[: -len("mean")]
+    elif metric.startswith("macro_"):
+        prefix = metric[len("macro_") :] + "/"
+    else:
+        return ()
+    return tuple(sorted(key for key in set(available)
+                        if key.startswith(prefix) and key != f"{prefix}mean"))  # fmt: skip
 
 
 def _value(row: dict, metric: str) -> float:

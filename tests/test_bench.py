@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 import ctxrestore.api as api
 from ctxrestore.bench import mean_ci, paired_difference, relative_reduction
 from ctxrestore.bench.benchmark import (
-    METHOD_OPTIONS,
     BenchmarkOptions,
     build_protocol,
+    method_options,
     parse_methods,
 )
 from ctxrestore.bench.protocol import Arm, Protocol
@@ -533,11 +533,20 @@ def test_transfer_stages_and_head_only_steps_reach_the_pretrained_runs_only(tmp_
     assert json.loads((tmp_path / "out" / "benchmark.json").read_text())["transfer_stages"] == 1
 
 
+def test_relative_position_patches_keep_a_quarter_of_the_image():
+    assert method_options("relative_position", 64) == {"patch_size": 16}
+    assert method_options("relative_position", 128) == {"patch_size": 32}
+    assert method_options("relative_position", 96) == {"patch_size": 16}  # multiples of 16
+    assert method_options("relative_position", 256) == {"patch_size": 64}
+    assert method_options("relative_position", 32) == {"patch_size": 16}  # the smallest
+    assert method_options("context_restoration", 128) == {}  # takes --patch-size
+
+
 def test_the_restoration_loss_reaches_the_restoration_pretexts_only(tmp_path):
     settings = {key: value for key, value in TINY.items() if key != "methods"}
     options = BenchmarkOptions(**{**settings, "image_size": 64,
                                   "restoration_loss": "l1_gradient"}, out=tmp_path)  # fmt: skip
-    arms = tuple(Arm(m, {"method": m, **METHOD_OPTIONS.get(m, {})}) for m in list_pretexts())
+    arms = tuple(Arm(m, {"method": m, **method_options(m, 64)}) for m in list_pretexts())
     protocol = build_protocol(options, "benchmark", arms, {})
     losses = {arm.name: protocol.pretrain_config(arm).restoration_loss for arm in arms}
     assert losses == {"context_restoration": "l1_gradient", "autoencoder": "l1_gradient",

@@ -51,7 +51,19 @@ TASK_NETWORKS = {"classify": "sononet", "localize": "sononet", "segment": "unet"
 SEEDS_ON_CPU, SEEDS_ON_GPU = 3, 5
 # Relative position feeds each patch through the whole encoder, which pools 4 times: its
 # patches must be a multiple of 16 whatever --patch-size the restoration pretexts use.
-METHOD_OPTIONS = {"relative_position": {"patch_size": 16}}
+RELATIVE_POSITION_PATCH = 16
+
+
+def method_options(method: str, image_size: int) -> dict:
+    """A pretext's own options in the benchmark. Relative position's patches keep a quarter of
+    the image (16 at 64, 32 at 128 pixels), so its 3x3 grid spans the same share of the image
+    at every size; the other pretexts take the shared --patch-size."""
+    if method != "relative_position":
+        return {}
+    quarters = max(1, image_size // (4 * RELATIVE_POSITION_PATCH))
+    return {"patch_size": RELATIVE_POSITION_PATCH * quarters}
+
+
 PLACEMENTS = ("uniform", "foreground")
 CONTEXT_RESTORATION = "context_restoration"
 # random_x2, random_x4, ...: random weights fine-tuned for K times the schedule, a control for
@@ -388,7 +400,9 @@ def run_benchmark(options: BenchmarkOptions, methods: str | None = None) -> Benc
         elif longer_random_factor(method) is not None:
             arms.append(longer_random_arm(method))
         else:
-            arms.append(Arm(method, {"method": method, **METHOD_OPTIONS.get(method, {})}))
+            arms.append(
+                Arm(method, {"method": method, **method_options(method, options.image_size)})
+            )
     settings = {"methods": [arm.name for arm in arms]}
     return run_protocol(build_protocol(options, "benchmark", tuple(arms), settings))
 

@@ -192,3 +192,31 @@ def test_fast_enough():
     for index in range(50):
         ultrasound_phantom(index)
     assert time.perf_counter() - start < 3.0
+
+
+def test_the_structures_export_writes_each_sample_with_its_structure_mask(tmp_path):
+    """benchmarks/ultrasound_structures.py: the oracle's data, read back as a segmentation
+    dataset (image and mask as the generator drew them, every structure named)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from ctxrestore.data.nifti import read_nifti
+
+    script = Path(__file__).parents[1] / "benchmarks" / "ultrasound_structures.py"
+    spec = importlib.util.spec_from_file_location("ultrasound_structures", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.write_structures(tmp_path / "us", count=3, image_size=32, seed=7)
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, **ULTRASOUND_STRUCTURES}
+    assert dataset["numTraining"] == 3
+    for index, case in enumerate(dataset["training"]):
+        sample = ultrasound_phantom(index, seed=7, spatial_size=(32, 32))
+        image = read_nifti(out / case["image"][0])[0].squeeze()
+        mask = read_nifti(out / case["label"])[0].squeeze()
+        np.testing.assert_allclose(image, sample.image[0], atol=1e-6)
+        np.testing.assert_array_equal(mask, sample.mask)
+        assert set(np.unique(mask)) > {0}  # structures, not only background
+    with pytest.raises(CtxRestoreError, match="not empty"):
+        module.write_structures(out, count=1, image_size=32, seed=7)

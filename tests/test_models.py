@@ -51,6 +51,7 @@ def test_every_model_has_tiny_kwargs():
     assert set(list_models()) == {
         *PRETRAINING_NETWORKS,
         "classifier",
+        "contrastive",
         "localizer",
         "relative_position",
     }

@@ -445,7 +445,8 @@ def benchmark(
         typer.Option(
             help="Comma-separated initialisations: 'random', pretext names, and 'random_xK' "
             "(random weights fine-tuned K times as long: if they catch up, a pretrained gain is "
-            "a head start); default: random and every registered pretext."
+            "a head start); default: random and the paper's pretexts (every registered one but "
+            "contrastive, which runs only when named)."
         ),
     ] = None,
     seeds: _Seeds = None,

@@ -2,7 +2,8 @@
 summary.csv, plot.png and report.md.
 
 A benchmark's initialisations are random weights and every registered pretext (read from the
-registry when the benchmark runs); an ablation's are random weights and settings of context
+registry when the benchmark runs) but the opt-in ones (`OPT_IN_PRETEXTS`, run only when named
+in --methods); an ablation's are random weights and settings of context
 restoration, varied one at a time around a default. Both go through the same protocol.
 """
 
@@ -63,6 +64,10 @@ def method_options(method: str, image_size: int) -> dict:
     quarters = max(1, image_size // (4 * RELATIVE_POSITION_PATCH))
     return {"patch_size": RELATIVE_POSITION_PATCH * quarters}
 
+
+# Pretexts beyond the paper's comparison: registered (pretrain --method takes them) but run by
+# `benchmark` (and so `demo`) only when named in --methods.
+OPT_IN_PRETEXTS = ("contrastive",)
 
 PLACEMENTS = ("uniform", "foreground")
 CONTEXT_RESTORATION = "context_restoration"
@@ -218,11 +223,12 @@ def parse_controls(text: str | None) -> tuple[str, ...]:
 
 
 def parse_methods(text: str | None) -> tuple[str, ...]:
-    """None: random and every registered pretext; else the named ones, checked, in the order
-    random, its longer controls (random_xK), then the pretexts as registered."""
+    """None: random and every registered pretext but the opt-in ones (OPT_IN_PRETEXTS); else
+    the named ones, checked, in the order random, its longer controls (random_xK), then the
+    pretexts as registered."""
     known = [RANDOM, *list_pretexts()]
     if text is None:
-        return tuple(known)
+        return tuple(method for method in known if method not in OPT_IN_PRETEXTS)
     methods = _items(text, "methods")
     unknown = [m for m in methods if m not in known and longer_random_factor(m) is None]
     if unknown:
@@ -392,7 +398,7 @@ def run_protocol(protocol: Protocol) -> BenchmarkResult:
 
 def run_benchmark(options: BenchmarkOptions, methods: str | None = None) -> BenchmarkResult:
     """Fine-tune every initialisation in `methods` (default: random + every registered
-    pretext) for every fraction x seed; see `ctxrestore.benchmark`."""
+    pretext but the opt-in ones) for every fraction x seed; see `ctxrestore.benchmark`."""
     arms = []
     for method in parse_methods(methods):
         if method == RANDOM:

@@ -2,6 +2,7 @@
 
 # Importing the architecture modules registers their factories.
 from ctxrestore.models import classifier as _classifier  # noqa: F401
+from ctxrestore.models import contrastive as _contrastive  # noqa: F401
 from ctxrestore.models import localizer as _localizer  # noqa: F401
 from ctxrestore.models import relative_position as _relative_position  # noqa: F401
 from ctxrestore.models import sononet as _sononet  # noqa: F401

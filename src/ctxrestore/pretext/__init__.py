@@ -3,6 +3,7 @@
 from ctxrestore.pretext import autoencoder as _autoencoder  # noqa: F401
 from ctxrestore.pretext import context_encoder as _context_encoder  # noqa: F401
 from ctxrestore.pretext import context_restoration as _context_restoration  # noqa: F401
+from ctxrestore.pretext import contrastive as _contrastive  # noqa: F401
 from ctxrestore.pretext import models_genesis as _models_genesis  # noqa: F401
 from ctxrestore.pretext import relative_position as _relative_position  # noqa: F401
 from ctxrestore.pretext.registry import Pretext, create_pretext, list_pretexts, register_pretext

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models.encoder import ConvEncoder
-from ctxrestore.models.network import check_network_input
+from ctxrestore.models.network import pooled_pair
 from ctxrestore.models.registry import register_model
 
 
@@ -51,19 +51,9 @@ class ContrastiveNetwork(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor) -> Tensor:
-        expected = 2 * self.encoder.in_channels
-        if x.ndim == self.encoder.spatial_dims + 2 and x.shape[1] != expected:
-            raise CtxRestoreError(
-                f"the contrastive network takes two views of each image, 2 x "
-                f"{self.encoder.in_channels} = {expected} channel(s), got {x.shape[1]} "
-                f"(input shape {tuple(x.shape)})"
-            )
-        first, second = x.chunk(2, dim=1)
-        views = torch.cat([first, second], dim=0)  # one encoder pass, shared weights
-        check_network_input(self.encoder, views)
-        features = self.encoder(views)
-        pooled = features.mean(dim=tuple(range(2, features.ndim)))  # (2B, out_channels)
-        projections = self.head(pooled)  # BatchNorm1d sees both views' statistics together
+        first, second = pooled_pair(self.encoder, x, "contrastive", "two views of each image")
+        # One head pass over both views: BatchNorm1d sees their statistics together.
+        projections = self.head(torch.cat([first, second], dim=0))
         return torch.stack(projections.chunk(2, dim=0), dim=1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ctxrestore.errors import CtxRestoreError
@@ -52,3 +53,21 @@ def check_network_input(encoder: ConvEncoder, x: Tensor) -> None:
             f"downsampling factor {factor}; crop or pad each axis to a multiple of {factor}, "
             f"e.g. {valid}"
         )
+
+
+def pooled_pair(encoder: ConvEncoder, x: Tensor, network: str, pair: str) -> tuple[Tensor, Tensor]:
+    """Siamese networks' shared step: x (B, 2 * in_channels, *S), two images per sample (the
+    first's channels, then the second's) -> their globally average-pooled features, (B, F)
+    each, from one pass of the shared encoder. `network` and `pair` name them in errors."""
+    expected = 2 * encoder.in_channels
+    if x.ndim == encoder.spatial_dims + 2 and x.shape[1] != expected:
+        raise CtxRestoreError(
+            f"the {network} network takes {pair}, 2 x {encoder.in_channels} = {expected} "
+            f"channel(s), got {x.shape[1]} (input shape {tuple(x.shape)})"
+        )
+    first, second = x.chunk(2, dim=1)
+    images = torch.cat([first, second], dim=0)  # one encoder pass, shared weights
+    check_network_input(encoder, images)
+    features = encoder(images)
+    pooled = features.mean(dim=tuple(range(2, features.ndim)))  # (2B, out_channels)
+    return pooled.chunk(2, dim=0)

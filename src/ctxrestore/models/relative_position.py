@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models.encoder import ConvEncoder
-from ctxrestore.models.network import check_network_input
+from ctxrestore.models.network import pooled_pair
 from ctxrestore.models.registry import register_model
 
 
@@ -51,19 +51,8 @@ class RelativePositionNetwork(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor) -> Tensor:
-        expected = 2 * self.encoder.in_channels
-        if x.ndim == self.encoder.spatial_dims + 2 and x.shape[1] != expected:
-            raise CtxRestoreError(
-                f"the relative-position network takes a pair of patches, 2 x "
-                f"{self.encoder.in_channels} = {expected} channel(s), got {x.shape[1]} "
-                f"(input shape {tuple(x.shape)})"
-            )
-        anchor, neighbour = x.chunk(2, dim=1)
-        patches = torch.cat([anchor, neighbour], dim=0)  # one encoder pass, shared weights
-        check_network_input(self.encoder, patches)
-        features = self.encoder(patches)
-        pooled = features.mean(dim=tuple(range(2, features.ndim)))  # (2B, out_channels)
-        return self.head(torch.cat(pooled.chunk(2, dim=0), dim=1))
+        anchor, neighbour = pooled_pair(self.encoder, x, "relative-position", "a pair of patches")
+        return self.head(torch.cat([anchor, neighbour], dim=1))
 
 
 @register_model("relative_position")

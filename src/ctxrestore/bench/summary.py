@@ -22,18 +22,6 @@ from ctxrestore.files import atomic_write
 BRATS_REGIONS = ("whole_tumour", "tumour_core", "enhancing_tumour")
 
 
-def extra_metrics(task: str, metric: str, available: Sequence[str]) -> tuple[str, ...]:
-    """Columns shown next to the chosen metric: for segmentation, the global Dice per BraTS
-    region (per foreground class when the labels are not BraTS')."""
-    if task != "segment":
-        return ()
-    regions = [f"global_dice/{region}" for region in BRATS_REGIONS]
-    if not all(key in available for key in regions):
-        regions = sorted(k for k in available if k.startswith("global_dice/") and k != metric)
-        regions = [key for key in regions if key != "global_dice/mean"]
-    return tuple(key for key in regions if key != metric)
-
-
 def class_metrics(metric: str, available: Iterable[str]) -> tuple[str, ...]:
     """The per-class members of `metric`'s family among `available` keys: 'wall_mm/mean' ->
     'wall_mm/<class>', 'macro_f1' -> 'f1/<class>'; () for a metric that averages no classes."""
@@ -45,6 +33,17 @@ def class_metrics(metric: str, available: Iterable[str]) -> tuple[str, ...]:
         return ()
     return tuple(sorted(key for key in set(available)
                         if key.startswith(prefix) and key != f"{prefix}mean"))  # fmt: skip
+
+
+def extra_metrics(task: str, metric: str, available: Sequence[str]) -> tuple[str, ...]:
+    """Columns shown next to the chosen metric: for segmentation, the global Dice per BraTS
+    region (per foreground class when the labels are not BraTS')."""
+    if task != "segment":
+        return ()
+    regions = [f"global_dice/{region}" for region in BRATS_REGIONS]
+    if not all(key in available for key in regions):
+        regions = class_metrics("global_dice/mean", available)
+    return tuple(key for key in regions if key != metric)
 
 
 def _value(row: dict, metric: str) -> float:

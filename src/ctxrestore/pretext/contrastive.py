@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ class ContrastivePretext:
         object.__setattr__(self, "scale", augmentation.scale)
         object.__setattr__(self, "contrast", augmentation.contrast)
 
-    @property
+    @cached_property  # built once, not per batch (not a dataclass field: params() skips it)
     def augmentation(self) -> Augmentation:
         """The view augmentation: every image moved (probability 1) and its intensity changed."""
         return Augmentation(

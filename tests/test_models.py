@@ -54,6 +54,7 @@ def test_every_model_has_tiny_kwargs():
         "contrastive",
         "localizer",
         "relative_position",
+        "restoration_contrastive",
     }
 
 

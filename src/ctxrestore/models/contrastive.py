@@ -1,4 +1,6 @@
-"""SimCLR network (Chen, Kornblith, Norouzi, Hinton, ICML 2020): encoder, pooling, projection.
+"""SimCLR network (Chen, Kornblith, Norouzi, Hinton, ICML 2020): encoder, pooling, projection;
+and a restoration network with a projection on its encoder, for context restoration with a
+contrastive term (`RestorationContrastiveNetwork`).
 
 Both views of each image go through the SAME encoder (one batch of 2B), are globally average
 pooled and mapped by a projection MLP (Linear - BatchNorm1d - ReLU - Linear) into the space
@@ -17,8 +19,8 @@ from torch import Tensor, nn
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models.encoder import ConvEncoder
-from ctxrestore.models.network import pooled_pair
-from ctxrestore.models.registry import register_model
+from ctxrestore.models.network import EncoderDecoder, check_network_input, pooled_pair
+from ctxrestore.models.registry import create_model, register_model
 
 
 class ProjectionHead(nn.Module):
@@ -26,6 +28,10 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int, projection_dim: int) -> None:
         super().__init__()
+        if projection_dim < 1:
+            raise CtxRestoreError(f"projection_dim must be >= 1, got {projection_dim}")
+        if hidden_features < 1:
+            raise CtxRestoreError(f"hidden_features must be >= 1, got {hidden_features}")
         self.mlp = nn.Sequential(
             nn.Linear(in_features, hidden_features, bias=False),
             nn.BatchNorm1d(hidden_features),
@@ -69,9 +75,62 @@ def contrastive(
 ) -> nn.Module:
     """SimCLR network around a ConvEncoder (the defaults are SonoNet-16's)."""
     encoder = ConvEncoder(spatial_dims, in_channels, stage_channels, convs_per_stage, norm)
-    if projection_dim < 1:
-        raise CtxRestoreError(f"projection_dim must be >= 1, got {projection_dim}")
-    if hidden_features < 1:
-        raise CtxRestoreError(f"hidden_features must be >= 1, got {hidden_features}")
     head = ProjectionHead(encoder.out_channels, hidden_features, projection_dim)
     return ContrastiveNetwork(encoder, head)
+
+
+class RestorationContrastiveNetwork(nn.Module):
+    """An image-to-image network whose encoder also feeds a SimCLR projection head.
+
+    (B, 2 * in_channels, *S), two views of each image (the first's channels, then the
+    second's) -> (restored views (B, 2 * out_channels, *S) in the same layout, projections
+    (B, 2, projection_dim)). Both views go through the network as one batch of 2B. The
+    children keep the restoration network's names (`encoder`, `decoder`, `head`), so its
+    encoder and decoder transfer as a plain restoration network's would; `projection` is left
+    behind.
+    """
+
+    def __init__(self, restoration: EncoderDecoder, projection: ProjectionHead) -> None:
+        super().__init__()
+        self.encoder = restoration.encoder
+        self.decoder = restoration.decoder
+        self.head = restoration.head
+        self.projection = projection
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        expected = 2 * self.encoder.in_channels
+        if x.ndim == self.encoder.spatial_dims + 2 and x.shape[1] != expected:
+            raise CtxRestoreError(
+                f"the restoration-contrastive network takes two views of each image, 2 x "
+                f"{self.encoder.in_channels} = {expected} channel(s), got {x.shape[1]} (input "
+                f"shape {tuple(x.shape)})"
+            )
+        views = torch.cat(x.chunk(2, dim=1), dim=0)  # (2B, C, *S): first views, then second
+        check_network_input(self.encoder, views)
+        features = self.encoder.forward_features(views)
+        restored = self.head(self.decoder(features))
+        deepest = features[-1]
+        pooled = deepest.mean(dim=tuple(range(2, deepest.ndim)))
+        projections = self.projection(pooled)  # one pass: BatchNorm1d sees both views
+        return (
+            torch.cat(restored.chunk(2, dim=0), dim=1),
+            torch.stack(projections.chunk(2, dim=0), dim=1),
+        )
+
+
+@register_model("restoration_contrastive")
+def restoration_contrastive(
+    network: str = "sononet",
+    network_kwargs: dict | None = None,
+    projection_dim: int = 64,
+    hidden_features: int = 256,
+) -> nn.Module:
+    """Pretraining network `network` (a registered image-to-image network, built with
+    `network_kwargs`) with a projection head on its encoder's pooled deepest features."""
+    restoration = create_model(network, **(network_kwargs or {}))
+    if not isinstance(restoration, EncoderDecoder):
+        raise CtxRestoreError(
+            f"restoration_contrastive needs an encoder-decoder network, and '{network}' is not one"
+        )
+    projection = ProjectionHead(restoration.encoder.out_channels, hidden_features, projection_dim)
+    return RestorationContrastiveNetwork(restoration, projection)

@@ -12,8 +12,9 @@ from torch import nn
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models.registry import check_kwargs, create_model, get_factory
 
-# Weight prefixes by role; "neck" is the localiser's extra conv/pool stack.
-PARTS = ("encoder", "decoder", "neck", "head")
+# Weight prefixes by role; "neck" is the localiser's extra conv/pool stack, "projection" the
+# contrastive projection of a restoration network (left behind, like a head).
+PARTS = ("encoder", "decoder", "neck", "head", "projection")
 
 
 def _to_json(value: Any) -> Any:

@@ -3,6 +3,9 @@
 from ctxrestore.pretext import autoencoder as _autoencoder  # noqa: F401
 from ctxrestore.pretext import context_encoder as _context_encoder  # noqa: F401
 from ctxrestore.pretext import context_restoration as _context_restoration  # noqa: F401
+from ctxrestore.pretext import (  # noqa: F401
+    context_restoration_contrastive as _context_restoration_contrastive,
+)
 from ctxrestore.pretext import contrastive as _contrastive  # noqa: F401
 from ctxrestore.pretext import models_genesis as _models_genesis  # noqa: F401
 from ctxrestore.pretext import relative_position as _relative_position  # noqa: F401

@@ -141,17 +141,22 @@ class ContrastivePretext:
         """The two views of each image, the second titled with how many views of the shown
         images found their partner among them."""
         channels = inputs.shape[1] // 2
-        similarity, partners = _similarities(outputs, targets)
-        found = int((similarity.argmax(dim=1) == partners).sum())
+        found, views = partners_found(outputs, targets)
         return [
             ("view 1", inputs[:, :channels]),
-            (f"view 2\npartner found for {found}/{len(partners)} views", inputs[:, channels:]),
+            (f"view 2\npartner found for {found}/{views} views", inputs[:, channels:]),
         ]
 
     def params(self) -> dict:
         params = asdict(self)
         params.pop("name")
         return params
+
+
+def partners_found(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    """How many of the 2B views find their partner as their most similar other view, of 2B."""
+    similarity, partners = _similarities(outputs, targets)
+    return int((similarity.argmax(dim=1) == partners).sum()), len(partners)
 
 
 def _similarities(

@@ -135,6 +135,14 @@ class PretrainConfig(FileOptions):
         }
 
 
+def as_float(outputs):
+    """A network's output in float32: a tensor, or a tuple of them (a network with two
+    outputs, such as `restoration_contrastive`'s images and projections)."""
+    if isinstance(outputs, tuple):
+        return tuple(output.float() for output in outputs)
+    return outputs.float()
+
+
 class PretextTraining:
     """Adapts a pretext to the engine's TrainingTask: loss per step, and preview grids."""
 
@@ -156,7 +164,7 @@ class PretextTraining:
     ) -> None:
         images = batch["image"][:8]
         inputs, targets = self.pretext.make_batch(images, generator)
-        outputs = model(inputs).float()
+        outputs = as_float(model(inputs))
         save_image_grid(path, self.pretext.preview_rows(inputs, targets, outputs))
         latest = path.parent.parent / "preview.png"  # the run folder's newest preview
         atomic_write(latest, lambda temporary: shutil.copyfile(path, temporary))
@@ -280,7 +288,7 @@ def evaluate_pretext(
     generator = torch.Generator(device=device).manual_seed(seed)
     inputs, targets = pretext.make_batch(images, generator)
     model.eval()
-    return pretext.evaluate(inputs, targets, model(inputs).float())
+    return pretext.evaluate(inputs, targets, as_float(model(inputs)))
 
 
 def _factory_options(method: str) -> set[str]:

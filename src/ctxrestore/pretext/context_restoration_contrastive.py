@@ -1,0 +1,154 @@
+"""Context restoration with a contrastive term: restore swapped patches AND tell images apart.
+
+Beyond Chen et al. 2019, and opt-in in `benchmark`. Context restoration alone teaches an
+encoder where the body and its boundaries are, not which structure it is looking at; a
+classifier needs the latter (docs/experiments.md 27: SimCLR's instance discrimination gave
+classification what restoration did not). Here one network does both on the same batch:
+
+- each image is augmented twice, as SimCLR's views (`ContrastivePretext.augmentation`);
+- both views are corrupted by patch swaps (`context_restoration`) and restored by the
+  chosen --network, its loss against the clean views;
+- the encoder's pooled deepest features of the corrupted views are projected
+  (`models.contrastive.RestorationContrastiveNetwork`), and NT-Xent asks each view to find its
+  partner among the 2B - 1 others.
+
+The two losses have unrelated scales (an MSE of ~0.02 against a cross entropy of ~4), so each
+is divided by what a network that learned nothing scores: restoration by the loss of the
+corrupted input left as it is, NT-Xent by log(2B - 1), a uniform guess. Both start near 1 and
+`contrastive_weight` sets their balance. The encoder and decoder transfer as context
+restoration's do; the projection is left behind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.models import model_spec
+from ctxrestore.pretext.context_restoration import ContextRestorationPretext
+from ctxrestore.pretext.contrastive import ContrastivePretext, partners_found
+from ctxrestore.pretext.registry import register_pretext
+from ctxrestore.pretext.restoration import RESTORATION_LOSSES, restoration_metrics
+
+
+@register_pretext("context_restoration_contrastive")
+@dataclass(frozen=True)
+class ContextRestorationContrastivePretext:
+    """num_swaps, patch_size, foreground_threshold, restoration_loss: context restoration's;
+    temperature, projection_dim: the contrastive term's (its views are `ContrastivePretext`'s
+    strong augmentation); contrastive_weight: the contrastive term's weight against the
+    restoration term's 1, both normalised (see the module's docstring)."""
+
+    num_swaps: int | Sequence[int] = 20
+    patch_size: int | Sequence[int] = 16
+    foreground_threshold: float | None = None
+    restoration_loss: str = "mse"
+    contrastive_weight: float = 1.0
+    temperature: float = 0.2
+    projection_dim: int = 64
+    name: str = field(default="context_restoration_contrastive", init=False)
+
+    def __post_init__(self) -> None:
+        weight = self.contrastive_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise CtxRestoreError(
+                f"{self.name}: contrastive_weight must be a number, got {weight!r}"
+            )
+        if not 0 <= weight < math.inf:  # also refuses NaN
+            raise CtxRestoreError(
+                f"{self.name}: contrastive_weight must be >= 0 and finite, got {weight} "
+                "(0: context restoration on augmented views only)"
+            )
+        object.__setattr__(self, "contrastive_weight", float(weight))
+        _ = self.restoration, self.contrastive  # validate both parts' options now
+
+    @cached_property
+    def restoration(self) -> ContextRestorationPretext:
+        return ContextRestorationPretext(
+            num_swaps=self.num_swaps,
+            patch_size=self.patch_size,
+            foreground_threshold=self.foreground_threshold,
+            restoration_loss=self.restoration_loss,
+        )
+
+    @cached_property
+    def contrastive(self) -> ContrastivePretext:
+        return ContrastivePretext(temperature=self.temperature, projection_dim=self.projection_dim)
+
+    def network_spec(self, base: dict) -> dict:
+        """`base`'s restoration network with a projection head on its encoder."""
+        return model_spec(
+            "restoration_contrastive",
+            network=base["name"],
+            network_kwargs=base["kwargs"],
+            projection_dim=self.projection_dim,
+        )
+
+    def make_batch(
+        self, images: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """images (B, C, *S) -> (two corrupted views (B, 2C, *S): the first view's channels,
+        then the second's; targets (the two clean views in the same layout, the network
+        input), the input for the restoration term's baseline)."""
+        views, _ = self.contrastive.make_batch(images, generator)
+        # Both views as one batch, so every image draws its own swaps.
+        batch = torch.cat(views.chunk(2, dim=1), dim=0)
+        corrupted = self.restoration.make_batch(batch, generator)[0]
+        inputs = torch.cat(corrupted.chunk(2, dim=0), dim=1)
+        return inputs, (views, inputs)
+
+    def _terms(self, outputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """(restoration term, contrastive term), each normalised to ~1 for a network that
+        learned nothing."""
+        restored, projections = outputs
+        clean, inputs = targets
+        measure = RESTORATION_LOSSES[self.restoration_loss]
+        baseline = measure(inputs, clean).detach().clamp_min(1e-12)
+        restoration = measure(restored, clean) / baseline
+        partners = torch.arange(len(clean), device=clean.device)
+        chance = math.log(2 * len(clean) - 1)
+        return restoration, self.contrastive.loss(projections, partners) / chance
+
+    def loss(self, outputs, targets) -> torch.Tensor:
+        restoration, contrastive = self._terms(outputs, targets)
+        return restoration + self.contrastive_weight * contrastive
+
+    def evaluate(self, inputs, targets, outputs) -> dict[str, float]:
+        """Context restoration's metrics over both views, and the view retrieval accuracy."""
+        restored, projections = outputs
+        clean, _ = targets
+        partners = torch.arange(len(clean), device=clean.device)
+        return {
+            **restoration_metrics(inputs, clean, restored),
+            **self.contrastive.evaluate(None, partners, projections),
+        }
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        return f"{self.restoration.summary(metrics)} {self.contrastive.summary(metrics)}"
+
+    def preview_rows(self, inputs, targets, outputs) -> list[tuple[str, torch.Tensor]]:
+        """The first view clean, corrupted and restored; the second view corrupted, titled
+        with how many views of the shown images found their partner among them."""
+        restored, projections = outputs
+        clean, _ = targets
+        channels = clean.shape[1] // 2
+        found, views = partners_found(projections, torch.arange(len(clean)))
+        return [
+            ("view 1", clean[:, :channels]),
+            ("view 1 corrupted", inputs[:, :channels]),
+            ("view 1 restored", restored[:, :channels]),
+            (f"view 2 corrupted\npartner found for {found}/{views} views", inputs[:, channels:]),
+        ]
+
+    def params(self) -> dict:
+        """The options, and the contrastive views' augmentation."""
+        return {
+            **self.restoration.params(),
+            "contrastive_weight": self.contrastive_weight,
+            "contrastive": self.contrastive.params(),
+        }

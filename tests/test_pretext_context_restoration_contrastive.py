@@ -220,3 +220,18 @@ def test_pretrain_through_the_cli_then_the_encoder_and_decoder_transfer(tmp_path
     transfer = read_json(finetuned / "metrics.json")["transfer"]
     assert set(transfer["transferred"]) == {"encoder", "decoder"}
     assert transfer["left_behind"] == {"head": 2, "projection": 8}
+
+
+def test_the_contrastive_weight_option_reaches_its_pretext_only(tmp_path):
+    options = dict(TINY_PRETRAIN, num_swaps=2, max_steps=1, network="sononet")
+    ctxrestore.pretrain(out=tmp_path / "w", method=METHOD, phantom="ultrasound",
+                        contrastive_weight=3, **options)  # fmt: skip
+    assert load_checkpoint(tmp_path / "w")[1]["pretext"]["params"]["contrastive_weight"] == 3.0
+    with pytest.raises(CtxRestoreError, match="contrastive_weight is for " + METHOD):
+        ctxrestore.pretrain(out=tmp_path / "cr", method="context_restoration",
+                            contrastive_weight=3, **options)  # fmt: skip
+    assert not (tmp_path / "cr").exists()
+    result = runner.invoke(app, ["pretrain", "--out", str(tmp_path / "bad"), "--method", METHOD,
+                                 "--contrastive-weight", "-1"])  # fmt: skip
+    assert result.exit_code != 0 and "contrastive_weight must be >= 0" in result.output
+    assert "Traceback" not in result.output

@@ -36,8 +36,9 @@ _RestorationLoss = Annotated[
     RestorationLoss,
     typer.Option(
         help="Loss of the restoration pretexts (context_restoration, autoencoder, "
-        "models_genesis) against the clean image: mse (the paper's), l1, or l1_gradient (L1 "
-        "plus a gradient difference term that charges for blurred edges)."
+        "models_genesis, context_restoration_contrastive) against the clean image: mse (the "
+        "paper's), l1, or l1_gradient (L1 plus a gradient difference term that charges for "
+        "blurred edges)."
     ),
 ]
 
@@ -149,6 +150,14 @@ def pretrain(
         typer.Option(help="Avoid swapping patches whose values all lie at or below this."),
     ] = None,
     restoration_loss: _RestorationLoss = "mse",
+    contrastive_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="context_restoration_contrastive: weight of the contrastive term against the "
+            "restoration term's 1, both normalised (default 1; 0: restoration of augmented views "
+            "only)."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 32,
     epochs: Annotated[int, typer.Option(help="Passes over the data (unless --max-steps).")] = 10,
     max_steps: Annotated[

@@ -26,7 +26,8 @@ class Pretext(Protocol):
     - `params()`: what the checkpoint spec records.
 
     The factory takes only the options it uses among `num_swaps`, `patch_size`,
-    `foreground_threshold` and `restoration_loss` (pretrain's shared options).
+    `foreground_threshold`, `restoration_loss` and `contrastive_weight` (pretrain's options
+    that pretexts share or name).
     """
 
     name: str

@@ -73,6 +73,7 @@ class PretrainConfig(FileOptions):
     patch_size: int = 8
     foreground_threshold: float | None = None
     restoration_loss: str = "mse"
+    contrastive_weight: float | None = None  # None: the pretext's default
     batch_size: int = 32
     epochs: int = 10
     max_steps: int | None = None
@@ -112,6 +113,14 @@ class PretrainConfig(FileOptions):
                 f"restoration_loss '{self.restoration_loss}' is for the restoration pretexts "
                 f"({', '.join(m for m in list_pretexts() if takes_restoration_loss(m))}); "
                 f"{self.method} has its own loss"
+            )
+        if self.contrastive_weight is not None and "contrastive_weight" not in _factory_options(
+            self.method
+        ):
+            takers = [m for m in list_pretexts() if "contrastive_weight" in _factory_options(m)]
+            raise CtxRestoreError(
+                f"contrastive_weight is for {', '.join(takers)}; {self.method} has no "
+                "contrastive term to weigh"
             )
         if self.num_swaps_max is not None and self.num_swaps_max < self.num_swaps:
             raise CtxRestoreError(
@@ -307,6 +316,8 @@ def pretext_options(config: PretrainConfig) -> dict:
         "foreground_threshold": config.foreground_threshold,
         "restoration_loss": config.restoration_loss,
     }
+    if config.contrastive_weight is not None:
+        offered["contrastive_weight"] = config.contrastive_weight
     accepted = _factory_options(config.method)
     return {key: value for key, value in offered.items() if key in accepted}
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models.encoder import ConvEncoder
-from ctxrestore.models.network import EncoderDecoder, check_network_input, pooled_pair
+from ctxrestore.models.network import EncoderDecoder, pooled_pair, stacked_pair
 from ctxrestore.models.registry import create_model, register_model
 
 
@@ -98,15 +98,7 @@ class RestorationContrastiveNetwork(nn.Module):
         self.projection = projection
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        expected = 2 * self.encoder.in_channels
-        if x.ndim == self.encoder.spatial_dims + 2 and x.shape[1] != expected:
-            raise CtxRestoreError(
-                f"the restoration-contrastive network takes two views of each image, 2 x "
-                f"{self.encoder.in_channels} = {expected} channel(s), got {x.shape[1]} (input "
-                f"shape {tuple(x.shape)})"
-            )
-        views = torch.cat(x.chunk(2, dim=1), dim=0)  # (2B, C, *S): first views, then second
-        check_network_input(self.encoder, views)
+        views = stacked_pair(self.encoder, x, "restoration-contrastive", "two views of each image")
         features = self.encoder.forward_features(views)
         restored = self.head(self.decoder(features))
         deepest = features[-1]

@@ -55,19 +55,24 @@ def check_network_input(encoder: ConvEncoder, x: Tensor) -> None:
         )
 
 
-def pooled_pair(encoder: ConvEncoder, x: Tensor, network: str, pair: str) -> tuple[Tensor, Tensor]:
-    """Siamese networks' shared step: x (B, 2 * in_channels, *S), two images per sample (the
-    first's channels, then the second's) -> their globally average-pooled features, (B, F)
-    each, from one pass of the shared encoder. `network` and `pair` name them in errors."""
+def stacked_pair(encoder: ConvEncoder, x: Tensor, network: str, pair: str) -> Tensor:
+    """Siamese networks' input: x (B, 2 * in_channels, *S), two images per sample (the first's
+    channels, then the second's) -> (2B, in_channels, *S), all first images then all second
+    ones, checked for `encoder`. `network` and `pair` name them in errors."""
     expected = 2 * encoder.in_channels
     if x.ndim == encoder.spatial_dims + 2 and x.shape[1] != expected:
         raise CtxRestoreError(
             f"the {network} network takes {pair}, 2 x {encoder.in_channels} = {expected} "
             f"channel(s), got {x.shape[1]} (input shape {tuple(x.shape)})"
         )
-    first, second = x.chunk(2, dim=1)
-    images = torch.cat([first, second], dim=0)  # one encoder pass, shared weights
+    images = torch.cat(x.chunk(2, dim=1), dim=0)  # one encoder pass, shared weights
     check_network_input(encoder, images)
-    features = encoder(images)
+    return images
+
+
+def pooled_pair(encoder: ConvEncoder, x: Tensor, network: str, pair: str) -> tuple[Tensor, Tensor]:
+    """Siamese networks' shared step: `stacked_pair`'s images -> their globally average-pooled
+    features, (B, F) each, from one pass of the shared encoder."""
+    features = encoder(stacked_pair(encoder, x, network, pair))
     pooled = features.mean(dim=tuple(range(2, features.ndim)))  # (2B, out_channels)
     return pooled.chunk(2, dim=0)

@@ -34,20 +34,22 @@ def generator(seed: int = 0) -> torch.Generator:
 def test_both_views_are_augmented_then_corrupted_by_swaps(spatial, channels):
     pretext = create_pretext(METHOD, num_swaps=2, patch_size=4)
     images = torch.rand(3, channels, *spatial, generator=generator(9))
-    inputs, (clean, inputs_again) = pretext.make_batch(images, generator(1))
-    assert inputs.shape == clean.shape == (3, 2 * channels, *spatial)
-    assert inputs_again is inputs  # the restoration term's baseline
+    inputs, (clean, corrupted) = pretext.make_batch(images, generator(1))
+    assert inputs.shape == (3, 4 * channels, *spatial)
+    assert clean.shape == corrupted.shape == (3, 2 * channels, *spatial)
+    # The network sees the corrupted views, then the clean ones (for the contrastive term).
+    assert torch.equal(inputs, torch.cat([corrupted, clean], dim=1))
     # The clean views are the contrastive pretext's views for the same generator state.
     views, _ = create_pretext("contrastive").make_batch(images, generator(1))
     torch.testing.assert_close(clean, views)
     for image in range(3):
         for view in (slice(0, channels), slice(channels, 2 * channels)):
-            corrupted, original = inputs[image, view], clean[image, view]
-            assert not torch.equal(corrupted, original)  # swaps happened
+            swapped, original = corrupted[image, view], clean[image, view]
+            assert not torch.equal(swapped, original)  # swaps happened
             # A swap moves pixels: each channel keeps exactly its values, rearranged.
             for channel in range(channels):
                 assert torch.equal(
-                    corrupted[channel].flatten().sort().values,
+                    swapped[channel].flatten().sort().values,
                     original[channel].flatten().sort().values,
                 )
         assert not torch.allclose(clean[image, :channels], clean[image, channels:], atol=1e-3)
@@ -62,9 +64,9 @@ def test_both_views_are_augmented_then_corrupted_by_swaps(spatial, channels):
 def test_each_term_is_a_fraction_of_what_a_network_that_learned_nothing_scores():
     pretext = create_pretext(METHOD, num_swaps=2, patch_size=4, temperature=0.5)
     batch = 4
-    inputs, targets = pretext.make_batch(torch.rand(batch, 1, 16, 16, generator=generator()),
-                                         generator(3))  # fmt: skip
-    clean = targets[0]
+    _, targets = pretext.make_batch(torch.rand(batch, 1, 16, 16, generator=generator()),
+                                    generator(3))  # fmt: skip
+    clean, inputs = targets  # inputs: the corrupted views
     one_hot = torch.eye(batch)
     matching = torch.stack([one_hot, one_hot], dim=1)  # every view equals its partner
     contrastive = create_pretext("contrastive", temperature=0.5)
@@ -99,11 +101,11 @@ def test_metrics_summary_and_preview():
     batch = 4
     inputs, targets = pretext.make_batch(torch.rand(batch, 2, 16, 16, generator=generator()),
                                          generator())  # fmt: skip
-    clean = targets[0]
+    clean, corrupted = targets
     matching = torch.stack([torch.eye(batch), torch.eye(batch)], dim=1)
     metrics = pretext.evaluate(inputs, targets, (clean, matching))
     assert metrics["restoration_mse"] == 0
-    assert metrics["identity_mse"] == pytest.approx(float(((inputs - clean) ** 2).mean()))
+    assert metrics["identity_mse"] == pytest.approx(float(((corrupted - clean) ** 2).mean()))
     assert metrics["view_retrieval_accuracy"] == 1 and metrics["chance_accuracy"] == 1 / 7
     summary = pretext.summary(metrics)
     assert "removes 100.0% of the corruption's error" in summary and "100.0%" in summary
@@ -111,10 +113,10 @@ def test_metrics_summary_and_preview():
 
     rows = pretext.preview_rows(inputs, targets, (clean * 0.5, matching))
     assert [title.split("\n")[0] for title, _ in rows] == [
-        "view 1", "view 1 corrupted", "view 1 restored", "view 2 corrupted"]  # fmt: skip
+        "view 1", "view 1 corrupted", "view 1 restored", "view 2"]  # fmt: skip
     assert "partner found for 8/8 views" in rows[3][0]
-    assert torch.equal(rows[0][1], clean[:, :2]) and torch.equal(rows[1][1], inputs[:, :2])
-    assert torch.equal(rows[2][1], clean[:, :2] * 0.5) and torch.equal(rows[3][1], inputs[:, 2:])
+    assert torch.equal(rows[0][1], clean[:, :2]) and torch.equal(rows[1][1], corrupted[:, :2])
+    assert torch.equal(rows[2][1], clean[:, :2] * 0.5) and torch.equal(rows[3][1], clean[:, 2:])
 
 
 # ----------------------------------------------------------------------------- network
@@ -139,22 +141,27 @@ def test_network_restores_and_projects_both_views_with_the_base_networks_names(
         n: t.shape for n, t in plain.items()
     }
 
-    views = torch.rand(2, 2 * in_channels, *(16,) * spatial_dims, generator=generator())
+    corrupted = torch.rand(2, 2 * in_channels, *(16,) * spatial_dims, generator=generator())
+    clean = torch.rand(2, 2 * in_channels, *(16,) * spatial_dims, generator=generator(1))
     model.eval()
-    restored, projections = model(views)
-    assert restored.shape == views.shape and projections.shape == (2, 2, 8)
-    # One network for both views: given in the other order, the outputs swap.
-    swapped = torch.cat([views[:, in_channels:], views[:, :in_channels]], dim=1)
-    restored_swapped, projections_swapped = model(swapped)
-    torch.testing.assert_close(restored_swapped[:, :in_channels], restored[:, in_channels:])
-    torch.testing.assert_close(projections_swapped[:, 0], projections[:, 1])
-    # The restoration of a view is the plain network's, given the same weights.
-    restoration = build_model(base)
+    restored, projections = model(torch.cat([corrupted, clean], dim=1))
+    assert restored.shape == corrupted.shape and projections.shape == (2, 2, 8)
+    # The restoration of a view is the plain network's, given the same weights; it does not
+    # depend on the clean views.
+    restoration = build_model(base).eval()
     restoration.load_state_dict({n: t for n, t in state.items() if n in plain})
-    torch.testing.assert_close(restoration.eval()(views[:, :in_channels]),
-                               restored[:, :in_channels])  # fmt: skip
-    with pytest.raises(CtxRestoreError, match=r"two views of each image, 2 x 2 = 4 .* got 2"):
-        model(torch.rand(1, 2, *(16,) * spatial_dims))
+    for view in (slice(0, in_channels), slice(in_channels, 2 * in_channels)):
+        torch.testing.assert_close(restoration(corrupted[:, view]), restored[:, view])
+    other_clean = torch.cat([corrupted, clean.flip(0)], dim=1)
+    torch.testing.assert_close(model(other_clean)[0], restored)
+    # The projections are the clean views': the encoder's pooled deepest features, projected,
+    # whatever the corrupted views are.
+    first = restoration.encoder(clean[:, :in_channels]).flatten(2).mean(2)
+    torch.testing.assert_close(model.projection(first), projections[:, 0])
+    other_corrupted = torch.cat([corrupted.flip(0), clean], dim=1)
+    torch.testing.assert_close(model(other_corrupted)[1], projections)
+    with pytest.raises(CtxRestoreError, match=r"the same two clean, 4 x 2 = 8 .* got 4"):
+        model(corrupted)
 
 
 def test_network_options():

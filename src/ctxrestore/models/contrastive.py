@@ -82,12 +82,15 @@ def contrastive(
 class RestorationContrastiveNetwork(nn.Module):
     """An image-to-image network whose encoder also feeds a SimCLR projection head.
 
-    (B, 2 * in_channels, *S), two views of each image (the first's channels, then the
-    second's) -> (restored views (B, 2 * out_channels, *S) in the same layout, projections
-    (B, 2, projection_dim)). Both views go through the network as one batch of 2B. The
-    children keep the restoration network's names (`encoder`, `decoder`, `head`), so its
-    encoder and decoder transfer as a plain restoration network's would; `projection` is left
-    behind.
+    (B, 4 * in_channels, *S): two corrupted views of each image, then the same two views clean
+    (each pair as the siamese networks take it: the first's channels, then the second's) ->
+    (the corrupted views restored (B, 2 * out_channels, *S), in the same layout; projections
+    of the clean views (B, 2, projection_dim)). The encoder runs once over the 2B corrupted
+    views, for the decoder, and once over the 2B clean ones, for the projection: instance
+    discrimination on swap-corrupted views transfers no better than context restoration
+    (docs/experiments.md 28). The children keep the restoration network's names (`encoder`,
+    `decoder`, `head`), so its encoder and decoder transfer as a plain restoration network's
+    would; `projection` is left behind.
     """
 
     def __init__(self, restoration: EncoderDecoder, projection: ProjectionHead) -> None:
@@ -98,12 +101,18 @@ class RestorationContrastiveNetwork(nn.Module):
         self.projection = projection
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        views = stacked_pair(self.encoder, x, "restoration-contrastive", "two views of each image")
-        features = self.encoder.forward_features(views)
-        restored = self.head(self.decoder(features))
-        deepest = features[-1]
-        pooled = deepest.mean(dim=tuple(range(2, deepest.ndim)))
-        projections = self.projection(pooled)  # one pass: BatchNorm1d sees both views
+        expected = 4 * self.encoder.in_channels
+        if x.ndim == self.encoder.spatial_dims + 2 and x.shape[1] != expected:
+            raise CtxRestoreError(
+                f"the restoration-contrastive network takes two corrupted views of each image "
+                f"and the same two clean, 4 x {self.encoder.in_channels} = {expected} "
+                f"channel(s), got {x.shape[1]} (input shape {tuple(x.shape)})"
+            )
+        corrupted, clean = x.chunk(2, dim=1)
+        views = stacked_pair(self.encoder, corrupted, "restoration-contrastive", "views")
+        restored = self.head(self.decoder(self.encoder.forward_features(views)))
+        first, second = pooled_pair(self.encoder, clean, "restoration-contrastive", "views")
+        projections = self.projection(torch.cat([first, second]))  # BatchNorm1d sees both
         return (
             torch.cat(restored.chunk(2, dim=0), dim=1),
             torch.stack(projections.chunk(2, dim=0), dim=1),

@@ -8,9 +8,10 @@ classification what restoration did not). Here one network does both on the same
 - each image is augmented twice, as SimCLR's views (`ContrastivePretext.augmentation`);
 - both views are corrupted by patch swaps (`context_restoration`) and restored by the
   chosen --network, its loss against the clean views;
-- the encoder's pooled deepest features of the corrupted views are projected
+- the encoder's pooled deepest features of the CLEAN views are projected
   (`models.contrastive.RestorationContrastiveNetwork`), and NT-Xent asks each view to find its
-  partner among the 2B - 1 others.
+  partner among the 2B - 1 others. On the corrupted views instead, the contrastive term
+  transferred no better than restoration alone, at any weight (docs/experiments.md 28).
 
 The two losses have unrelated scales (an MSE of ~0.02 against a cross entropy of ~4), so each
 is divided by what a network that learned nothing scores: restoration by the loss of the
@@ -92,23 +93,23 @@ class ContextRestorationContrastivePretext:
     def make_batch(
         self, images: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """images (B, C, *S) -> (two corrupted views (B, 2C, *S): the first view's channels,
-        then the second's; targets (the two clean views in the same layout, the network
-        input), the input for the restoration term's baseline)."""
+        """images (B, C, *S) -> (network input (B, 4C, *S): the two views corrupted, then the
+        same two clean, each pair as the first view's channels, then the second's; targets
+        (the clean views (B, 2C, *S), the corrupted ones: the restoration term's baseline))."""
         views, _ = self.contrastive.make_batch(images, generator)
         # Both views as one batch, so every image draws its own swaps.
         batch = torch.cat(views.chunk(2, dim=1), dim=0)
         corrupted = self.restoration.make_batch(batch, generator)[0]
-        inputs = torch.cat(corrupted.chunk(2, dim=0), dim=1)
-        return inputs, (views, inputs)
+        corrupted = torch.cat(corrupted.chunk(2, dim=0), dim=1)
+        return torch.cat([corrupted, views], dim=1), (views, corrupted)
 
     def _terms(self, outputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
         """(restoration term, contrastive term), each normalised to ~1 for a network that
         learned nothing."""
         restored, projections = outputs
-        clean, inputs = targets
+        clean, corrupted = targets
         measure = RESTORATION_LOSSES[self.restoration_loss]
-        baseline = measure(inputs, clean).detach().clamp_min(1e-12)
+        baseline = measure(corrupted, clean).detach().clamp_min(1e-12)
         restoration = measure(restored, clean) / baseline
         partners = torch.arange(len(clean), device=clean.device)
         chance = math.log(2 * len(clean) - 1)
@@ -121,10 +122,10 @@ class ContextRestorationContrastivePretext:
     def evaluate(self, inputs, targets, outputs) -> dict[str, float]:
         """Context restoration's metrics over both views, and the view retrieval accuracy."""
         restored, projections = outputs
-        clean, _ = targets
+        clean, corrupted = targets
         partners = torch.arange(len(clean), device=clean.device)
         return {
-            **restoration_metrics(inputs, clean, restored),
+            **restoration_metrics(corrupted, clean, restored),
             **self.contrastive.evaluate(None, partners, projections),
         }
 
@@ -132,17 +133,17 @@ class ContextRestorationContrastivePretext:
         return f"{self.restoration.summary(metrics)} {self.contrastive.summary(metrics)}"
 
     def preview_rows(self, inputs, targets, outputs) -> list[tuple[str, torch.Tensor]]:
-        """The first view clean, corrupted and restored; the second view corrupted, titled
-        with how many views of the shown images found their partner among them."""
+        """The first view clean, corrupted and restored; the second view, titled with how many
+        views of the shown images found their partner among them."""
         restored, projections = outputs
-        clean, _ = targets
+        clean, corrupted = targets
         channels = clean.shape[1] // 2
         found, views = partners_found(projections, torch.arange(len(clean)))
         return [
             ("view 1", clean[:, :channels]),
-            ("view 1 corrupted", inputs[:, :channels]),
+            ("view 1 corrupted", corrupted[:, :channels]),
             ("view 1 restored", restored[:, :channels]),
-            (f"view 2 corrupted\npartner found for {found}/{views} views", inputs[:, channels:]),
+            (f"view 2\npartner found for {found}/{views} views", clean[:, channels:]),
         ]
 
     def params(self) -> dict:

@@ -455,7 +455,7 @@ def benchmark(
             help="Comma-separated initialisations: 'random', pretext names, and 'random_xK' "
             "(random weights fine-tuned K times as long: if they catch up, a pretrained gain is "
             "a head start); default: random and the paper's pretexts (every registered one but "
-            "contrastive, which runs only when named)."
+            "contrastive and context_restoration_contrastive, which run only when named)."
         ),
     ] = None,
     seeds: _Seeds = None,

@@ -31,7 +31,7 @@ from pathlib import Path
 from ctxrestore.engine.run_folder import METRICS_FILE, is_finished
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import atomic_write, read_json, write_json
-from ctxrestore.pretext.training import PretrainConfig, run_pretraining, takes_restoration_loss
+from ctxrestore.pretext.training import PretrainConfig, run_pretraining, takes_option
 from ctxrestore.tasks.training import FinetuneConfig, run_finetuning
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class Protocol:
         self, arm: Arm, pretrain_seed: int = 0, *, resume: bool = False
     ) -> PretrainConfig:
         options = {**self.pretrain_options, **(arm.pretrain or {}), "seed": pretrain_seed}
-        if not takes_restoration_loss(options.get("method", PretrainConfig.method)):
+        if not takes_option(options.get("method", PretrainConfig.method), "restoration_loss"):
             options.pop("restoration_loss", None)  # RP and CE keep their own losses
         return PretrainConfig(
             out=self.pretrain_folder(arm, pretrain_seed), resume=resume, **options

@@ -34,7 +34,7 @@ from ctxrestore.models import model_spec
 from ctxrestore.pretext.context_restoration import ContextRestorationPretext
 from ctxrestore.pretext.contrastive import ContrastivePretext, partners_found
 from ctxrestore.pretext.registry import register_pretext
-from ctxrestore.pretext.restoration import RESTORATION_LOSSES, restoration_metrics
+from ctxrestore.pretext.restoration import restoration_metrics
 
 
 @register_pretext("context_restoration_contrastive")
@@ -103,21 +103,17 @@ class ContextRestorationContrastivePretext:
         corrupted = torch.cat(corrupted.chunk(2, dim=0), dim=1)
         return torch.cat([corrupted, views], dim=1), (views, corrupted)
 
-    def _terms(self, outputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
-        """(restoration term, contrastive term), each normalised to ~1 for a network that
-        learned nothing."""
+    def loss(self, outputs, targets) -> torch.Tensor:
+        """Restoration term + weight x contrastive term, each divided by what a network that
+        learned nothing scores."""
         restored, projections = outputs
         clean, corrupted = targets
-        measure = RESTORATION_LOSSES[self.restoration_loss]
-        baseline = measure(corrupted, clean).detach().clamp_min(1e-12)
-        restoration = measure(restored, clean) / baseline
+        restoration = self.restoration.loss(restored, clean)
+        baseline = self.restoration.loss(corrupted, clean).detach().clamp_min(1e-12)
         partners = torch.arange(len(clean), device=clean.device)
         chance = math.log(2 * len(clean) - 1)
-        return restoration, self.contrastive.loss(projections, partners) / chance
-
-    def loss(self, outputs, targets) -> torch.Tensor:
-        restoration, contrastive = self._terms(outputs, targets)
-        return restoration + self.contrastive_weight * contrastive
+        contrastive = self.contrastive.loss(projections, partners) / chance
+        return restoration / baseline + self.contrastive_weight * contrastive
 
     def evaluate(self, inputs, targets, outputs) -> dict[str, float]:
         """Context restoration's metrics over both views, and the view retrieval accuracy."""

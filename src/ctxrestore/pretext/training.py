@@ -108,19 +108,18 @@ class PretrainConfig(FileOptions):
         if self.in_channels is not None and self.in_channels < 1:
             raise CtxRestoreError(f"in_channels must be >= 1, got {self.in_channels}")
         check_restoration_loss(self.restoration_loss)
-        if self.restoration_loss != "mse" and not takes_restoration_loss(self.method):
+        if self.restoration_loss != "mse" and not takes_option(self.method, "restoration_loss"):
             raise CtxRestoreError(
                 f"restoration_loss '{self.restoration_loss}' is for the restoration pretexts "
-                f"({', '.join(m for m in list_pretexts() if takes_restoration_loss(m))}); "
-                f"{self.method} has its own loss"
+                f"({', '.join(pretexts_taking('restoration_loss'))}); {self.method} has its own "
+                "loss"
             )
-        if self.contrastive_weight is not None and "contrastive_weight" not in _factory_options(
-            self.method
+        if self.contrastive_weight is not None and not takes_option(
+            self.method, "contrastive_weight"
         ):
-            takers = [m for m in list_pretexts() if "contrastive_weight" in _factory_options(m)]
             raise CtxRestoreError(
-                f"contrastive_weight is for {', '.join(takers)}; {self.method} has no "
-                "contrastive term to weigh"
+                f"contrastive_weight is for {', '.join(pretexts_taking('contrastive_weight'))}; "
+                f"{self.method} has no contrastive term to weigh"
             )
         if self.num_swaps_max is not None and self.num_swaps_max < self.num_swaps:
             raise CtxRestoreError(
@@ -304,8 +303,13 @@ def _factory_options(method: str) -> set[str]:
     return set(inspect.signature(get_pretext_factory(method)).parameters)
 
 
-def takes_restoration_loss(method: str) -> bool:
-    return "restoration_loss" in _factory_options(method)
+def takes_option(method: str, option: str) -> bool:
+    """Whether pretext `method` takes pretrain option `option` (e.g. restoration_loss)."""
+    return option in _factory_options(method)
+
+
+def pretexts_taking(option: str) -> list[str]:
+    return [method for method in list_pretexts() if takes_option(method, option)]
 
 
 def pretext_options(config: PretrainConfig) -> dict:

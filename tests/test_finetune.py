@@ -60,6 +60,8 @@ def test_finetune_end_to_end_through_the_cli(tmp_path, pretrained, task, init):
     assert summary["split"]["train"]["cases"] == 14  # half of the 28 left after test and val
     report = (out / "report.md").read_text()
     assert HEADLINE[task] in report and "What was transferred" in report
+    assert f"PyTorch {torch.__version__}" in report  # the environment line
+    assert json.loads((out / "environment.json").read_text())["sessions"][0]["device"] == "cpu"
     expected = "pretrained" if init == "pretrained" else "random (--init random)"
     encoder_row = next(line for line in report.splitlines() if line.startswith("| encoder |"))
     assert encoder_row.endswith(f"| {expected} |")

@@ -7,6 +7,7 @@ from PIL import Image
 
 import ctxrestore
 from ctxrestore.engine.checkpoint import load_checkpoint
+from ctxrestore.engine.environment import ENVIRONMENT_FILE
 from ctxrestore.engine.loop import read_log
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import read_json, write_json
@@ -99,6 +100,11 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_pretrain, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.final_loss == straight.final_loss
     assert [row["step"] for row in read_log(tmp_path / "split")] == [1, 2, 3, 4, 5, 6]
+    # One environment entry per start: the resume added the second.
+    sessions = {name: read_json(tmp_path / name / ENVIRONMENT_FILE)["sessions"]
+                for name in ("straight", "split")}  # fmt: skip
+    assert [len(sessions["straight"]), len(sessions["split"])] == [1, 2]
+    assert "Environment: ctxrestore" in (tmp_path / "split" / "report.md").read_text()
 
 
 def test_a_finished_run_is_never_overwritten(tmp_path, tiny_pretrain):

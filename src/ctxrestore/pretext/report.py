@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ctxrestore.engine.environment import environment_summary
 from ctxrestore.engine.loop import read_log
 from ctxrestore.engine.run_folder import METRICS_FILE
 from ctxrestore.figures import save_loss_curve
@@ -48,6 +49,7 @@ def write_pretraining_report(
         f"Data: {source}. Steps: {metrics['steps']}. Checkpoint: `{run_dir}` "
         "(`ctxrestore.load_pretrained` rebuilds it).",
         "",
+        *([environment, ""] if (environment := environment_summary(run_dir)) else []),
         "| setting | value |",
         "| --- | --- |",
         *(f"| {key} | {config[key]} |" for key in SETTINGS),

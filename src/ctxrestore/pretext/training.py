@@ -28,6 +28,7 @@ from ctxrestore.engine.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from ctxrestore.engine.environment import record_environment
 from ctxrestore.engine.loop import FitResult, LoopConfig, fit
 from ctxrestore.engine.run_folder import (
     CONFIG_FILE,
@@ -343,6 +344,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
             )
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / CONFIG_FILE, config.to_json())
+            record_environment(out, context.device, context.world_size, config.resume)
         steps_per_epoch = len(dataset) // config.batch_size
         max_steps = config.max_steps or max(1, steps_per_epoch) * config.epochs
         loop = LoopConfig(

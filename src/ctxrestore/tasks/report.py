@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ctxrestore.engine.environment import environment_summary
 from ctxrestore.engine.loop import VALIDATION_FILE, read_log
 from ctxrestore.engine.run_folder import METRICS_FILE
 from ctxrestore.figures import save_confusion_matrix, save_loss_curve
@@ -134,6 +135,7 @@ def write_finetuning_report(
         "",
         *([f"Preprocessing: `{data.preprocessing}`.", ""] if data.preprocessing else []),
         *([f"Bad files: {data.skipped}.", ""] if data.skipped else []),
+        *([environment, ""] if (environment := environment_summary(run_dir)) else []),
         f"## Test metrics ({counts['test']['cases']} cases, {counts['test']['items']} images)",
         "",
         *(_metric_tables(test, task.metric) if test else ["No test cases: too few cases.", ""]),

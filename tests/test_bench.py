@@ -219,6 +219,22 @@ def test_summary_counts_pairs_that_share_a_pretraining_once(tmp_path):
     assert "the paired intervals are over the 2 pretrainings" in text
 
 
+def test_report_warns_when_runs_were_computed_in_several_environments(tmp_path):
+    protocol, rows = _synthetic(tmp_path)
+    methods = [arm.name for arm in protocol.arms]
+    table = summarize(rows, methods=methods, fractions=protocol.fractions, metric=protocol.metric)
+    for row in rows:
+        row["environment"] = "torch 2, cpu AVX512, 1 process(es)"
+    text = write_report(tmp_path / "a.md", protocol, rows, table, tmp_path / "p.png").read_text()
+    assert "environments" not in text  # one environment: nothing to say
+    rows[0]["environment"] = "torch 2, cpu AVX2, 1 process(es)"  # resumed on another machine
+    text = write_report(tmp_path / "b.md", protocol, rows, table, tmp_path / "p.png").read_text()
+    assert (
+        "The runs ran in 2 environments (torch 2, cpu AVX2, 1 process(es): 1 run; "
+        "torch 2, cpu AVX512, 1 process(es): 17 runs)" in text
+    )
+
+
 def test_report_of_a_higher_is_better_metric_has_no_reduction_column(tmp_path):
     protocol, rows = _synthetic(tmp_path, metric="iou/mean")
     methods = [arm.name for arm in protocol.arms]
@@ -377,6 +393,11 @@ def test_benchmark_writes_results_summary_plot_and_report(benchmark_out):
     for column in ("task", "train_cases", "steps", "best_step", "macro_f1", "accuracy"):
         assert column in rows[0], column
     assert {r["train_cases"] for r in rows if r["fraction"] == "0.35"} == {"10"}
+    # Every run in one environment, named: what its numbers were computed on.
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert {r["environment"] for r in rows} == {
+        f"torch {torch.__version__}, cpu {capability}, 1 process(es)"
+    }
     with (benchmark_out / "summary.csv").open() as handle:
         summary = list(csv.DictReader(handle))
     assert len(summary) == 2 * 2 and summary[1]["pairs"] == "2"

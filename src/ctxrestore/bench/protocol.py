@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctxrestore.engine.environment import environment_fingerprint
 from ctxrestore.engine.run_folder import METRICS_FILE, is_finished
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import atomic_write, read_json, write_json
@@ -54,7 +55,7 @@ OPTIONAL_ARMS = ("controls", "pretrain_lengths")
 # pretrain_seed: which of the arm's pretrainings the run started from ("" for random weights);
 # pairs that share one count once in the summary's intervals.
 RUN_COLUMNS = ("task", "method", "fraction", "seed", "pretrain_seed", "train_cases", "steps",
-               "best_step")  # fmt: skip
+               "best_step", "environment")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,8 @@ def run_grid(protocol: Protocol) -> GridRun:
 
 def result_row(protocol: Protocol, arm: Arm, fraction: str, seed: int) -> dict:
     """One results.csv row from a finished run's metrics.json."""
-    summary = read_json(protocol.run_folder(arm, fraction, seed) / METRICS_FILE)
+    folder = protocol.run_folder(arm, fraction, seed)
+    summary = read_json(folder / METRICS_FILE)
     row = {
         "task": protocol.task,
         "method": arm.name,
@@ -297,6 +299,7 @@ def result_row(protocol: Protocol, arm: Arm, fraction: str, seed: int) -> dict:
         "train_cases": summary["split"]["train"]["cases"],
         "steps": summary["steps"],
         "best_step": summary["best_step"],
+        "environment": environment_fingerprint(folder),
     }
     return {**row, **summary["test"]}
 

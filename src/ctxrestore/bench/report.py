@@ -6,6 +6,7 @@ runs and the settings."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -263,6 +264,20 @@ def _pretraining_caveat(protocol: Protocol) -> str:
             "pretraining as well as that of fine-tuning")  # fmt: skip
 
 
+def _environment_caveat(rows: Sequence[dict]) -> str:
+    """A grid resumed on another machine mixes kernels: its pairs no longer share their noise."""
+    counts = Counter(row.get("environment") or "not recorded" for row in rows)
+    if len(counts) < 2:
+        return ""
+    listed = "; ".join(
+        f"{name}: {count} run{'s' * (count != 1)}" for name, count in sorted(counts.items())
+    )
+    return (f" The runs ran in {len(counts)} environments ({listed}): the same seed gives other "
+            "numbers on other kernels, so pairs across them differ by more than the "
+            "initialisation (README, Reproducibility); rerun them on one machine to pair "
+            "them.")  # fmt: skip
+
+
 def per_class_lines(
     protocol: Protocol, rows: Sequence[dict], focus: str, reference: str
 ) -> list[str]:
@@ -361,6 +376,7 @@ def write_report(
     lines += [
         f"Caveats: {_pretraining_caveat(protocol)}; with {len(protocol.seeds)} seeds an "
         "interval is wide, and 'no clear difference' is not evidence of no difference."
+        + _environment_caveat(rows)
         + (
             " The data is a procedural phantom: the numbers describe the method on it, not on "
             "real scans."

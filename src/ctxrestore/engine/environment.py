@@ -90,13 +90,27 @@ def environment_changes(before: dict, after: dict) -> list[str]:
     ]
 
 
+def environment_fingerprint(run_dir: Path) -> str:
+    """What decided a run's numbers (NUMERICS_KEYS at its start) in one short string, so
+    runs can be grouped by it; "" for a run without the file."""
+    sessions = _sessions(run_dir)
+    if not sessions:
+        return ""
+    first = sessions[0]
+    device = first["gpu"] or f"cpu {first['cpu_capability']}"
+    cuda = f", CUDA {first['cuda']}, cuDNN {first['cudnn']}" if first["gpu"] else ""
+    return f"torch {first['torch']}, {device}{cuda}, {first['world_size']} process(es)"
+
+
+def _sessions(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / ENVIRONMENT_FILE
+    return list(read_json(path).get("sessions", [])) if path.is_file() else []
+
+
 def environment_summary(run_dir: Path) -> str | None:
     """One Markdown line for a report: what the run started on (None for a run without the
     file, e.g. one from before it was written)."""
-    path = Path(run_dir) / ENVIRONMENT_FILE
-    if not path.is_file():
-        return None
-    sessions = read_json(path).get("sessions", [])
+    sessions = _sessions(run_dir)
     if not sessions:
         return None
     first = sessions[0]

@@ -9,6 +9,7 @@ from ctxrestore.engine.environment import (
     ENVIRONMENT_FILE,
     describe_environment,
     environment_changes,
+    environment_fingerprint,
     environment_summary,
     record_environment,
 )
@@ -38,7 +39,7 @@ def test_a_resume_on_other_kernels_warns_and_the_report_says_so(tmp_path, caplog
     first = record_environment(tmp_path, torch.device("cpu"))
     first_line = environment_summary(tmp_path)
     assert first_line.startswith(f"Environment: ctxrestore {first['ctxrestore']}, PyTorch ")
-    assert f"CPU ({first['cpu_capability']} kernels)" in first_line
+    assert f"cpu {first['cpu_capability']}, 1 process(es)" in first_line
     assert "Resumed" not in first_line
     # The run started on another CPU: rewrite its first entry as if it had.
     write_json(tmp_path / ENVIRONMENT_FILE, {"sessions": [first | {"cpu_capability": "OTHER"}]})
@@ -58,5 +59,16 @@ def test_every_key_that_decides_the_numbers_counts_as_a_change(key):
     ]
 
 
-def test_a_run_without_the_file_has_no_line(tmp_path):
-    assert environment_summary(tmp_path) is None
+def test_a_run_without_the_file_has_no_line_and_no_fingerprint(tmp_path):
+    assert environment_summary(tmp_path) is None and environment_fingerprint(tmp_path) == ""
+
+
+def test_the_fingerprint_names_a_gpu_by_its_name_and_other_devices_by_their_type(tmp_path):
+    entry = describe_environment(torch.device("cpu"))
+    gpu = entry | {"device": "cuda", "gpu": "NVIDIA H100", "cuda": "12.8", "cudnn": 91002}
+    write_json(tmp_path / ENVIRONMENT_FILE, {"sessions": [gpu]})
+    assert environment_fingerprint(tmp_path) == (
+        f"torch {torch.__version__}, NVIDIA H100, CUDA 12.8, cuDNN 91002, 1 process(es)"
+    )
+    write_json(tmp_path / ENVIRONMENT_FILE, {"sessions": [entry | {"device": "mps"}]})
+    assert environment_fingerprint(tmp_path) == f"torch {torch.__version__}, mps, 1 process(es)"

@@ -97,9 +97,15 @@ def environment_fingerprint(run_dir: Path) -> str:
     if not sessions:
         return ""
     first = sessions[0]
-    device = first["gpu"] or f"cpu {first['cpu_capability']}"
     cuda = f", CUDA {first['cuda']}, cuDNN {first['cudnn']}" if first["gpu"] else ""
-    return f"torch {first['torch']}, {device}{cuda}, {first['world_size']} process(es)"
+    return f"torch {first['torch']}, {_device_name(first)}{cuda}, {first['world_size']} process(es)"
+
+
+def _device_name(entry: dict) -> str:
+    """The GPU's name, or the CPU's kernel capability ("cpu AVX512"), or the device type."""
+    if entry["gpu"]:
+        return entry["gpu"]
+    return f"cpu {entry['cpu_capability']}" if entry["device"] == "cpu" else entry["device"]
 
 
 def _sessions(run_dir: Path) -> list[dict]:
@@ -114,10 +120,10 @@ def environment_summary(run_dir: Path) -> str | None:
     if not sessions:
         return None
     first = sessions[0]
-    device = first["gpu"] or f"CPU ({first['cpu_capability']} kernels)"
     line = (
         f"Environment: ctxrestore {first['ctxrestore']}, PyTorch {first['torch']}, "
-        f"{device}, {first['world_size']} process(es); `{ENVIRONMENT_FILE}` has the details"
+        f"{_device_name(first)}, {first['world_size']} process(es); `{ENVIRONMENT_FILE}` has "
+        "the details"
     )
     changes = [change for later in sessions[1:] for change in environment_changes(first, later)]
     if changes:

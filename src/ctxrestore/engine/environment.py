@@ -96,16 +96,19 @@ def environment_fingerprint(run_dir: Path) -> str:
     sessions = _sessions(run_dir)
     if not sessions:
         return ""
-    first = sessions[0]
-    cuda = f", CUDA {first['cuda']}, cuDNN {first['cudnn']}" if first["gpu"] else ""
-    return f"torch {first['torch']}, {_device_name(first)}{cuda}, {first['world_size']} process(es)"
+    return f"torch {sessions[0]['torch']}, {_kernels(sessions[0])}"
 
 
-def _device_name(entry: dict) -> str:
-    """The GPU's name, or the CPU's kernel capability ("cpu AVX512"), or the device type."""
+def _kernels(entry: dict) -> str:
+    """Where the kernels ran: the GPU by name with CUDA and cuDNN, the CPU by its capability
+    ("cpu AVX512"), another device by its type; and how many processes."""
     if entry["gpu"]:
-        return entry["gpu"]
-    return f"cpu {entry['cpu_capability']}" if entry["device"] == "cpu" else entry["device"]
+        device = f"{entry['gpu']}, CUDA {entry['cuda']}, cuDNN {entry['cudnn']}"
+    elif entry["device"] == "cpu":
+        device = f"cpu {entry['cpu_capability']}"
+    else:
+        device = entry["device"]
+    return f"{device}, {entry['world_size']} process(es)"
 
 
 def _sessions(run_dir: Path) -> list[dict]:
@@ -122,8 +125,7 @@ def environment_summary(run_dir: Path) -> str | None:
     first = sessions[0]
     line = (
         f"Environment: ctxrestore {first['ctxrestore']}, PyTorch {first['torch']}, "
-        f"{_device_name(first)}, {first['world_size']} process(es); `{ENVIRONMENT_FILE}` has "
-        "the details"
+        f"{_kernels(first)}; `{ENVIRONMENT_FILE}` has the details"
     )
     changes = [change for later in sessions[1:] for change in environment_changes(first, later)]
     if changes:

@@ -8,11 +8,14 @@ import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from ctxrestore.engine.checkpoint import WEIGHTS_FILE
 from ctxrestore.engine.distributed import DEVICES
+from ctxrestore.engine.environment import record_environment
 from ctxrestore.engine.loop import PRECISIONS
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.files import read_json
+from ctxrestore.files import read_json, write_json
 
 CONFIG_FILE = "config.json"
 # Written last by pretraining and fine-tuning alike: a folder holding it is a finished run;
@@ -81,6 +84,17 @@ def check_run_folder(
             raise CtxRestoreError(
                 f"--resume with options that differ from the run in {out}: {details}"
             )
+
+
+def start_run_folder(
+    out: Path, options: dict, device: torch.device, world_size: int, resume: bool
+) -> None:
+    """What every run writes when it starts (rank 0, after check_run_folder): OUT, its
+    config.json and one more environment.json entry (engine/environment.py)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG_FILE, options)
+    record_environment(out, device, world_size, resume)
 
 
 def check_stage_options(config: object, positive: Iterable[str]) -> None:

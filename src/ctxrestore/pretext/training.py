@@ -28,14 +28,13 @@ from ctxrestore.engine.distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from ctxrestore.engine.environment import record_environment
 from ctxrestore.engine.loop import FitResult, LoopConfig, fit
 from ctxrestore.engine.run_folder import (
-    CONFIG_FILE,
     METRICS_FILE,
     check_run_folder,
     check_stage_options,
     option_defaults,
+    start_run_folder,
 )
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
@@ -342,9 +341,9 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
             check_run_folder(
                 out, config.to_json(), config.resume, defaults=option_defaults(PretrainConfig)
             )
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / CONFIG_FILE, config.to_json())
-            record_environment(out, context.device, context.world_size, config.resume)
+            start_run_folder(
+                out, config.to_json(), context.device, context.world_size, config.resume
+            )
         steps_per_epoch = len(dataset) // config.batch_size
         max_steps = config.max_steps or max(1, steps_per_epoch) * config.epochs
         loop = LoopConfig(

@@ -25,10 +25,8 @@ from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
 from ctxrestore.engine.checkpoint import TRAINING_STATE_FILE, WEIGHTS_FILE, load_checkpoint
 from ctxrestore.engine.distributed import barrier, setup_distributed, teardown_distributed
-from ctxrestore.engine.environment import record_environment
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
-    CONFIG_FILE,
     METRICS_FILE,
     check_head_only_steps,
     check_patience,
@@ -36,6 +34,7 @@ from ctxrestore.engine.run_folder import (
     check_stage_options,
     is_finished,
     option_defaults,
+    start_run_folder,
 )
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import write_json
@@ -411,9 +410,9 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             "data": {"source": data.source, "split_seed": config.seed},
         }
         if context.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / CONFIG_FILE, config.to_json())
-            record_environment(out, context.device, context.world_size, config.resume)
+            start_run_folder(
+                out, config.to_json(), context.device, context.world_size, config.resume
+            )
             write_split(out / SPLIT_FILE, split)
 
         batch_size = min(config.batch_size, len(split.train))

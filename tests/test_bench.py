@@ -589,10 +589,25 @@ def test_a_pretraining_network_with_the_tasks_encoder_is_compared_with_random(tm
         build_protocol(dataclasses.replace(options, network="unet"), "benchmark", arms, {})
 
 
+def test_the_mask_box_head_pretrains_a_sononet_unet_by_default(tmp_path):
+    settings = {key: value for key, value in TINY.items() if key != "methods"}
+    arms = (Arm("random"), Arm("context_restoration", {"method": "context_restoration"}))
+    options = BenchmarkOptions(**{**settings, "task": "localize", "box_head": "mask"}, out=tmp_path)
+    protocol = build_protocol(options, "benchmark", arms, {})
+    assert protocol.pretrain_config(arms[1]).network == "sononet_unet"
+    assert protocol.finetune_config(arms[0], "1.0", 0).box_head == "mask"
+    assert protocol.settings["box_head"] == "mask"
+    regression = dataclasses.replace(options, box_head="regression")
+    assert build_protocol(regression, "benchmark", arms, {}).pretrain_config(arms[1]).network == (
+        "sononet"
+    )
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"restoration_loss": "huber"}, "unknown restoration loss 'huber'"),
+        ({"box_head": "mask"}, "box_head 'mask' is a localisation option"),
         ({"methods": "random,nope"}, "unknown method.*nope.*context_restoration"),
         ({"fractions": "0.1,10%"}, "same fraction twice"),
         ({"fractions": "0.1,2.5"}, "label fraction '2.5' is not valid"),

@@ -346,6 +346,34 @@ def test_localize_in_3d_regresses_one_box_per_organ(tmp_path):
     assert spec["model"]["name"] == "localizer" and spec["model"]["kwargs"]["spatial_dims"] == 3
 
 
+def test_the_mask_box_head_takes_a_sononet_unet_pretraining_whole(tmp_path):
+    pretraining = tmp_path / "pre"
+    ctxrestore.pretrain(out=pretraining, network="sononet_unet", phantom="abdomen",
+                        **TINY_PRETRAIN)  # fmt: skip
+    out = tmp_path / "run"
+    arguments = ["finetune", "localize", "--out", str(out), "--init", str(pretraining),
+                 "--box-head", "mask", *_cli_options(TINY_FINETUNE)]  # fmt: skip
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    _, spec = load_checkpoint(out)
+    assert spec["model"]["name"] == "unet" and spec["model"]["kwargs"]["out_channels"] == 5
+    assert spec["task"]["box_head"] == "mask"
+    transfer = spec["init"]["transfer"]
+    assert set(transfer["transferred"]) == {"encoder", "decoder"}, transfer
+    summary = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= summary["test"]["iou/mean"] <= 1.0
+    assert "| box_head | mask |" in (out / "report.md").read_text()
+    abdomen = tmp_path / "abdomen"
+    ctxrestore.api.phantoms("abdomen", out=abdomen, count=2, image_size=32)
+    ctxrestore.predict(out, abdomen, out=tmp_path / "predicted")
+    boxes = read_boxes_csv(tmp_path / "predicted" / "boxes.csv")
+    assert len(boxes) == 2 and all(len(organs) == 5 for organs in boxes.values())
+    with pytest.raises(CtxRestoreError, match="--box-head mask is a localisation option"):
+        FinetuneConfig(task="segment", out="unused", box_head="mask")
+    with pytest.raises(CtxRestoreError, match="unknown box head 'boxes'"):
+        FinetuneConfig(task="localize", out="unused", box_head="boxes")
+
+
 def test_patience_zero_runs_the_whole_schedule(tmp_path, monkeypatch):
     # Every validation after the first is worse: patience 1 stops at the second validation,
     # patience 0 validates to the end and keeps the first (best) one.

@@ -15,10 +15,15 @@ from ctxrestore.models import build_model, create_model
 from ctxrestore.tasks.localize import (
     LocalizationTask,
     box_iou,
+    box_mask_loss,
+    box_masks,
     boxes_from_masks,
+    decode_box_masks,
     decode_boxes,
     encode_boxes,
     localization_metrics,
+    organ_masks,
+    tight_boxes,
 )
 
 DIMS = (2, 3)
@@ -217,8 +222,20 @@ def test_task_validation_json_and_balancing(caplog):
         LocalizationTask(("liver", "spleen"), presence_weights=(1.0,))
     task = LocalizationTask(("liver", "spleen", "kidney", "aorta"))
     assert task.name == "localize" and task.metric == "iou/mean"
-    assert task.to_json() == {"name": "localize", "organ_names": list(task.organ_names)}
+    assert task.to_json() == {
+        "name": "localize",
+        "organ_names": list(task.organ_names),
+        "box_head": "regression",
+    }
     assert LocalizationTask.from_json(task.to_json()) == task
+    mask_head = LocalizationTask(("liver",), box_head="mask")
+    assert LocalizationTask.from_json(mask_head.to_json()) == mask_head
+    # A task written before box heads existed is the regression head's.
+    assert LocalizationTask.from_json({"name": "localize", "organ_names": ["liver"]}).box_head == (
+        "regression"
+    )
+    with pytest.raises(CtxRestoreError, match="unknown box head 'heatmap'; box heads: regr"):
+        LocalizationTask(("liver",), box_head="heatmap")
     # liver in 3 of 4 items (1/3), spleen in 1 (3), kidney never (1, warned), aorta always
     # (0, clipped to 0.1).
     present = [[1, 1, 0, 1], [1, 0, 0, 1], [1, 0, 0, 1], [0, 0, 0, 1]]
@@ -289,3 +306,134 @@ def test_training_loss_refuses_boxes_for_other_organs():
     batch = squares(2, seed=0, side=32)  # boxes for one organ
     with pytest.raises(CtxRestoreError, match="do not fit 2 organs"):
         task.training_loss(model, batch, torch.Generator())
+
+
+# ----------------------------------------------------------------------------- the mask head
+def test_box_masks_by_hand_and_back_to_the_boxes():
+    boxes = torch.tensor([[box((1, 0), (3, 2)), box((0.4, 2.6), (1.6, 4.0)), box((0, 0), (4, 4))]])
+    masks = box_masks(boxes, torch.tensor([[1.0, 1.0, 0.0]]), (4, 4))
+    assert masks.shape == (1, 3, 4, 4) and masks.dtype == torch.float32
+    expected = torch.zeros(4, 4)
+    expected[1:3, 0:2] = 1
+    assert torch.equal(masks[0, 0], expected)
+    # Fractional walls: a voxel is inside when its centre (index + 0.5) is.
+    assert masks[0, 1].nonzero().tolist() == [[0, 3], [1, 3]]
+    assert masks[0, 2].sum() == 0  # absent: no mask, whatever its box says
+    back, present = tight_boxes(masks > 0.5)
+    assert back[0, 0].tolist() == box((1, 0), (3, 2)) and present.tolist() == [[1.0, 1.0, 0.0]]
+    assert back[0, 2].tolist() == box((0, 0), (0, 0))
+
+
+@pytest.mark.parametrize("spatial_dims", DIMS)
+def test_box_masks_of_phantom_boxes_give_them_back(spatial_dims):
+    generator = torch.Generator().manual_seed(3)
+    size = (9, 10, 11)[:spatial_dims]
+    first = torch.stack([torch.randint(0, s - 1, (6,), generator=generator) for s in size], -1)
+    extent = torch.stack([torch.randint(1, s, (6,), generator=generator) for s in size], -1)
+    last = torch.minimum(first + extent, torch.tensor(size))
+    boxes = torch.stack([first, last], dim=-2).float().view(2, 3, 2, spatial_dims)
+    present = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    masks = box_masks(boxes, present, size)
+    back, back_present = tight_boxes(masks > 0.5)
+    assert torch.equal(back_present, present)
+    assert torch.equal(back, boxes * present[..., None, None])
+    # The mask holds exactly the box's voxels.
+    assert torch.equal(masks.flatten(2).sum(-1), (last - first).prod(-1).view(2, 3) * present)
+
+
+def test_decode_box_masks_presence_boxes_and_the_best_guess_when_absent():
+    logits = torch.full((1, 2, 6, 8), -6.0)
+    logits[0, 0, 1:4, 2:7] = 3.0  # organ 0: a confident rectangle
+    logits[0, 1, 2:5, 0:2] = -1.0  # organ 1: nothing passes 0.5; its best guess is this
+    logits[0, 1, 4, 1] = -0.5
+    presence, boxes = decode_box_masks(logits, 2)
+    assert presence[0].tolist() == pytest.approx(torch.sigmoid(torch.tensor([3.0, -0.5])).tolist())
+    assert boxes[0, 0].tolist() == box((1, 2), (4, 7))
+    assert boxes[0, 1].tolist() == box((2, 0), (5, 2))
+    task = LocalizationTask(("a", "b"), box_head="mask")
+    predicted = task.predict(torch.nn.Identity(), logits)
+    assert predicted["present"].tolist() == [[True, False]]
+    with pytest.raises(CtxRestoreError, match="do not fit 3 organs"):
+        decode_box_masks(logits, 3)
+
+
+def test_box_mask_loss_prefers_the_true_boxes():
+    boxes = torch.tensor([[box((1, 2), (4, 7))], [box((0, 0), (0, 0))]])
+    present = torch.tensor([[1.0], [0.0]])
+    target = box_masks(boxes, present, (6, 8))
+    right = box_mask_loss(10 * (2 * target - 1), boxes, present)
+    shifted = box_mask_loss(10 * (2 * target.roll(2, dims=-1) - 1), boxes, present)
+    assert right < 0.01 < 1.0 < shifted
+    with pytest.raises(CtxRestoreError, match="do not fit 1 organs"):
+        box_mask_loss(torch.zeros(2, 2, 6, 8), boxes, present)
+
+
+def test_mask_network_spec_is_a_unet_on_the_encoder_that_takes_a_sononet_unet_whole():
+    task = LocalizationTask(("liver", "spleen"), box_head="mask")
+    pretraining = create_model("sononet_unet", width=4)
+    spec = task.network_spec(2, 1, pretraining.encoder.config())
+    assert spec["name"] == "unet" and spec["kwargs"]["out_channels"] == 2
+    assert set(spec["prefixes"]) == {"encoder", "decoder", "head"}
+    model = build_model(spec)
+    shapes = {k: v.shape for k, v in pretraining.state_dict().items() if not k.startswith("head")}
+    assert shapes == {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head")}
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 2, 32, 32)
+
+
+def test_mask_head_training_learns_the_boxes(tmp_path):
+    torch.manual_seed(0)
+    task = LocalizationTask(("square",), box_head="mask")
+    model = build_model(task.network_spec(2, 1, {**TINY_ENCODER, "norm": "batch"}))
+    train, test = squares(64, seed=1), squares(32, seed=2)
+    untrained = task.evaluate(model, [test], torch.device("cpu"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    model.train()
+    for step in range(60):
+        start = (step % 4) * 16
+        batch = {key: value[start : start + 16] for key, value in train.items()}
+        loss = task.training_loss(model, batch, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    trained = task.evaluate(model, [test], torch.device("cpu"))
+    assert trained["iou/mean"] > max(0.9, untrained["iou/mean"] + 0.5)
+    assert trained["detection_rate/mean"] > 0.9 and trained["false_alarm_rate/mean"] < 0.2
+    task.save_preview(tmp_path / "preview.png", model, test, generator)
+    assert (tmp_path / "preview.png").stat().st_size > 0
+
+
+def test_the_mask_head_learns_the_organs_where_the_data_has_label_maps():
+    label_maps = torch.zeros(2, 6, 8, dtype=torch.int64)
+    label_maps[0, 1:4, 2:4] = 7  # an L-shaped organ: its box holds voxels that are not it
+    label_maps[0, 1, 4:7] = 7
+    label_maps[1, 2:5, 0:3] = 3
+    masks = organ_masks(label_maps, (7, 3))
+    assert masks.shape == (2, 2, 6, 8) and masks.dtype == torch.float32
+    assert masks[0, 0].sum() == 9 and masks[0, 1].sum() == 0 and masks[1, 1].sum() == 9
+    boxes, present = boxes_from_masks(label_maps, [7, 3])
+    batch = {"image": 10 * (2 * masks - 1), "mask": label_maps, "boxes": boxes, "present": present}
+    organs = LocalizationTask(("a", "b"), box_head="mask", organ_values=(7, 3))
+    boxes_only = LocalizationTask(("a", "b"), box_head="mask")
+    # The model returns its input: logits that paint exactly the organs.
+    on_organs = organs.training_loss(torch.nn.Identity(), batch, torch.Generator())
+    on_boxes = boxes_only.training_loss(torch.nn.Identity(), batch, torch.Generator())
+    assert on_organs < 0.01 < 0.1 < on_boxes
+    # The decoded boxes are the organs' boxes (an absent organ's best guess, a uniform
+    # map's, is the whole image).
+    predicted = organs.predict(torch.nn.Identity(), batch["image"])
+    assert torch.equal(predicted["present"].float(), present)
+    assert torch.equal(predicted["boxes"][present > 0], boxes[present > 0])
+    assert predicted["boxes"][0, 1].tolist() == box((0, 0), (6, 8))
+    with pytest.raises(CtxRestoreError, match="organ_values must be 2 distinct label values"):
+        LocalizationTask(("a", "b"), organ_values=(7, 7))
+
+
+def test_mask_head_outputs_start_at_the_prior():
+    task = LocalizationTask(("liver", "spleen"), box_head="mask")
+    spec = task.network_spec(2, 1, {**TINY_ENCODER, "norm": "batch"})
+    bias = build_model(spec).head.conv.bias
+    assert torch.sigmoid(bias).tolist() == pytest.approx([0.01, 0.01])

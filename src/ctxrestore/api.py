@@ -22,6 +22,7 @@ from ctxrestore.pretext import list_pretexts
 from ctxrestore.pretext.restoration import RESTORATION_LOSSES
 from ctxrestore.pretext.training import PretrainConfig, PretrainResult, run_pretraining
 from ctxrestore.pretext.training import load_pretrained as _load_pretrained
+from ctxrestore.tasks.localize import BOX_HEADS
 from ctxrestore.tasks.predict import PredictResult, run_prediction
 from ctxrestore.tasks.training import TASK_NAMES, FinetuneConfig, FinetuneResult, run_finetuning
 
@@ -32,6 +33,15 @@ Phantom = Enum("Phantom", {name: name for name in list_phantoms()}, type=str)
 Method = Enum("Method", {name: name for name in list_pretexts()}, type=str)
 Task = Enum("Task", {name: name for name in TASK_NAMES}, type=str)
 RestorationLoss = Enum("RestorationLoss", {name: name for name in RESTORATION_LOSSES}, type=str)
+BoxHead = Enum("BoxHead", {name: name for name in BOX_HEADS}, type=str)
+_BoxHead = Annotated[
+    BoxHead,
+    typer.Option(
+        help="localize: 'regression' (the paper's: one more conv stage and a fully connected "
+        "box regression; only the encoder is pretrained) or 'mask' (a U-Net that paints each "
+        "organ's box; its decoder transfers too, from a unet or sononet_unet pretraining)."
+    ),
+]
 _RestorationLoss = Annotated[
     RestorationLoss,
     typer.Option(
@@ -277,6 +287,7 @@ def finetune(
             "then warm them up and train everything (LP-FT); 0: all layers from the start."
         ),
     ] = 0,
+    box_head: _BoxHead = "regression",
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up, then cosine decay.")] = 20,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
     patience: Annotated[
@@ -361,8 +372,9 @@ _Metric = Annotated[
 _BenchNetwork = Annotated[
     Network | None,
     typer.Option(
-        help="Pretrained network; default sononet (classify, localize), unet (segment). "
-        "sononet_unet: the classify / localize encoder under a U-Net decoder with skips."
+        help="Pretrained network; default sononet (classify, localize), unet (segment), "
+        "sononet_unet (localize --box-head mask). sononet_unet: the classify / localize encoder "
+        "under a U-Net decoder with skips."
     ),
 ]
 _BenchWidth = Annotated[int, typer.Option(help="Channels of the first encoder stage.")]
@@ -486,6 +498,7 @@ def benchmark(
     transfer_stages: _BenchTransferStages = None,
     head_only_steps: _BenchHeadOnly = 0,
     freeze_encoder: _BenchFreeze = False,
+    box_head: _BoxHead = "regression",
     patience: _BenchPatience = 0,
     modality: _Modality = None,
     window: _Window = None,
@@ -569,6 +582,7 @@ def ablate(
     transfer_stages: _BenchTransferStages = None,
     head_only_steps: _BenchHeadOnly = 0,
     freeze_encoder: _BenchFreeze = False,
+    box_head: _BoxHead = "regression",
     patience: _BenchPatience = 0,
     modality: _Modality = None,
     window: _Window = None,

@@ -40,6 +40,7 @@ from ctxrestore.pretext import create_pretext, list_pretexts
 from ctxrestore.pretext.restoration import check_restoration_loss
 from ctxrestore.pretext.training import PretrainConfig, pretext_options
 from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS
+from ctxrestore.tasks.localize import check_box_head
 from ctxrestore.tasks.training import DEFAULT_IMAGE_SIZES, TASK_NAMES
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class BenchmarkOptions(FileOptions):
     pretrained_lr_scale: float = 1.0
     transfer_stages: int | None = None
     head_only_steps: int = 0  # LP-FT for pretrained arms; random weights train at once
+    box_head: str = "regression"  # localize only (tasks/localize.py BOX_HEADS)
     freeze_encoder: bool = False  # frozen-feature evaluation, random weights included
     patience: int = 0  # every arm trains its whole schedule (docs/experiments.md 16)
     device: str = "auto"
@@ -142,6 +144,12 @@ class BenchmarkOptions(FileOptions):
                 "freeze_encoder and transfer_stages together would freeze random stages; choose one"
             )
         check_head_only_steps(self.head_only_steps, self.freeze_encoder)
+        check_box_head(self.box_head)
+        if self.box_head != "regression" and self.task != "localize":
+            raise CtxRestoreError(
+                f"box_head {self.box_head!r} is a localisation option; the {self.task} task has "
+                "no boxes"
+            )
         if self.max_steps is not None and self.head_only_steps >= self.max_steps:
             raise CtxRestoreError(
                 f"head_only_steps {self.head_only_steps} is not shorter than max_steps "
@@ -285,7 +293,9 @@ def build_protocol(
     """The run grid, every run's configuration checked before anything trains. `unused`:
     options that this kind of grid sets per arm instead, left out of the stored settings."""
     task = options.task
-    network, own = options.network or TASK_NETWORKS[task], TASK_NETWORKS[task]
+    own = TASK_NETWORKS[task]
+    # The mask box head is a U-Net: a U-Net decoder on the localiser's encoder transfers whole.
+    network = options.network or ("sononet_unet" if options.box_head == "mask" else own)
     # The task network is built around the pretrained encoder; the decoder may differ.
     encoders = [pretraining_spec(name, options.width)["encoder"] for name in (network, own)]
     if encoders[0] != encoders[1] and any(arm.pretrain is None for arm in arms):
@@ -320,7 +330,7 @@ def build_protocol(
         "max_steps": options.max_steps, "learning_rate": options.learning_rate,
         "pretrained_lr_scale": options.pretrained_lr_scale,
         "transfer_stages": options.transfer_stages, "freeze_encoder": options.freeze_encoder,
-        "head_only_steps": options.head_only_steps,
+        "head_only_steps": options.head_only_steps, "box_head": options.box_head,
         "patience": options.patience,
         "device": options.device, "precision": options.precision, **files,
     }  # fmt: skip

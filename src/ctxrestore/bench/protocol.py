@@ -46,7 +46,8 @@ NOT_COMPARED = ("device", "metric", "resume", "cache", "cache_dir")
 # Options added after benchmarks were first written, with the default they ran with.
 LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slice_axis": 0,
                  "skip_bad": False, "transfer_stages": None, "pretrain_seeds": 1,
-                 "freeze_encoder": False, "head_only_steps": 0}  # fmt: skip
+                 "freeze_encoder": False, "head_only_steps": 0,
+                 "box_head": "regression"}  # fmt: skip
 # Settings that only add runs when they grow: seeds (a count), methods, fractions and an
 # ablation's controls and pretraining lengths (lists of arm names).
 GRID_SETTINGS = ("seeds", "methods", "fractions", "controls", "pretrain_lengths")

@@ -68,6 +68,24 @@ def pretraining_spec(network: str, width: int, spatial_dims: int = 2, in_channel
     return model_spec(network, spatial_dims=spatial_dims, in_channels=in_channels, **sizes)
 
 
+def unet_spec(
+    spatial_dims: int, in_channels: int, out_channels: int, encoder: dict, **head: Any
+) -> dict:
+    """A U-Net on the stages of `encoder` (a ConvEncoder config, `model_spec(...)["encoder"]`):
+    its decoder has the shape of a U-Net (or `sononet_unet`) pretraining's on that encoder, so
+    the encoder and the decoder both transfer. `head`: more `unet` arguments (head_bias)."""
+    return model_spec(
+        "unet",
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channels=list(encoder["stage_channels"]),
+        convs_per_stage=list(encoder["convs_per_stage"]),
+        norm=encoder["norm"],
+        **head,
+    )
+
+
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """Build the model that `spec` (from `model_spec`, possibly via JSON) describes."""
     if not isinstance(spec, dict) or "name" not in spec:

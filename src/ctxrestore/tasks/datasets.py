@@ -96,10 +96,11 @@ def _stratum(task, item: dict[str, torch.Tensor]) -> str:
     return "+".join(map(str, values)) or "background"
 
 
-def _localize_items(task: LocalizationTask, values: Sequence[int], items: list[dict]) -> None:
-    """Add "boxes"/"present" from each item's mask (in place), then drop the mask."""
+def _localize_items(values: Sequence[int], items: list[dict]) -> None:
+    """Add "boxes"/"present" from each item's mask (in place); the mask stays for the mask
+    box head (tasks/localize.py), which learns the organs themselves."""
     for item in items:
-        boxes, present = boxes_from_masks(item.pop("mask")[None], list(values))
+        boxes, present = boxes_from_masks(item["mask"][None], list(values))
         item["boxes"], item["present"] = boxes[0], present[0]
 
 
@@ -125,8 +126,8 @@ def phantom_data(
             item.pop("mask", None)  # structure masks are not classification labels
     elif task_name == "localize":
         values = [v for v in sorted(info.labels) if v != 0]
-        task = LocalizationTask(tuple(info.labels[v] for v in values))
-        _localize_items(task, values, items)
+        task = LocalizationTask(tuple(info.labels[v] for v in values), organ_values=values)
+        _localize_items(values, items)
     else:
         values = tuple(sorted(info.labels))
         task = SegmentationTask(
@@ -250,8 +251,12 @@ def _segmentation_folder(task_name: str, folder: Path, spatial_size, options) ->
         task = SegmentationTask(values, tuple(layout.labels[v] for v in values))
     else:
         organ_values = [v for v in values if v != 0]
-        task = LocalizationTask(tuple(layout.labels[v] for v in organ_values))
     listed = read_boxes_csv(boxes_csv) if task_name == "localize" and boxes_csv.is_file() else {}
+    if task_name == "localize":  # organ masks too, unless the boxes come from a boxes.csv
+        task = LocalizationTask(
+            tuple(layout.labels[v] for v in organ_values),
+            organ_values=None if listed else tuple(organ_values),
+        )
     reader = _Reader(options, spatial_size)
     items, cases = [], []
     for case in track(layout.cases, description=f"reading {folder.name}"):
@@ -281,6 +286,7 @@ def _segmentation_folder(task_name: str, folder: Path, spatial_size, options) ->
             else:
                 boxes, present = boxes_from_masks(mask_tensor[None], organ_values)
                 item["boxes"], item["present"] = boxes[0], present[0]
+                item["mask"] = mask_tensor
             items.append(item)
             cases.append(case.name)
     skipped = reader.bad.summary(len(layout.cases), "cases")

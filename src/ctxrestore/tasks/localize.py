@@ -13,6 +13,16 @@ Loss: binary cross-entropy with logits on presence (pos_weight per organ from
 `presence_weights`) plus a smooth-L1 on the normalised first/last coordinates of the organs
 present in the truth (an absent organ has no box to learn).
 
+Box heads (`box_head`). "regression" is the paper's: encoder, one more conv stage and a fully
+connected head regressing the box parameters above; only the encoder is pretrained. "mask"
+goes beyond the paper: a U-Net on the same encoder predicts a mask per organ (one sigmoid
+channel per organ; loss BCE + soft Dice): the organ itself where the data has label maps (an
+MSD folder, the phantom: `organ_values`), else its filled box; an organ is present when any
+pixel passes PRESENCE_THRESHOLD and its box is the tight box of those pixels
+(`decode_box_masks`).
+Its decoder has the shape of a U-Net (or `sononet_unet`) pretraining's, so the restoration
+network transfers whole, as for segmentation; presence_weights do not apply to it.
+
 Metrics (`localization_metrics`): per organ the wall distance and the centre distance in mm,
 the IoU, the detection rate and the false alarm rate, and their means over organs.
 """
@@ -29,12 +39,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from monai.losses import DiceLoss
 from torch import nn
 from torch.nn import functional
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_labelled_gallery
-from ctxrestore.models.spec import model_spec
+from ctxrestore.models.spec import model_spec, unet_spec
 
 if TYPE_CHECKING:
     from ctxrestore.tasks.augment import Augmentation
@@ -53,6 +64,10 @@ PRESENCE_THRESHOLD = 0.5
 PREVIEW_IMAGES = 8
 # Fractions are kept this far from 0 and 1 when encoded, where the sigmoid's inverse is finite.
 _ENCODE_EPSILON = 1e-4
+BOX_HEADS = ("regression", "mask")
+# The mask head's sigmoids start at this probability: an organ covers a few percent of the
+# image, and at 0.5 the background's cross-entropy would dominate the first thousand steps.
+MASK_PRIOR = 0.01
 
 
 @dataclass(frozen=True)
@@ -60,12 +75,16 @@ class LocalizationTask:
     """Organs are indices into `organ_names`: batch "boxes" (B, O, 2, D) and "present" (B, O).
 
     `presence_weights` (one per organ) is the presence BCE's pos_weight; None weighs presence
-    and absence alike.
+    and absence alike. `box_head`: one of BOX_HEADS (module docstring). `organ_values`: the
+    organs' label values in the items' "mask" label maps, where the data has them (the mask
+    head then learns the organs' masks); None: boxes only.
     """
 
     organ_names: tuple[str, ...]
     presence_weights: tuple[float, ...] | None = None
     augmentation: Augmentation | None = None
+    box_head: str = "regression"
+    organ_values: tuple[int, ...] | None = None
     name: str = field(default="localize", init=False)
     metric: str = field(default="iou/mean", init=False)
 
@@ -74,6 +93,15 @@ class LocalizationTask:
         if not names or len(set(names)) != len(names):
             raise CtxRestoreError(f"localisation needs >= 1 distinct organ names, got {names}")
         object.__setattr__(self, "organ_names", names)
+        check_box_head(self.box_head)
+        if self.organ_values is not None:
+            values = tuple(int(value) for value in self.organ_values)
+            if len(values) != len(names) or len(set(values)) != len(values):
+                raise CtxRestoreError(
+                    f"organ_values must be {len(names)} distinct label values, one per organ "
+                    f"{names}; got {self.organ_values}"
+                )
+            object.__setattr__(self, "organ_values", values)
         if self.presence_weights is not None:
             weights = tuple(float(weight) for weight in self.presence_weights)
             if len(weights) != len(names) or not all(
@@ -90,6 +118,11 @@ class LocalizationTask:
         return len(self.organ_names)
 
     def network_spec(self, spatial_dims: int, in_channels: int, encoder: dict) -> dict:
+        if self.box_head == "mask":
+            prior_logit = math.log(MASK_PRIOR / (1 - MASK_PRIOR))
+            return unet_spec(
+                spatial_dims, in_channels, self.num_organs, encoder, head_bias=prior_logit
+            )
         return model_spec(
             "localizer",
             spatial_dims=spatial_dims,
@@ -124,20 +157,20 @@ class LocalizationTask:
         if self.augmentation is not None:
             batch = self.augmentation(batch, generator)
         images = batch["image"]
+        spatial_size = images.shape[2:]
+        self._check_targets(batch["boxes"], batch["present"], images.shape[0], len(spatial_size))
         outputs = model(images).float()
-        self._check_targets(batch["boxes"], batch["present"], outputs)
-        return localization_loss(
-            outputs,
-            batch["boxes"].float(),
-            batch["present"].float(),
-            images.shape[2:],
-            self.presence_weights,
-        )
+        boxes, present = batch["boxes"].float(), batch["present"].float()
+        if self.box_head == "mask":
+            masks = None
+            if self.organ_values is not None and "mask" in batch:
+                masks = organ_masks(batch["mask"], self.organ_values)
+            return box_mask_loss(outputs, boxes, present, masks)
+        return localization_loss(outputs, boxes, present, spatial_size, self.presence_weights)
 
     def _check_targets(
-        self, boxes: torch.Tensor, present: torch.Tensor, outputs: torch.Tensor
+        self, boxes: torch.Tensor, present: torch.Tensor, batch_size: int, spatial_dims: int
     ) -> None:
-        batch_size, spatial_dims = outputs.shape[0], (outputs.shape[-1] - 1) // 2
         expected = (batch_size, self.num_organs, 2, spatial_dims)
         if tuple(boxes.shape) != expected or tuple(present.shape) != expected[:2]:
             raise CtxRestoreError(
@@ -210,11 +243,15 @@ class LocalizationTask:
         """images (B, C, *S) -> "presence" (B, O) probabilities, "present" (B, O) bool and
         "boxes" (B, O, 2, D) float voxel coordinates (decoded whether present or not)."""
         model.eval()
-        presence, boxes = decode_boxes(model(images).float(), images.shape[2:])
+        outputs = model(images).float()
+        if self.box_head == "mask":
+            presence, boxes = decode_box_masks(outputs, self.num_organs)
+        else:
+            presence, boxes = decode_boxes(outputs, images.shape[2:])
         return {"presence": presence, "present": presence > PRESENCE_THRESHOLD, "boxes": boxes}
 
     def to_json(self) -> dict:
-        return {"name": self.name, "organ_names": list(self.organ_names)}
+        return {"name": self.name, "organ_names": list(self.organ_names), "box_head": self.box_head}
 
     @classmethod
     def from_json(cls, data: dict) -> LocalizationTask:
@@ -228,7 +265,13 @@ class LocalizationTask:
                 f"not a localisation task description (need name 'localize' and "
                 f"organ_names): {data!r:.200}"
             )
-        return cls(tuple(data["organ_names"]))
+        # Written before box heads existed: the regression head, the only one then.
+        return cls(tuple(data["organ_names"]), box_head=data.get("box_head", "regression"))
+
+
+def check_box_head(box_head: str) -> None:
+    if box_head not in BOX_HEADS:
+        raise CtxRestoreError(f"unknown box head {box_head!r}; box heads: {', '.join(BOX_HEADS)}")
 
 
 def _stack_present(items: Sequence[dict[str, torch.Tensor]], num_organs: int) -> torch.Tensor:
@@ -328,6 +371,97 @@ def localization_loss(
     return presence_loss + box_loss
 
 
+def box_masks(
+    boxes: torch.Tensor, present: torch.Tensor, spatial_size: Sequence[int]
+) -> torch.Tensor:
+    """Boxes (B, O, 2, D) in voxels and present (B, O) -> (B, O, *spatial_size) float masks,
+    1 at the voxels whose centre (index + 0.5) lies in [first, one past the last) of a
+    present organ's box: integer boxes give exactly their voxels, and `tight_boxes` of the
+    masks gives the boxes back (clipped to the image)."""
+    batch_size, num_organs = boxes.shape[:2]
+    boxes = boxes.float()
+    masks = (present > 0.5).float().view(batch_size, num_organs, *(1,) * len(spatial_size))
+    for axis, size in enumerate(spatial_size):
+        centres = torch.arange(size, dtype=boxes.dtype, device=boxes.device) + 0.5
+        first, last = boxes[..., 0, axis, None], boxes[..., 1, axis, None]
+        inside = ((centres >= first) & (centres < last)).float()  # (B, O, size)
+        shape = [batch_size, num_organs] + [1] * len(spatial_size)
+        shape[2 + axis] = size
+        masks = masks * inside.view(shape)
+    return masks
+
+
+def organ_masks(label_maps: torch.Tensor, organ_values: Sequence[int]) -> torch.Tensor:
+    """Label maps (B, *S) -> (B, O, *S) float32, 1 where the voxel is organ k's value."""
+    values = torch.as_tensor(list(organ_values), device=label_maps.device)
+    shape = (1, len(organ_values)) + (1,) * (label_maps.ndim - 1)
+    return (label_maps.long()[:, None] == values.view(shape)).float()
+
+
+def box_mask_loss(
+    outputs: torch.Tensor,
+    true_boxes: torch.Tensor,
+    true_present: torch.Tensor,
+    true_masks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The "mask" head's loss: BCE-with-logits per voxel + soft Dice per organ over the batch
+    (MONAI's, so that small organs count as much as large ones) against the organs' masks
+    when given, else their filled boxes.
+
+    outputs (B, O, *S) logits; true_boxes (B, O, 2, D) voxels; true_present (B, O) 1/0;
+    true_masks (B, O, *S) 1/0 (`organ_masks`) or None.
+    """
+    _check_mask_outputs(outputs, true_boxes.shape[1])
+    if true_masks is None:
+        targets = box_masks(true_boxes, true_present, outputs.shape[2:])
+    else:
+        targets = true_masks.float()
+    dice = DiceLoss(sigmoid=True, batch=True)(outputs, targets)
+    return functional.binary_cross_entropy_with_logits(outputs, targets) + dice
+
+
+def decode_box_masks(outputs: torch.Tensor, num_organs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "mask" head's logits (B, O, *S) -> presence probabilities (B, O) (the most
+    confident voxel's) and boxes (B, O, 2, D): the tight box of the voxels above
+    PRESENCE_THRESHOLD. An organ predicted absent still gets its best guess, the box of the
+    voxels at least half as confident as its most confident one, as the regression head
+    decodes a box whether present or not (the wall distance measures the box, not presence)."""
+    _check_mask_outputs(outputs, num_organs)
+    probabilities = torch.sigmoid(outputs)
+    presence = probabilities.flatten(2).amax(dim=-1)
+    cut = torch.where(presence > PRESENCE_THRESHOLD, PRESENCE_THRESHOLD, presence / 2)
+    boxes, _ = tight_boxes(probabilities >= cut.view(*cut.shape, *(1,) * (outputs.ndim - 2)))
+    return presence, boxes
+
+
+def _check_mask_outputs(outputs: torch.Tensor, num_organs: int) -> None:
+    if outputs.ndim not in (4, 5) or outputs.shape[1] != num_organs:
+        raise CtxRestoreError(
+            f"box-mask outputs of shape {tuple(outputs.shape)} do not fit {num_organs} organs: "
+            f"expected (B, {num_organs}, H, W) or (B, {num_organs}, D, H, W), one mask channel "
+            "per organ"
+        )
+
+
+def tight_boxes(inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks (B, O, *S) -> the tight box of each mask (B, O, 2, D) float32 (first
+    voxel, one past the last, per axis; all-zero for an empty mask) and present (B, O) float32
+    (whether the mask has any voxel)."""
+    spatial_dims = inside.ndim - 2
+    inside = inside.to(torch.uint8)
+    present = inside.flatten(2).amax(dim=-1)
+    firsts, lasts = [], []
+    for axis in range(spatial_dims):
+        others = tuple(2 + other for other in range(spatial_dims) if other != axis)
+        profile = inside.amax(dim=others) if others else inside  # (B, O, S_axis)
+        # argmax returns the first maximum: the first touched slice from either end.
+        firsts.append(profile.argmax(dim=-1))
+        lasts.append(profile.shape[-1] - profile.flip(-1).argmax(dim=-1))
+    boxes = torch.stack([torch.stack(firsts, dim=-1), torch.stack(lasts, dim=-1)], dim=-2)
+    present = present.float()
+    return boxes.float() * present[..., None, None], present
+
+
 def boxes_from_masks(
     masks: torch.Tensor, label_values: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,18 +478,7 @@ def boxes_from_masks(
             f"masks of shape {tuple(masks.shape)} and label values {tuple(label_values)}"
         )
     values = torch.as_tensor(list(label_values), dtype=masks.dtype, device=masks.device)
-    organs = (masks[:, None] == values.view(1, -1, *(1,) * spatial_dims)).to(torch.uint8)
-    present = organs.flatten(2).amax(dim=-1)
-    firsts, lasts = [], []
-    for axis in range(spatial_dims):
-        others = tuple(2 + other for other in range(spatial_dims) if other != axis)
-        profile = organs.amax(dim=others)  # (B, O, S_axis): does the organ touch this slice?
-        # argmax returns the first maximum: the first touched slice from either end.
-        firsts.append(profile.argmax(dim=-1))
-        lasts.append(profile.shape[-1] - profile.flip(-1).argmax(dim=-1))
-    boxes = torch.stack([torch.stack(firsts, dim=-1), torch.stack(lasts, dim=-1)], dim=-2)
-    present = present.float()
-    return boxes.float() * present[..., None, None], present
+    return tight_boxes(masks[:, None] == values.view(1, -1, *(1,) * spatial_dims))
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

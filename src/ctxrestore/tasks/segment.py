@@ -25,7 +25,7 @@ from torch import nn
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
-from ctxrestore.models import model_spec
+from ctxrestore.models.spec import unet_spec
 
 if TYPE_CHECKING:
     from ctxrestore.tasks.augment import Augmentation
@@ -78,15 +78,7 @@ class SegmentationTask:
 
     def network_spec(self, spatial_dims: int, in_channels: int, encoder: dict) -> dict:
         """A U-Net on the encoder's stages: its decoder matches a U-Net pretraining's."""
-        return model_spec(
-            "unet",
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=self.num_classes,
-            channels=list(encoder["stage_channels"]),
-            convs_per_stage=list(encoder["convs_per_stage"]),
-            norm=encoder["norm"],
-        )
+        return unet_spec(spatial_dims, in_channels, self.num_classes, encoder)
 
     def balanced(self, train_items: Sequence[dict[str, torch.Tensor]]) -> SegmentationTask:
         """Cross-entropy weights ~ 1 / sqrt(voxel frequency), at most 10x apart; the square

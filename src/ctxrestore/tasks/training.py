@@ -55,6 +55,7 @@ from ctxrestore.tasks.datasets import (
     folder_data,
     phantom_data,
 )
+from ctxrestore.tasks.localize import check_box_head
 from ctxrestore.tasks.report import write_finetuning_report
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class FinetuneConfig(FileOptions):
     freeze_encoder: bool = False
     transfer_stages: int | None = None
     head_only_steps: int = 0
+    box_head: str = "regression"  # localize only: tasks/localize.py BOX_HEADS
     warmup_steps: int = 20
     weight_decay: float = 1e-4
     patience: int = 10
@@ -136,6 +138,12 @@ class FinetuneConfig(FileOptions):
                 f"--init {self.init}: no such folder; give a pretraining run folder or 'random'"
             )
         check_head_only_steps(self.head_only_steps, self.freeze_encoder)
+        check_box_head(self.box_head)
+        if self.box_head != "regression" and self.task != "localize":
+            raise CtxRestoreError(
+                f"--box-head {self.box_head} is a localisation option; the {self.task} task "
+                "has no boxes"
+            )
         if self.head_only_steps and self.init == "random":
             raise CtxRestoreError(
                 "--head-only-steps needs pretrained weights (--init DIR): with random "
@@ -384,6 +392,8 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
         train_items = [data.items[i] for i in split.train]
         check_every_class_trained(data.task, train_items, config.fraction, split)
         task = data.task
+        if config.task == "localize":
+            task = dataclasses.replace(task, box_head=config.box_head)
         if config.balance:
             task = task.balanced(train_items)
         if config.augment:

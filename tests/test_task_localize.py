@@ -265,6 +265,22 @@ def squares(count: int, seed: int, side: int = 64) -> dict[str, torch.Tensor]:
     return {"image": images, "boxes": boxes, "present": present, "spacing": torch.ones(count, 2)}
 
 
+def train_on(task, model, train: dict, steps: int, learning_rate: float, generator) -> list:
+    """Adam on batches of 16 of the 64 training squares in turn; the loss of every step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    losses = []
+    model.train()
+    for step in range(steps):
+        start = (step % 4) * 16
+        batch = {key: value[start : start + 16] for key, value in train.items()}
+        loss = task.training_loss(model, batch, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_training_reduces_the_loss_and_beats_an_untrained_net(tmp_path):
     torch.manual_seed(0)
     task = LocalizationTask(("square",))
@@ -273,18 +289,8 @@ def test_training_reduces_the_loss_and_beats_an_untrained_net(tmp_path):
     task = task.balanced([{"present": train["present"]}])
     untrained = task.evaluate(model, [test], torch.device("cpu"))
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    losses = []
-    model.train()
-    for step in range(40):
-        start = (step % 4) * 16
-        batch = {key: value[start : start + 16] for key, value in train.items()}
-        loss = task.training_loss(model, batch, generator)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_on(task, model, train, steps=40, learning_rate=3e-3, generator=generator)
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
 
     trained = task.evaluate(model, [test], torch.device("cpu"))
@@ -386,18 +392,8 @@ def test_mask_head_training_learns_the_boxes(tmp_path):
     model = build_model(task.network_spec(2, 1, {**TINY_ENCODER, "norm": "batch"}))
     train, test = squares(64, seed=1), squares(32, seed=2)
     untrained = task.evaluate(model, [test], torch.device("cpu"))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
-    losses = []
-    model.train()
-    for step in range(60):
-        start = (step % 4) * 16
-        batch = {key: value[start : start + 16] for key, value in train.items()}
-        loss = task.training_loss(model, batch, generator)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_on(task, model, train, steps=60, learning_rate=1e-2, generator=generator)
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
     trained = task.evaluate(model, [test], torch.device("cpu"))
     assert trained["iou/mean"] > max(0.9, untrained["iou/mean"] + 0.5)

@@ -607,7 +607,7 @@ def test_the_mask_box_head_pretrains_a_sononet_unet_by_default(tmp_path):
     ("change", "message"),
     [
         ({"restoration_loss": "huber"}, "unknown restoration loss 'huber'"),
-        ({"box_head": "mask"}, "box_head 'mask' is a localisation option"),
+        ({"box_head": "mask"}, "--box-head mask is a localisation option"),
         ({"methods": "random,nope"}, "unknown method.*nope.*context_restoration"),
         ({"fractions": "0.1,10%"}, "same fraction twice"),
         ({"fractions": "0.1,2.5"}, "label fraction '2.5' is not valid"),

@@ -38,8 +38,9 @@ _BoxHead = Annotated[
     BoxHead,
     typer.Option(
         help="localize: 'regression' (the paper's: one more conv stage and a fully connected "
-        "box regression; only the encoder is pretrained) or 'mask' (a U-Net that paints each "
-        "organ's box; its decoder transfers too, from a unet or sononet_unet pretraining)."
+        "box regression; only the encoder is pretrained) or 'mask' (a U-Net that predicts each "
+        "organ's mask, or its filled box without label maps, and boxes it; its decoder transfers "
+        "too, from a sononet_unet pretraining)."
     ),
 ]
 _RestorationLoss = Annotated[

@@ -144,12 +144,7 @@ class BenchmarkOptions(FileOptions):
                 "freeze_encoder and transfer_stages together would freeze random stages; choose one"
             )
         check_head_only_steps(self.head_only_steps, self.freeze_encoder)
-        check_box_head(self.box_head)
-        if self.box_head != "regression" and self.task != "localize":
-            raise CtxRestoreError(
-                f"box_head {self.box_head!r} is a localisation option; the {self.task} task has "
-                "no boxes"
-            )
+        check_box_head(self.box_head, self.task)
         if self.max_steps is not None and self.head_only_steps >= self.max_steps:
             raise CtxRestoreError(
                 f"head_only_steps {self.head_only_steps} is not shorter than max_steps "

@@ -154,6 +154,9 @@ class LocalizationTask:
     def training_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
+        uses_masks = self.box_head == "mask" and self.organ_values is not None
+        if not uses_masks:  # label maps only the mask head learns: no per-step resampling
+            batch = {key: value for key, value in batch.items() if key != "mask"}
         if self.augmentation is not None:
             batch = self.augmentation(batch, generator)
         images = batch["image"]
@@ -162,9 +165,7 @@ class LocalizationTask:
         outputs = model(images).float()
         boxes, present = batch["boxes"].float(), batch["present"].float()
         if self.box_head == "mask":
-            masks = None
-            if self.organ_values is not None and "mask" in batch:
-                masks = organ_masks(batch["mask"], self.organ_values)
+            masks = organ_masks(batch["mask"], self.organ_values) if uses_masks else None
             return box_mask_loss(outputs, boxes, present, masks)
         return localization_loss(outputs, boxes, present, spatial_size, self.presence_weights)
 
@@ -269,9 +270,14 @@ class LocalizationTask:
         return cls(tuple(data["organ_names"]), box_head=data.get("box_head", "regression"))
 
 
-def check_box_head(box_head: str) -> None:
+def check_box_head(box_head: str, task: str = "localize") -> None:
+    """A known box head, and a head other than the default only for localisation."""
     if box_head not in BOX_HEADS:
         raise CtxRestoreError(f"unknown box head {box_head!r}; box heads: {', '.join(BOX_HEADS)}")
+    if box_head != BOX_HEADS[0] and task != "localize":
+        raise CtxRestoreError(
+            f"--box-head {box_head} is a localisation option; the {task} task has no boxes"
+        )
 
 
 def _stack_present(items: Sequence[dict[str, torch.Tensor]], num_organs: int) -> torch.Tensor:

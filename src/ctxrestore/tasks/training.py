@@ -138,12 +138,7 @@ class FinetuneConfig(FileOptions):
                 f"--init {self.init}: no such folder; give a pretraining run folder or 'random'"
             )
         check_head_only_steps(self.head_only_steps, self.freeze_encoder)
-        check_box_head(self.box_head)
-        if self.box_head != "regression" and self.task != "localize":
-            raise CtxRestoreError(
-                f"--box-head {self.box_head} is a localisation option; the {self.task} task "
-                "has no boxes"
-            )
+        check_box_head(self.box_head, self.task)
         if self.head_only_steps and self.init == "random":
             raise CtxRestoreError(
                 "--head-only-steps needs pretrained weights (--init DIR): with random "

@@ -13,6 +13,8 @@ from ctxrestore.data.phantoms.base import mask_box
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import build_model, create_model
 from ctxrestore.tasks.localize import (
+    KEEP_COMPONENT_FRACTION,
+    MIN_ORGAN_FRACTION,
     LocalizationTask,
     box_iou,
     box_mask_loss,
@@ -352,15 +354,50 @@ def test_decode_box_masks_presence_boxes_and_the_best_guess_when_absent():
     logits[0, 0, 1:4, 2:7] = 3.0  # organ 0: a confident rectangle
     logits[0, 1, 2:5, 0:2] = -1.0  # organ 1: nothing passes 0.5; its best guess is this
     logits[0, 1, 4, 1] = -0.5
-    presence, boxes = decode_box_masks(logits, 2)
+    presence, present, boxes = decode_box_masks(logits, 2)
     assert presence[0].tolist() == pytest.approx(torch.sigmoid(torch.tensor([3.0, -0.5])).tolist())
+    assert present.tolist() == [[True, False]]
     assert boxes[0, 0].tolist() == box((1, 2), (4, 7))
     assert boxes[0, 1].tolist() == box((2, 0), (5, 2))
     task = LocalizationTask(("a", "b"), box_head="mask")
     predicted = task.predict(torch.nn.Identity(), logits)
     assert predicted["present"].tolist() == [[True, False]]
+    assert torch.equal(predicted["boxes"], boxes)
     with pytest.raises(CtxRestoreError, match="do not fit 3 organs"):
         decode_box_masks(logits, 3)
+
+
+@pytest.mark.parametrize("spatial_dims", DIMS)
+def test_decode_box_masks_drops_stray_pieces_and_keeps_an_organ_in_two(spatial_dims):
+    size = (16, 16, 16)[:spatial_dims]
+    logits = torch.full((1, 3, *size), -6.0)
+    body = (slice(2, 8),) * spatial_dims
+    logits[(0, 0, *body)] = 4.0  # organ 0: a cube and a one-voxel blob far away
+    logits[(0, 0, *(14,) * spatial_dims)] = 4.0
+    logits[(0, 1, *body)] = 4.0  # organ 1: two pieces, the second over half the first's size
+    second = (slice(10, 15),) * spatial_dims
+    logits[(0, 1, *second)] = 4.0
+    assert 5**spatial_dims >= KEEP_COMPONENT_FRACTION * 6**spatial_dims
+    logits[(0, 2, *body)] = -1.0  # organ 2: below threshold, a blob on the best guess too
+    logits[(0, 2, *(14,) * spatial_dims)] = -0.9
+    logits[(0, 2, *(3,) * spatial_dims)] = -0.8
+    _, present, boxes = decode_box_masks(logits, 3)
+    assert present.tolist() == [[True, True, False]]
+    cube = torch.tensor([[2.0] * spatial_dims, [8.0] * spatial_dims])
+    assert torch.equal(boxes[0, 0], cube)
+    assert torch.equal(boxes[0, 1], torch.tensor([[2.0] * spatial_dims, [15.0] * spatial_dims]))
+    assert torch.equal(boxes[0, 2], cube)
+
+
+def test_decode_box_masks_counts_specks_absent():
+    logits = torch.full((1, 2, 64, 64), -6.0)
+    least = math.ceil(MIN_ORGAN_FRACTION * 64 * 64)  # 3 pixels at 64^2
+    logits[0, 0, 10, 10 : 10 + least - 1] = 5.0  # one pixel short of an organ
+    logits[0, 1, 30, 30 : 30 + least] = 5.0
+    presence, present, boxes = decode_box_masks(logits, 2)
+    assert presence.min() > 0.99 and present.tolist() == [[False, True]]
+    # The speck's box is still its best guess, for the wall distance.
+    assert boxes[0, 0].tolist() == box((10, 10), (11, 10 + least - 1))
 
 
 def test_box_mask_loss_prefers_the_true_boxes():

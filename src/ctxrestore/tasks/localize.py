@@ -457,9 +457,8 @@ def decode_box_masks(
     inside = keep_large_components(inside, KEEP_COMPONENT_FRACTION)
     boxes, _ = tight_boxes(inside)
     voxels = inside.flatten(2).sum(dim=-1)
-    present = (presence > PRESENCE_THRESHOLD) & (
-        voxels >= MIN_ORGAN_FRACTION * inside[0, 0].numel()
-    )
+    image_voxels = math.prod(outputs.shape[2:])
+    present = (presence > PRESENCE_THRESHOLD) & (voxels >= MIN_ORGAN_FRACTION * image_voxels)
     return presence, present, boxes
 
 

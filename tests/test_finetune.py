@@ -5,6 +5,7 @@ import csv
 import json
 import shutil
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from ctxrestore.data.splits import read_split
 from ctxrestore.engine.checkpoint import load_checkpoint
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models.transfer import adapt_input_channels
+from ctxrestore.tasks.localize import LocalizationTask
+from ctxrestore.tasks.predict import _write_outputs
 from ctxrestore.tasks.training import FinetuneConfig, build_network, freeze_encoder, load_data
 
 runner = CliRunner()
@@ -320,6 +323,22 @@ def test_predict_writes_each_task_output(tmp_path, pretrained):
         brain = tmp_path / "brain"
         ctxrestore.api.phantoms("brain", out=brain, count=1, image_size=32)
         ctxrestore.predict(runs["classify"], brain, out=tmp_path / "p_bad")
+
+
+def test_boxes_csv_takes_presence_from_the_task_decoding(tmp_path):
+    # The mask head calls a confident speck absent (decode_box_masks): boxes.csv must say what
+    # predict says, not re-threshold the probability.
+    task = LocalizationTask(("liver", "spleen"), box_head="mask")
+    outputs = {
+        "boxes": torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]]),
+        "presence": torch.tensor([[0.99, 0.99]]),
+        "present": torch.tensor([[True, False]]),
+    }
+    item = SimpleNamespace(source=tmp_path / "a.png")
+    rows = []
+    _write_outputs(tmp_path, task, item, None, outputs, torch.ones(2), 0, rows)
+    assert [row[:3] for row in rows] == [["a.png", "liver", 1], ["a.png", "spleen", 0]]
+    assert rows[0][3:7] == [1, 2, 3, 4] and rows[1][3:7] == ["", "", "", ""]
 
 
 def test_fraction_counts_and_resume(tmp_path):

@@ -255,10 +255,12 @@ def _write_outputs(
         return []
     if task.name == "localize":
         volume_of_slices = len(outputs["boxes"]) > 1
-        for plane, (boxes, presence) in enumerate(zip(outputs["boxes"], outputs["presence"])):
-            for organ, box, probability in zip(task.organ_names, boxes, presence.tolist()):
+        planes = zip(outputs["boxes"], outputs["presence"], outputs["present"])
+        for plane, (boxes, presence, presents) in enumerate(planes):
+            for organ, box, probability, present in zip(
+                task.organ_names, boxes, presence.tolist(), presents.int().tolist()
+            ):
                 voxels = (box / scale).round().int().flatten().tolist()
-                present = int(probability > 0.5)
                 coordinates = voxels if present else [""] * len(voxels)
                 slice_index = plane if volume_of_slices else ""
                 rows.append([item.source.name, organ, present, *coordinates,

@@ -1,0 +1,168 @@
+"""What a network's weights know at the start of fine-tuning, by linear probes.
+
+For the mask box head's localisation set-up on the abdomen phantom, the network is built
+exactly as `ctxrestore finetune` builds it (weights transferred, head random) and not trained.
+Three linear probes (logistic regression, L-BFGS, features standardised on the training
+pixels) are fitted on the labelled training slices of the split and scored on the test slices,
+as balanced accuracy:
+
+- `organs`: the features the head sees (the decoder's output), one class per organ plus the
+  background (5% of its pixels), i.e. how far a linear head is from the answer before any step;
+- `laterality`: left kidney against right kidney from the encoder's deepest stage (upsampled to
+  the pixels), i.e. whether the weights already tell mirror-image organs apart;
+- `x`: the same two kidneys from the pixel's column alone, the control (a phantom whose
+  kidneys always lie on the same sides gives ~1).
+
+Also printed: the head input's effective rank (participation ratio of its correlation matrix's
+eigenvalues). `--init` takes `random` (one network per `--seeds` value: build_network seeds the
+weights with the run seed) and pretraining folders. docs/experiments.md 32 has the numbers:
+
+    python benchmarks/feature_probe.py --init random /path/to/pretraining --seeds 0 1 2 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ctxrestore.data.splits import parse_fraction, split_cases
+from ctxrestore.engine.checkpoint import load_checkpoint
+from ctxrestore.tasks.training import FinetuneConfig, build_network, load_data
+
+BACKGROUND_SHARE = 0.05  # background pixels kept for the organ probe (it outnumbers organs)
+CHUNK = 25  # slices per forward pass
+
+
+def organ_labels(masks: torch.Tensor, organ_values: list[int]) -> torch.Tensor:
+    """Label map -> 0 for background, k + 1 for the k-th organ."""
+    labels = torch.zeros_like(masks, dtype=torch.long)
+    for k, value in enumerate(organ_values):
+        labels[masks == value] = k + 1
+    return labels
+
+
+def pixel_features(model, items, organ_values, kidneys, generator):
+    """Per-pixel features of the head input (organ probe) and of the deepest encoder stage at
+    kidney pixels (laterality probe), with their labels and the kidney pixels' columns."""
+    model.eval()
+    parts = {"head": [], "organ": [], "deep": [], "column": [], "left": []}
+    with torch.no_grad():
+        for start in range(0, len(items), CHUNK):
+            chunk = items[start : start + CHUNK]
+            images = torch.stack([item["image"] for item in chunk])
+            masks = torch.stack([item["mask"] for item in chunk]).squeeze(1)
+            features = model.encoder.forward_features(images)
+            head_input = model.decoder(features)
+            labels = organ_labels(masks, organ_values)
+            keep = (labels > 0) | (torch.rand(labels.shape, generator=generator) < BACKGROUND_SHARE)
+            b, h, w = keep.nonzero(as_tuple=True)
+            parts["head"].append(head_input[b, :, h, w])
+            parts["organ"].append(labels[b, h, w])
+            deep = F.interpolate(features[-1], size=images.shape[-2:], mode="nearest")
+            b, h, w = ((masks == kidneys[0]) | (masks == kidneys[1])).nonzero(as_tuple=True)
+            parts["deep"].append(deep[b, :, h, w])
+            parts["column"].append((w.float() / images.shape[-1] - 0.5).unsqueeze(1))
+            parts["left"].append((masks[b, h, w] == kidneys[0]).long())
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def linear_probe(train_x, train_y, test_x, test_y, classes: int) -> float:
+    """Balanced accuracy on the test pixels of a class-weighted multinomial logistic regression."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    weight = torch.zeros(train_x.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    counts = torch.bincount(train_y, minlength=classes).float()
+    class_weight = counts.sum() / (classes * counts.clamp_min(1))
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=300)
+
+    def closure():
+        optimizer.zero_grad()
+        logits = train_x @ weight + bias
+        loss = F.cross_entropy(logits, train_y, weight=class_weight) + 1e-3 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    predicted = (test_x @ weight + bias).argmax(1)
+    recalls = [
+        ((predicted == c) & (test_y == c)).sum().item() / max((test_y == c).sum().item(), 1)
+        for c in range(classes)
+    ]
+    return sum(recalls) / classes
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """Participation ratio of the correlation matrix's eigenvalues: 1 (one direction) to C."""
+    eigenvalues = torch.linalg.eigvalsh(torch.corrcoef(x.T).nan_to_num()).clamp_min(0)
+    return (eigenvalues.sum() ** 2 / eigenvalues.square().sum()).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--init", nargs="+", required=True, help="'random' and/or folders")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="random weights' seeds")
+    parser.add_argument("--fraction", default="0.05")
+    parser.add_argument("--num-images", type=int, default=2000)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = FinetuneConfig(
+        task="localize",
+        out=Path("unused"),  # nothing is written
+        phantom="abdomen",
+        fraction=args.fraction,
+        num_images=args.num_images,
+        image_size=args.image_size,
+        width=args.width,
+        seed=args.split_seed,
+        box_head="mask",
+    )
+    data = load_data(config, None)
+    task = dataclasses.replace(data.task, box_head="mask")
+    names, values = list(task.organ_names), list(task.organ_values)
+    kidneys = (values[names.index("kidney_left")], values[names.index("kidney_right")])
+    split = split_cases(
+        data.cases,
+        data.strata,
+        seed=args.split_seed,
+        fraction=parse_fraction(args.fraction),
+        test_fraction=config.test_fraction,
+        val_fraction=config.val_fraction,
+    )
+    train_items = [data.items[i] for i in split.train]
+    test_items = [data.items[i] for i in split.test]
+    runs = [("random", seed) for seed in args.seeds if "random" in args.init]
+    runs += [(init, args.split_seed) for init in args.init if init != "random"]
+    for init, seed in runs:
+        pretrained = (None, None) if init == "random" else load_checkpoint(Path(init))
+        run_config = dataclasses.replace(config, init=init, seed=seed)
+        model, _, _ = build_network(run_config, task, data, pretrained)
+        generator = torch.Generator().manual_seed(0)
+        train = pixel_features(model, train_items, values, kidneys, generator)
+        test = pixel_features(model, test_items, values, kidneys, generator)
+        row = {
+            "init": init,
+            "seed": seed,
+            "organs": linear_probe(
+                train["head"], train["organ"], test["head"], test["organ"], len(values) + 1
+            ),
+            "laterality": linear_probe(train["deep"], train["left"], test["deep"], test["left"], 2),
+            "x": linear_probe(train["column"], train["left"], test["column"], test["left"], 2),
+            "head_channels": train["head"].shape[1],
+            "effective_rank": effective_rank(test["head"]),
+            "train_pixels": len(train["organ"]),
+        }
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -554,6 +554,21 @@ def test_transfer_stages_and_head_only_steps_reach_the_pretrained_runs_only(tmp_
     assert json.loads((tmp_path / "out" / "benchmark.json").read_text())["transfer_stages"] == 1
 
 
+def test_fresh_decoder_levels_reach_the_pretrained_runs_only(tmp_path):
+    api.benchmark(out=tmp_path / "out", **{**TINY, "task": "segment", "fractions": "1.0",
+                                           "seeds": 1, "fresh_decoder_levels": 1})  # fmt: skip
+    runs = tmp_path / "out" / "runs"
+    pretrained = runs / "context_restoration/fraction_1.0/seed_0"
+    random = json.loads((runs / "random/fraction_1.0/seed_0/config.json").read_text())
+    config = json.loads((pretrained / "config.json").read_text())
+    assert (config["fresh_decoder_levels"], random["fresh_decoder_levels"]) == (1, 0)
+    prefixes = json.loads((pretrained / "metrics.json").read_text())["transfer"]["prefixes"]
+    assert prefixes[0] == "encoder." and prefixes[1:] == [
+        f"decoder.levels.{i}." for i in range(len(prefixes) - 1)
+    ]
+    assert len(prefixes) > 1  # the deeper decoder levels did transfer
+
+
 def test_relative_position_patches_keep_a_quarter_of_the_image():
     assert method_options("relative_position", 64) == {"patch_size": 16}
     assert method_options("relative_position", 128) == {"patch_size": 32}
@@ -617,6 +632,8 @@ def test_the_mask_box_head_pretrains_a_sononet_unet_by_default(tmp_path):
         ({"pretrain_seeds": 3}, r"pretrain_seeds 3 is more than the 2 fine-tuning seeds"),
         ({"pretrain_seeds": 0}, r"pretrain_seeds must be >= 1, got 0"),
         ({"freeze_encoder": True, "transfer_stages": 1}, "choose one"),
+        ({"fresh_decoder_levels": 1, "transfer_stages": 1}, "whole decoder starts random"),
+        ({"fresh_decoder_levels": -1}, "fresh_decoder_levels must be >= 0, got -1"),
         ({"freeze_encoder": True, "head_only_steps": 1}, "never trains; choose one"),
         ({"head_only_steps": 2}, "head_only_steps 2 is not shorter than max_steps 2"),
         ({"head_only_steps": -1}, "head_only_steps must be >= 0, got -1"),

@@ -245,6 +245,47 @@ def test_transfer_stages_copies_only_the_first_encoder_stages(tmp_path, pretrain
     assert result.transfer["prefixes"] == ["encoder.stages.0.", "encoder.stages.1."]
 
 
+def test_fresh_decoder_levels_leave_the_last_decoder_levels_random(tmp_path, pretrained):
+    before, spec = load_checkpoint(pretrained["segment"])
+    levels = 1 + max(int(n.split(".")[2]) for n in before if n.startswith("decoder.levels."))
+    options = dict(init=str(pretrained["segment"]), fresh_decoder_levels=1, **TINY_FINETUNE)
+    config = FinetuneConfig(task="segment", out="unused", **options)
+    data = load_data(config, None)
+    model, _, report = build_network(config, data.task, data, (before, spec))
+    random_model, _, _ = build_network(  # the same seed: what every tensor is without transfer
+        FinetuneConfig(task="segment", out="unused", **TINY_FINETUNE), data.task, data, (None, None)
+    )
+    state, random_state = model.state_dict(), random_model.state_dict()
+    last = f"decoder.levels.{levels - 1}."
+    weights = [n for n in state if "num_batches" not in n and not n.startswith("head.")]
+    fresh = [n for n in weights if n.startswith(last)]
+    kept = [n for n in weights if not n.startswith(last)]
+    assert fresh and all(torch.equal(state[n], random_state[n]) for n in fresh)
+    assert not any(torch.equal(state[n], before[n]) for n in fresh if "weight" in n and
+                   "norm" not in n)  # fmt: skip
+    assert any(n.startswith("decoder.") for n in kept)
+    assert all(torch.equal(state[n], before[n]) for n in kept)
+    assert report.prefixes == ("encoder.", *(f"decoder.levels.{i}." for i in range(levels - 1)))
+    assert report.random["decoder"] == len([n for n in state if n.startswith(last)])
+    assert f"last 1 of {levels} levels" in report.reasons["decoder"]
+    # Through the CLI: a count the decoder does not have, a network without a transferred
+    # decoder, and nonsense combinations stop early with the reason.
+    for task, extra, message in [
+        ("segment", ["--fresh-decoder-levels", str(levels + 1)], f"use 1..{levels}"),
+        ("segment", ["--fresh-decoder-levels", "1", "--transfer-stages", "1"], "choose one"),
+        ("segment", ["--fresh-decoder-levels", "-1"], "must be >= 0"),
+        ("classify", ["--fresh-decoder-levels", "1"], "has no decoder"),
+    ]:
+        result = runner.invoke(app, ["finetune", task, "--out", str(tmp_path / task / "x"),
+                                     "--init", str(pretrained[task]), *extra,
+                                     *_cli_options(TINY_FINETUNE)])  # fmt: skip
+        assert result.exit_code == 2 and message in result.output, result.output
+    with pytest.raises(CtxRestoreError, match="needs pretrained weights"):
+        FinetuneConfig(task="segment", out="unused", fresh_decoder_levels=1, **TINY_FINETUNE)
+    result = ctxrestore.finetune("segment", out=tmp_path / "run", **options)
+    assert result.transfer["random"]["decoder"] == report.random["decoder"]
+
+
 def test_head_only_steps_hold_exactly_the_pretrained_layers(tmp_path, pretrained, monkeypatch):
     import ctxrestore.tasks.training as training
 

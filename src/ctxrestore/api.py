@@ -281,6 +281,13 @@ def finetune(
             "start random); default: all that fit."
         ),
     ] = None,
+    fresh_decoder_levels: Annotated[
+        int,
+        typer.Option(
+            help="The last N levels of a transferred decoder (nearest the output, which served "
+            "the pretext's own output) start random; 0: the whole decoder transfers."
+        ),
+    ] = 0,
     head_only_steps: Annotated[
         int,
         typer.Option(
@@ -422,6 +429,13 @@ _BenchTransferStages = Annotated[
         help="Transfer only the first N encoder stages of each pretraining; default: all."
     ),
 ]
+_BenchFreshDecoder = Annotated[
+    int,
+    typer.Option(
+        help="The last N decoder levels of each pretraining start random (segment, localize "
+        "--box-head mask); 0: the whole decoder transfers."
+    ),
+]
 _BenchHeadOnly = Annotated[
     int,
     typer.Option(
@@ -497,6 +511,7 @@ def benchmark(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     transfer_stages: _BenchTransferStages = None,
+    fresh_decoder_levels: _BenchFreshDecoder = 0,
     head_only_steps: _BenchHeadOnly = 0,
     freeze_encoder: _BenchFreeze = False,
     box_head: _BoxHead = "regression",
@@ -581,6 +596,7 @@ def ablate(
     learning_rate: _BenchRate = 1e-3,
     pretrained_lr_scale: _BenchLrScale = 1.0,
     transfer_stages: _BenchTransferStages = None,
+    fresh_decoder_levels: _BenchFreshDecoder = 0,
     head_only_steps: _BenchHeadOnly = 0,
     freeze_encoder: _BenchFreeze = False,
     box_head: _BoxHead = "regression",

@@ -33,7 +33,11 @@ from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import get_phantom
 from ctxrestore.data.splits import parse_fraction
 from ctxrestore.engine.distributed import resolve_device
-from ctxrestore.engine.run_folder import check_head_only_steps, check_patience
+from ctxrestore.engine.run_folder import (
+    check_fresh_decoder_levels,
+    check_head_only_steps,
+    check_patience,
+)
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import PRETRAINING_NETWORKS, pretraining_spec
 from ctxrestore.pretext import create_pretext, list_pretexts
@@ -113,6 +117,7 @@ class BenchmarkOptions(FileOptions):
     learning_rate: float = 1e-3
     pretrained_lr_scale: float = 1.0
     transfer_stages: int | None = None
+    fresh_decoder_levels: int = 0
     head_only_steps: int = 0  # LP-FT for pretrained arms; random weights train at once
     box_head: str = "regression"  # localize only (tasks/localize.py BOX_HEADS)
     freeze_encoder: bool = False  # frozen-feature evaluation, random weights included
@@ -143,6 +148,7 @@ class BenchmarkOptions(FileOptions):
             raise CtxRestoreError(
                 "freeze_encoder and transfer_stages together would freeze random stages; choose one"
             )
+        check_fresh_decoder_levels(self.fresh_decoder_levels, self.transfer_stages)
         check_head_only_steps(self.head_only_steps, self.freeze_encoder)
         check_box_head(self.box_head, self.task)
         if self.max_steps is not None and self.head_only_steps >= self.max_steps:
@@ -324,7 +330,9 @@ def build_protocol(
         "width": options.width, "batch_size": options.batch_size, "epochs": options.epochs,
         "max_steps": options.max_steps, "learning_rate": options.learning_rate,
         "pretrained_lr_scale": options.pretrained_lr_scale,
-        "transfer_stages": options.transfer_stages, "freeze_encoder": options.freeze_encoder,
+        "transfer_stages": options.transfer_stages,
+        "fresh_decoder_levels": options.fresh_decoder_levels,
+        "freeze_encoder": options.freeze_encoder,
         "head_only_steps": options.head_only_steps, "box_head": options.box_head,
         "patience": options.patience,
         "device": options.device, "precision": options.precision, **files,

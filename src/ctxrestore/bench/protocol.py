@@ -47,7 +47,7 @@ NOT_COMPARED = ("device", "metric", "resume", "cache", "cache_dir")
 LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slice_axis": 0,
                  "skip_bad": False, "transfer_stages": None, "pretrain_seeds": 1,
                  "freeze_encoder": False, "head_only_steps": 0,
-                 "box_head": "regression"}  # fmt: skip
+                 "box_head": "regression", "fresh_decoder_levels": 0}  # fmt: skip
 # Settings that only add runs when they grow: seeds (a count), methods, fractions and an
 # ablation's controls and pretraining lengths (lists of arm names).
 GRID_SETTINGS = ("seeds", "methods", "fractions", "controls", "pretrain_lengths")
@@ -132,6 +132,7 @@ class Protocol:
         options = dict(self.finetune_options)
         if init == RANDOM:  # nothing to transfer, in part or in full, nor to hold
             options["transfer_stages"] = None
+            options["fresh_decoder_levels"] = 0
             options["head_only_steps"] = 0
         for key in ("epochs", "max_steps"):
             if options.get(key) is not None:

@@ -197,6 +197,7 @@ def transfer_weights(
     *,
     adapt_channels: bool = False,
     encoder_stages: int | None = None,
+    fresh_decoder_levels: int = 0,
     source: str = "the checkpoint",
 ) -> TransferReport:
     """Copy the encoder (and a matching decoder) from `pretrained_state` into `model`.
@@ -204,6 +205,9 @@ def transfer_weights(
     `encoder_stages`: copy only the encoder's first N stages (`<encoder>stages.<i>.`); the
     deeper ones, and then the decoder, keep their random initialisation: the deep layers of
     a pretext network can be too specialised for its pretext to help a task.
+    `fresh_decoder_levels`: the decoder's last N levels (`<decoder>levels.<i>.`, the ones
+    nearest the output) keep their random initialisation: a restoration network's last
+    levels serve its one-channel image output (docs/experiments.md 32).
 
     Raises when the encoder does not fit: that means the downstream network was not built
     around the pretrained encoder, or the input channels differ and `adapt_channels` is off.
@@ -213,6 +217,7 @@ def transfer_weights(
     target_parts = _split_by_part(target, model_prefixes)
     transferred, random, reasons, adapted = {}, {}, {}, {}
     prefixes: list[str] = []  # of the names that get pretrained weights
+    decoder_levels = None  # set where the pretrained decoder fits and loses its last levels
     updates: dict[str, torch.Tensor] = {}
     for part, tensors in target_parts.items():
         pretrained = source_parts.get(part, {})
@@ -255,10 +260,26 @@ def transfer_weights(
             random[part] = len(tensors)
             reasons[part] = "only the first encoder stages transfer"
             continue
+        elif part == "decoder" and fresh_decoder_levels:
+            prefix = model_prefixes["decoder"]
+            kept, levels = _before_last_levels(tensors, prefix, fresh_decoder_levels, source)
+            decoder_levels = levels
+            random[part] = len(tensors) - len(kept)
+            reasons[part] = f"its last {fresh_decoder_levels} of {levels} levels start random"
+            if not kept:
+                continue
+            tensors = kept
+            part_prefixes = [f"{prefix}levels.{i}." for i in range(levels - fresh_decoder_levels)]
         for name in tensors:
             updates.setdefault(name, pretrained[name])
         transferred[part] = len(tensors)
         prefixes += part_prefixes
+    if fresh_decoder_levels and decoder_levels is None:
+        raise CtxRestoreError(
+            f"--fresh-decoder-levels {fresh_decoder_levels}: the task's network has no decoder "
+            f"that takes {source}'s weights (only a U-Net task network after a U-Net "
+            "pretraining does: segment, or localize --box-head mask)"
+        )
     with torch.no_grad():
         for name, value in updates.items():
             target[name].copy_(value.to(target[name].dtype))
@@ -288,6 +309,30 @@ def _first_stages(
             f"1..{stages}"
         )
     return {name: tensor for name, tensor in tensors.items() if stage_of[name] < count}
+
+
+def _before_last_levels(
+    tensors: dict[str, torch.Tensor], decoder_prefix: str, count: int, source: str
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The decoder tensors outside its last `count` levels, and its number of levels;
+    refuses a count it does not have."""
+    level_of = {}
+    for name in tensors:
+        rest = name[len(decoder_prefix) :].split(".")
+        if rest[0] != "levels" or not rest[1].isdigit():
+            raise CtxRestoreError(
+                f"{source}: decoder tensor {name} is not in a level; --fresh-decoder-levels "
+                "needs a decoder made of levels"
+            )
+        level_of[name] = int(rest[1])
+    levels = max(level_of.values()) + 1
+    if not 1 <= count <= levels:
+        raise CtxRestoreError(
+            f"--fresh-decoder-levels {count}: the decoder of {source} has {levels} levels; "
+            f"use 1..{levels}"
+        )
+    kept = {name: t for name, t in tensors.items() if level_of[name] < levels - count}
+    return kept, levels
 
 
 def _difference(tensors: dict, pretrained: dict, shapes_differ: list[str]) -> str:

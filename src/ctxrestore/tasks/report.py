@@ -20,7 +20,8 @@ from ctxrestore.files import atomic_write, read_json
 
 SETTINGS = (
     "task", "init", "fraction", "image_size", "spatial_dims", "batch_size", "learning_rate",
-    "pretrained_lr_scale", "freeze_encoder", "transfer_stages", "head_only_steps", "box_head",
+    "pretrained_lr_scale", "freeze_encoder", "transfer_stages", "fresh_decoder_levels",
+    "head_only_steps", "box_head",
     "warmup_steps", "epochs",
     "max_steps", "patience", "augment", "balance", "adapt_channels", "seed",
 )  # fmt: skip

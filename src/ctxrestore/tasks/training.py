@@ -28,6 +28,7 @@ from ctxrestore.engine.distributed import barrier, setup_distributed, teardown_d
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
     METRICS_FILE,
+    check_fresh_decoder_levels,
     check_head_only_steps,
     check_patience,
     check_run_folder,
@@ -96,6 +97,7 @@ class FinetuneConfig(FileOptions):
     pretrained_lr_scale: float = 1.0
     freeze_encoder: bool = False
     transfer_stages: int | None = None
+    fresh_decoder_levels: int = 0
     head_only_steps: int = 0
     box_head: str = "regression"  # localize only: tasks/localize.py BOX_HEADS
     warmup_steps: int = 20
@@ -152,6 +154,9 @@ class FinetuneConfig(FileOptions):
                     "--transfer-stages and --freeze-encoder together would freeze random "
                     "stages; choose one"
                 )
+        check_fresh_decoder_levels(self.fresh_decoder_levels, self.transfer_stages)
+        if self.fresh_decoder_levels and self.init == "random":
+            raise CtxRestoreError("--fresh-decoder-levels needs pretrained weights (--init DIR)")
 
     @property
     def spatial_size(self) -> tuple[int, ...]:
@@ -276,6 +281,7 @@ def build_network(
             network["prefixes"],
             adapt_channels=config.adapt_channels,
             encoder_stages=config.transfer_stages,
+            fresh_decoder_levels=config.fresh_decoder_levels,
             source=f"checkpoint {config.init}",
         )
     return model, network, report

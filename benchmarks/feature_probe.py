@@ -8,14 +8,18 @@ as balanced accuracy:
 
 - `organs`: the features the head sees (the decoder's output), one class per organ plus the
   background (5% of its pixels), i.e. how far a linear head is from the answer before any step;
+  `organs_penultimate`: the same from the decoder's second-last level (upsampled), the
+  features a fresh last level (`--fresh-decoder-levels 1`) starts from;
 - `laterality`: left kidney against right kidney from the encoder's deepest stage (upsampled to
   the pixels), i.e. whether the weights already tell mirror-image organs apart;
 - `x`: the same two kidneys from the pixel's column alone, the control (a phantom whose
   kidneys always lie on the same sides gives ~1).
 
 Also printed: the head input's effective rank (participation ratio of its correlation matrix's
-eigenvalues). `--init` takes `random` (one network per `--seeds` value: build_network seeds the
-weights with the run seed) and pretraining folders. docs/experiments.md 32 has the numbers:
+eigenvalues). `--init` takes `random` (one network per `--seeds` value: build_network seeds
+the weights with the run seed) and pretraining folders; `--fresh-decoder-levels N` builds the
+pretrained networks with their last N decoder levels random, as fine-tuning with that option
+starts. docs/experiments.md 32 has the numbers:
 
     python benchmarks/feature_probe.py --init random /path/to/pretraining --seeds 0 1 2 3
 """
@@ -50,7 +54,11 @@ def pixel_features(model, items, organ_values, kidneys, generator):
     """Per-pixel features of the head input (organ probe) and of the deepest encoder stage at
     kidney pixels (laterality probe), with their labels and the kidney pixels' columns."""
     model.eval()
-    parts = {"head": [], "organ": [], "deep": [], "column": [], "left": []}
+    parts = {"head": [], "penultimate": [], "organ": [], "deep": [], "column": [], "left": []}
+    captured = {}
+    hook = model.decoder.levels[-2].register_forward_hook(
+        lambda module, inputs, output: captured.update(penultimate=output)
+    )
     with torch.no_grad():
         for start in range(0, len(items), CHUNK):
             chunk = items[start : start + CHUNK]
@@ -62,12 +70,17 @@ def pixel_features(model, items, organ_values, kidneys, generator):
             keep = (labels > 0) | (torch.rand(labels.shape, generator=generator) < BACKGROUND_SHARE)
             b, h, w = keep.nonzero(as_tuple=True)
             parts["head"].append(head_input[b, :, h, w])
+            penultimate = F.interpolate(
+                captured["penultimate"], size=images.shape[-2:], mode="nearest"
+            )
+            parts["penultimate"].append(penultimate[b, :, h, w])
             parts["organ"].append(labels[b, h, w])
             deep = F.interpolate(features[-1], size=images.shape[-2:], mode="nearest")
             b, h, w = ((masks == kidneys[0]) | (masks == kidneys[1])).nonzero(as_tuple=True)
             parts["deep"].append(deep[b, :, h, w])
             parts["column"].append((w.float() / images.shape[-1] - 0.5).unsqueeze(1))
             parts["left"].append((masks[b, h, w] == kidneys[0]).long())
+    hook.remove()
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
@@ -112,6 +125,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument(
+        "--fresh-decoder-levels", type=int, default=0, help="as ctxrestore finetune's, for folders"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -144,7 +160,8 @@ def main() -> None:
     runs += [(init, args.split_seed) for init in args.init if init != "random"]
     for init, seed in runs:
         pretrained = (None, None) if init == "random" else load_checkpoint(Path(init))
-        run_config = dataclasses.replace(config, init=init, seed=seed)
+        fresh = 0 if init == "random" else args.fresh_decoder_levels
+        run_config = dataclasses.replace(config, init=init, seed=seed, fresh_decoder_levels=fresh)
         model, _, _ = build_network(run_config, task, data, pretrained)
         generator = torch.Generator().manual_seed(0)
         train = pixel_features(model, train_items, values, kidneys, generator)
@@ -152,8 +169,16 @@ def main() -> None:
         row = {
             "init": init,
             "seed": seed,
+            "fresh_decoder_levels": fresh,
             "organs": linear_probe(
                 train["head"], train["organ"], test["head"], test["organ"], len(values) + 1
+            ),
+            "organs_penultimate": linear_probe(
+                train["penultimate"],
+                train["organ"],
+                test["penultimate"],
+                test["organ"],
+                len(values) + 1,
             ),
             "laterality": linear_probe(train["deep"], train["left"], test["deep"], test["left"], 2),
             "x": linear_probe(train["column"], train["left"], test["column"], test["left"], 2),

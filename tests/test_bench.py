@@ -632,8 +632,12 @@ def test_the_mask_box_head_pretrains_a_sononet_unet_by_default(tmp_path):
         ({"pretrain_seeds": 3}, r"pretrain_seeds 3 is more than the 2 fine-tuning seeds"),
         ({"pretrain_seeds": 0}, r"pretrain_seeds must be >= 1, got 0"),
         ({"freeze_encoder": True, "transfer_stages": 1}, "choose one"),
-        ({"fresh_decoder_levels": 1, "transfer_stages": 1}, "whole decoder starts random"),
+        (
+            {"task": "segment", "fresh_decoder_levels": 1, "transfer_stages": 1},
+            "whole decoder starts random",
+        ),
         ({"fresh_decoder_levels": -1}, "fresh_decoder_levels must be >= 0, got -1"),
+        ({"fresh_decoder_levels": 1}, "the classify network has no decoder"),
         ({"freeze_encoder": True, "head_only_steps": 1}, "never trains; choose one"),
         ({"head_only_steps": 2}, "head_only_steps 2 is not shorter than max_steps 2"),
         ({"head_only_steps": -1}, "head_only_steps must be >= 0, got -1"),

@@ -270,14 +270,19 @@ def test_fresh_decoder_levels_leave_the_last_decoder_levels_random(tmp_path, pre
     assert f"last 1 of {levels} levels" in report.reasons["decoder"]
     # Through the CLI: a count the decoder does not have, a network without a transferred
     # decoder, and nonsense combinations stop early with the reason.
-    for task, extra, message in [
-        ("segment", ["--fresh-decoder-levels", str(levels + 1)], f"use 1..{levels}"),
-        ("segment", ["--fresh-decoder-levels", "1", "--transfer-stages", "1"], "choose one"),
-        ("segment", ["--fresh-decoder-levels", "-1"], "must be >= 0"),
-        ("classify", ["--fresh-decoder-levels", "1"], "has no decoder"),
-    ]:
-        result = runner.invoke(app, ["finetune", task, "--out", str(tmp_path / task / "x"),
-                                     "--init", str(pretrained[task]), *extra,
+    for task, init, extra, message in [
+        ("segment", "segment", ["--fresh-decoder-levels", str(levels + 1)], f"use 1..{levels}"),
+        ("segment", "segment", ["--fresh-decoder-levels", "1", "--transfer-stages", "1"],
+         "choose one"),
+        ("segment", "segment", ["--fresh-decoder-levels", "-1"], "must be >= 0"),
+        ("classify", "classify", ["--fresh-decoder-levels", "1"], "classify network has no"),
+        ("localize", "localize", ["--fresh-decoder-levels", "1"], "localize network has no"),
+        # A U-Net task network after a pretraining without a decoder: nothing to leave fresh.
+        ("segment", "classify", ["--fresh-decoder-levels", "1", "--adapt-channels"],
+         "no decoder that takes"),
+    ]:  # fmt: skip
+        result = runner.invoke(app, ["finetune", task, "--out", str(tmp_path / task / init),
+                                     "--init", str(pretrained[init]), *extra,
                                      *_cli_options(TINY_FINETUNE)])  # fmt: skip
         assert result.exit_code == 2 and message in result.output, result.output
     with pytest.raises(CtxRestoreError, match="needs pretrained weights"):

@@ -148,7 +148,9 @@ class BenchmarkOptions(FileOptions):
             raise CtxRestoreError(
                 "freeze_encoder and transfer_stages together would freeze random stages; choose one"
             )
-        check_fresh_decoder_levels(self.fresh_decoder_levels, self.transfer_stages)
+        check_fresh_decoder_levels(
+            self.fresh_decoder_levels, self.transfer_stages, self.task, self.box_head
+        )
         check_head_only_steps(self.head_only_steps, self.freeze_encoder)
         check_box_head(self.box_head, self.task)
         if self.max_steps is not None and self.head_only_steps >= self.max_steps:

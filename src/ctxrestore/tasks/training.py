@@ -154,7 +154,9 @@ class FinetuneConfig(FileOptions):
                     "--transfer-stages and --freeze-encoder together would freeze random "
                     "stages; choose one"
                 )
-        check_fresh_decoder_levels(self.fresh_decoder_levels, self.transfer_stages)
+        check_fresh_decoder_levels(
+            self.fresh_decoder_levels, self.transfer_stages, self.task, self.box_head
+        )
         if self.fresh_decoder_levels and self.init == "random":
             raise CtxRestoreError("--fresh-decoder-levels needs pretrained weights (--init DIR)")
 

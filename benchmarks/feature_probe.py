@@ -34,9 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ctxrestore.data.splits import parse_fraction, split_cases
 from ctxrestore.engine.checkpoint import load_checkpoint
-from ctxrestore.tasks.training import FinetuneConfig, build_network, load_data
+from ctxrestore.tasks.training import FinetuneConfig, build_network, load_data, split_data
 
 BACKGROUND_SHARE = 0.05  # background pixels kept for the organ probe (it outnumbers organs)
 CHUNK = 25  # slices per forward pass
@@ -146,14 +145,7 @@ def main() -> None:
     task = dataclasses.replace(data.task, box_head="mask")
     names, values = list(task.organ_names), list(task.organ_values)
     kidneys = (values[names.index("kidney_left")], values[names.index("kidney_right")])
-    split = split_cases(
-        data.cases,
-        data.strata,
-        seed=args.split_seed,
-        fraction=parse_fraction(args.fraction),
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-    )
+    split = split_data(config, data)
     train_items = [data.items[i] for i in split.train]
     test_items = [data.items[i] for i in split.test]
     runs = [("random", seed) for seed in args.seeds if "random" in args.init]

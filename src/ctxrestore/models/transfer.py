@@ -293,21 +293,9 @@ def _first_stages(
     tensors: dict[str, torch.Tensor], encoder_prefix: str, count: int, source: str
 ) -> dict[str, torch.Tensor]:
     """The tensors of the encoder's stages 0 .. count-1; refuses a count it does not have."""
-    stage_of = {}
-    for name in tensors:
-        rest = name[len(encoder_prefix) :].split(".")
-        if rest[0] != "stages" or not rest[1].isdigit():
-            raise CtxRestoreError(
-                f"{source}: encoder tensor {name} is not in a stage; --transfer-stages needs an "
-                "encoder made of stages"
-            )
-        stage_of[name] = int(rest[1])
-    stages = max(stage_of.values()) + 1
-    if not 1 <= count <= stages:
-        raise CtxRestoreError(
-            f"--transfer-stages {count}: the encoder of {source} has {stages} stages; use "
-            f"1..{stages}"
-        )
+    stage_of, _ = _numbered_blocks(
+        tensors, encoder_prefix, "stages", count, f"--transfer-stages {count}", source
+    )
     return {name: tensor for name, tensor in tensors.items() if stage_of[name] < count}
 
 
@@ -316,23 +304,33 @@ def _before_last_levels(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The decoder tensors outside its last `count` levels, and its number of levels;
     refuses a count it does not have."""
-    level_of = {}
+    level_of, levels = _numbered_blocks(
+        tensors, decoder_prefix, "levels", count, f"--fresh-decoder-levels {count}", source
+    )
+    return {name: t for name, t in tensors.items() if level_of[name] < levels - count}, levels
+
+
+def _numbered_blocks(
+    tensors: dict[str, torch.Tensor], prefix: str, kind: str, count: int, option: str, source: str
+) -> tuple[dict[str, int], int]:
+    """Each tensor's block index under `<prefix><kind>.<i>.` and the number of blocks; refuses
+    a tensor outside the blocks and a `count` outside 1..blocks."""
+    part = prefix.rstrip(".")
+    index_of = {}
     for name in tensors:
-        rest = name[len(decoder_prefix) :].split(".")
-        if rest[0] != "levels" or not rest[1].isdigit():
+        rest = name[len(prefix) :].split(".")
+        if rest[0] != kind or not rest[1].isdigit():
             raise CtxRestoreError(
-                f"{source}: decoder tensor {name} is not in a level; --fresh-decoder-levels "
-                "needs a decoder made of levels"
+                f"{source}: {part} tensor {name} is not in one of its {kind}; {option.split()[0]} "
+                f"needs a {part} made of {kind}"
             )
-        level_of[name] = int(rest[1])
-    levels = max(level_of.values()) + 1
-    if not 1 <= count <= levels:
+        index_of[name] = int(rest[1])
+    blocks = max(index_of.values()) + 1
+    if not 1 <= count <= blocks:
         raise CtxRestoreError(
-            f"--fresh-decoder-levels {count}: the decoder of {source} has {levels} levels; "
-            f"use 1..{levels}"
+            f"{option}: the {part} of {source} has {blocks} {kind}; use 1..{blocks}"
         )
-    kept = {name: t for name, t in tensors.items() if level_of[name] < levels - count}
-    return kept, levels
+    return index_of, blocks
 
 
 def _difference(tensors: dict, pretrained: dict, shapes_differ: list[str]) -> str:

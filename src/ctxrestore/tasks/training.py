@@ -362,6 +362,18 @@ def check_every_class_trained(task, train_items: list[dict], fraction: str, spli
         )
 
 
+def split_data(config: FinetuneConfig, data: LabelledData) -> Split:
+    """The run's train / validation / test split of the data's cases (fixed by the seed)."""
+    return split_cases(
+        data.cases,
+        data.strata,
+        seed=config.seed,
+        fraction=parse_fraction(config.fraction),
+        test_fraction=config.test_fraction,
+        val_fraction=config.val_fraction,
+    )
+
+
 def _loader(items: list[dict], indices: tuple[int, ...]) -> DataLoader:
     return DataLoader(ItemsDataset(items, indices), batch_size=EVALUATION_BATCH)
 
@@ -384,14 +396,7 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             state, init_spec = load_checkpoint(Path(config.init))
         data = load_data(config, init_spec)
         pretrained = _check_init(config, data, state, init_spec)
-        split = split_cases(
-            data.cases,
-            data.strata,
-            seed=config.seed,
-            fraction=parse_fraction(config.fraction),
-            test_fraction=config.test_fraction,
-            val_fraction=config.val_fraction,
-        )
+        split = split_data(config, data)
         train_items = [data.items[i] for i in split.train]
         check_every_class_trained(data.task, train_items, config.fraction, split)
         task = data.task

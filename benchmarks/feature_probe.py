@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ctxrestore.engine.checkpoint import load_checkpoint
+from ctxrestore.tasks.localize import organ_masks
 from ctxrestore.tasks.training import FinetuneConfig, build_network, load_data, split_data
 
 BACKGROUND_SHARE = 0.05  # background pixels kept for the organ probe (it outnumbers organs)
@@ -43,10 +44,8 @@ CHUNK = 25  # slices per forward pass
 
 def organ_labels(masks: torch.Tensor, organ_values: list[int]) -> torch.Tensor:
     """Label map -> 0 for background, k + 1 for the k-th organ."""
-    labels = torch.zeros_like(masks, dtype=torch.long)
-    for k, value in enumerate(organ_values):
-        labels[masks == value] = k + 1
-    return labels
+    one_hot = organ_masks(masks, organ_values)  # organs do not overlap
+    return (one_hot.argmax(dim=1) + 1) * (one_hot.sum(dim=1) > 0)
 
 
 def pixel_features(model, items, organ_values, kidneys, generator):

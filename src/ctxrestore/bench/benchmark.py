@@ -33,11 +33,7 @@ from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import get_phantom
 from ctxrestore.data.splits import parse_fraction
 from ctxrestore.engine.distributed import resolve_device
-from ctxrestore.engine.run_folder import (
-    check_fresh_decoder_levels,
-    check_head_only_steps,
-    check_patience,
-)
+from ctxrestore.engine.run_folder import check_head_only_steps, check_patience
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import PRETRAINING_NETWORKS, pretraining_spec
 from ctxrestore.pretext import create_pretext, list_pretexts
@@ -45,7 +41,7 @@ from ctxrestore.pretext.restoration import check_restoration_loss
 from ctxrestore.pretext.training import PretrainConfig, pretext_options
 from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS
 from ctxrestore.tasks.localize import check_box_head
-from ctxrestore.tasks.training import DEFAULT_IMAGE_SIZES, TASK_NAMES
+from ctxrestore.tasks.training import DEFAULT_IMAGE_SIZES, TASK_NAMES, check_fresh_decoder_levels
 
 logger = logging.getLogger(__name__)
 

@@ -120,28 +120,6 @@ def check_patience(patience: int) -> None:
         )
 
 
-def check_fresh_decoder_levels(
-    fresh_decoder_levels: int, transfer_stages: int | None, task: str, box_head: str
-) -> None:
-    """Fine-tuning's fresh decoder levels: >= 0, only for the networks with a decoder (segment,
-    localize --box-head mask), and not beside --transfer-stages, which leaves the whole
-    decoder random already."""
-    if fresh_decoder_levels < 0:
-        raise CtxRestoreError(f"fresh_decoder_levels must be >= 0, got {fresh_decoder_levels}")
-    if fresh_decoder_levels and not (
-        task == "segment" or (task == "localize" and box_head == "mask")
-    ):
-        raise CtxRestoreError(
-            f"fresh_decoder_levels: the {task} network has no decoder (only segment and "
-            "localize --box-head mask have one)"
-        )
-    if fresh_decoder_levels and transfer_stages is not None:
-        raise CtxRestoreError(
-            "fresh_decoder_levels and transfer_stages together: with transfer_stages the whole "
-            "decoder starts random already; choose one"
-        )
-
-
 def check_head_only_steps(head_only_steps: int, freeze_encoder: bool) -> None:
     """Fine-tuning's LP-FT hold: steps >= 0, and not with an encoder that never trains."""
     if head_only_steps < 0:

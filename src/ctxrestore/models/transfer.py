@@ -217,7 +217,7 @@ def transfer_weights(
     target_parts = _split_by_part(target, model_prefixes)
     transferred, random, reasons, adapted = {}, {}, {}, {}
     prefixes: list[str] = []  # of the names that get pretrained weights
-    decoder_levels = None  # set where the pretrained decoder fits and loses its last levels
+    decoder_left_fresh = False  # the pretrained decoder fit and its last levels stay random
     updates: dict[str, torch.Tensor] = {}
     for part, tensors in target_parts.items():
         pretrained = source_parts.get(part, {})
@@ -263,7 +263,7 @@ def transfer_weights(
         elif part == "decoder" and fresh_decoder_levels:
             prefix = model_prefixes["decoder"]
             kept, levels = _before_last_levels(tensors, prefix, fresh_decoder_levels, source)
-            decoder_levels = levels
+            decoder_left_fresh = True
             random[part] = len(tensors) - len(kept)
             reasons[part] = f"its last {fresh_decoder_levels} of {levels} levels start random"
             if not kept:
@@ -274,7 +274,7 @@ def transfer_weights(
             updates.setdefault(name, pretrained[name])
         transferred[part] = len(tensors)
         prefixes += part_prefixes
-    if fresh_decoder_levels and decoder_levels is None:
+    if fresh_decoder_levels and not decoder_left_fresh:
         raise CtxRestoreError(
             f"--fresh-decoder-levels {fresh_decoder_levels}: the task's network has no decoder "
             f"that takes {source}'s weights (only a U-Net task network after a U-Net "
@@ -294,7 +294,7 @@ def _first_stages(
 ) -> dict[str, torch.Tensor]:
     """The tensors of the encoder's stages 0 .. count-1; refuses a count it does not have."""
     stage_of, _ = _numbered_blocks(
-        tensors, encoder_prefix, "stages", count, f"--transfer-stages {count}", source
+        tensors, encoder_prefix, "stages", count, "--transfer-stages", source
     )
     return {name: tensor for name, tensor in tensors.items() if stage_of[name] < count}
 
@@ -305,30 +305,30 @@ def _before_last_levels(
     """The decoder tensors outside its last `count` levels, and its number of levels;
     refuses a count it does not have."""
     level_of, levels = _numbered_blocks(
-        tensors, decoder_prefix, "levels", count, f"--fresh-decoder-levels {count}", source
+        tensors, decoder_prefix, "levels", count, "--fresh-decoder-levels", source
     )
     return {name: t for name, t in tensors.items() if level_of[name] < levels - count}, levels
 
 
 def _numbered_blocks(
-    tensors: dict[str, torch.Tensor], prefix: str, kind: str, count: int, option: str, source: str
+    tensors: dict[str, torch.Tensor], prefix: str, kind: str, count: int, flag: str, source: str
 ) -> tuple[dict[str, int], int]:
     """Each tensor's block index under `<prefix><kind>.<i>.` and the number of blocks; refuses
-    a tensor outside the blocks and a `count` outside 1..blocks."""
+    a tensor outside the blocks and a `count` (the value of option `flag`) outside 1..blocks."""
     part = prefix.rstrip(".")
     index_of = {}
     for name in tensors:
         rest = name[len(prefix) :].split(".")
         if rest[0] != kind or not rest[1].isdigit():
             raise CtxRestoreError(
-                f"{source}: {part} tensor {name} is not in one of its {kind}; {option.split()[0]} "
-                f"needs a {part} made of {kind}"
+                f"{source}: {part} tensor {name} is not in one of its {kind}; {flag} needs a "
+                f"{part} made of {kind}"
             )
         index_of[name] = int(rest[1])
     blocks = max(index_of.values()) + 1
     if not 1 <= count <= blocks:
         raise CtxRestoreError(
-            f"{option}: the {part} of {source} has {blocks} {kind}; use 1..{blocks}"
+            f"{flag} {count}: the {part} of {source} has {blocks} {kind}; use 1..{blocks}"
         )
     return index_of, blocks
 

@@ -28,7 +28,6 @@ from ctxrestore.engine.distributed import barrier, setup_distributed, teardown_d
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
     METRICS_FILE,
-    check_fresh_decoder_levels,
     check_head_only_steps,
     check_patience,
     check_run_folder,
@@ -336,6 +335,28 @@ def load_data(config: FinetuneConfig, init_spec: dict | None) -> LabelledData:
         skip_bad=config.skip_bad,
     )
     return folder_data(config.task, config.data, config.spatial_size, options)
+
+
+def check_fresh_decoder_levels(
+    fresh_decoder_levels: int, transfer_stages: int | None, task: str, box_head: str
+) -> None:
+    """Fine-tuning's fresh decoder levels: >= 0, only for the networks with a decoder (segment,
+    localize --box-head mask), and not beside --transfer-stages, which leaves the whole
+    decoder random already."""
+    if fresh_decoder_levels < 0:
+        raise CtxRestoreError(f"fresh_decoder_levels must be >= 0, got {fresh_decoder_levels}")
+    if fresh_decoder_levels and not (
+        task == "segment" or (task == "localize" and box_head == "mask")
+    ):
+        raise CtxRestoreError(
+            f"fresh_decoder_levels: the {task} network has no decoder (only segment and "
+            "localize --box-head mask have one)"
+        )
+    if fresh_decoder_levels and transfer_stages is not None:
+        raise CtxRestoreError(
+            "fresh_decoder_levels and transfer_stages together: with transfer_stages the whole "
+            "decoder starts random already; choose one"
+        )
 
 
 def check_every_class_trained(task, train_items: list[dict], fraction: str, split: Split) -> None:

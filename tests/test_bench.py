@@ -288,6 +288,35 @@ def test_report_says_which_classes_the_difference_comes_from(tmp_path):
                                                tmp_path / "p.png").read_text()  # fmt: skip
 
 
+def test_report_counts_the_runs_that_lost_a_class(tmp_path):
+    protocol, rows = _synthetic(tmp_path)
+    for row in rows:
+        row["detection_rate/liver"] = row["detection_rate/spleen"] = 0.8
+    lost = {("random", "0.1", 2): ["spleen"],
+            ("context_restoration", "0.1", 0): ["liver", "spleen"]}  # fmt: skip
+    for row in rows:
+        for organ in lost.get((row["method"], row["fraction"], row["seed"]), []):
+            row[f"detection_rate/{organ}"] = 0.0
+    rows[-1]["detection_rate/liver"] = float("nan")  # never present: not lost
+    methods = [arm.name for arm in protocol.arms]
+    table = summarize(rows, methods=methods, fractions=protocol.fractions, metric=protocol.metric)
+    text = write_report(tmp_path / "r.md", protocol, rows, table, tmp_path / "p.png").read_text()
+    section = text.split("## Lost classes", 1)[1].split("## Pretraining", 1)[0]
+    titles = {arm.name: arm.title for arm in protocol.arms}
+    assert f"| {titles['random']} | 1/3 (seed 2: spleen) | 0/3 |" in section
+    assert f"| {titles['context_restoration']} | 1/3 (seed 0: liver, spleen) | 0/3 |" in section
+    assert f"| {titles['relative_position']} | 0/3 | 0/3 |" in section
+    assert "- 2 of 18 runs lost a class." in section
+    for row in rows:
+        row["detection_rate/liver"] = row["detection_rate/spleen"] = 0.8
+    text = write_report(tmp_path / "r.md", protocol, rows, table, tmp_path / "p.png").read_text()
+    assert "- No run lost a class." in text
+    for row in rows:  # no per-class detection rates: no section
+        del row["detection_rate/liver"], row["detection_rate/spleen"]
+    text = write_report(tmp_path / "r.md", protocol, rows, table, tmp_path / "p.png").read_text()
+    assert "## Lost classes" not in text
+
+
 def test_report_without_random_has_no_differences(tmp_path):
     protocol, rows = _synthetic(tmp_path)
     pretrained = tuple(arm for arm in protocol.arms if arm.name != "random")
@@ -604,14 +633,16 @@ def test_a_pretraining_network_with_the_tasks_encoder_is_compared_with_random(tm
         build_protocol(dataclasses.replace(options, network="unet"), "benchmark", arms, {})
 
 
-def test_the_mask_box_head_pretrains_a_sononet_unet_by_default(tmp_path):
+@pytest.mark.parametrize("box_head", ["mask", "segment"])
+def test_the_unet_box_heads_pretrain_a_sononet_unet_by_default(tmp_path, box_head):
     settings = {key: value for key, value in TINY.items() if key != "methods"}
     arms = (Arm("random"), Arm("context_restoration", {"method": "context_restoration"}))
-    options = BenchmarkOptions(**{**settings, "task": "localize", "box_head": "mask"}, out=tmp_path)
+    options = BenchmarkOptions(**{**settings, "task": "localize", "box_head": box_head},
+                               out=tmp_path)  # fmt: skip
     protocol = build_protocol(options, "benchmark", arms, {})
     assert protocol.pretrain_config(arms[1]).network == "sononet_unet"
-    assert protocol.finetune_config(arms[0], "1.0", 0).box_head == "mask"
-    assert protocol.settings["box_head"] == "mask"
+    assert protocol.finetune_config(arms[0], "1.0", 0).box_head == box_head
+    assert protocol.settings["box_head"] == box_head
     regression = dataclasses.replace(options, box_head="regression")
     assert build_protocol(regression, "benchmark", arms, {}).pretrain_config(arms[1]).network == (
         "sononet"

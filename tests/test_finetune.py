@@ -411,23 +411,27 @@ def test_localize_in_3d_regresses_one_box_per_organ(tmp_path):
     assert spec["model"]["name"] == "localizer" and spec["model"]["kwargs"]["spatial_dims"] == 3
 
 
-def test_the_mask_box_head_takes_a_sononet_unet_pretraining_whole(tmp_path):
+@pytest.mark.parametrize(("box_head", "channels"), [("mask", 5), ("segment", 6)])
+def test_the_unet_box_heads_take_a_sononet_unet_pretraining_whole(tmp_path, box_head, channels):
     pretraining = tmp_path / "pre"
     ctxrestore.pretrain(out=pretraining, network="sononet_unet", phantom="abdomen",
                         **TINY_PRETRAIN)  # fmt: skip
     out = tmp_path / "run"
     arguments = ["finetune", "localize", "--out", str(out), "--init", str(pretraining),
-                 "--box-head", "mask", *_cli_options(TINY_FINETUNE)]  # fmt: skip
+                 "--box-head", box_head, *_cli_options(TINY_FINETUNE)]  # fmt: skip
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     _, spec = load_checkpoint(out)
-    assert spec["model"]["name"] == "unet" and spec["model"]["kwargs"]["out_channels"] == 5
-    assert spec["task"]["box_head"] == "mask"
+    assert spec["model"]["name"] == "unet" and spec["model"]["kwargs"]["out_channels"] == channels
+    assert spec["task"]["box_head"] == box_head
     transfer = spec["init"]["transfer"]
     assert set(transfer["transferred"]) == {"encoder", "decoder"}, transfer
     summary = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= summary["test"]["iou/mean"] <= 1.0
-    assert "| box_head | mask |" in (out / "report.md").read_text()
+    assert f"| box_head | {box_head} |" in (out / "report.md").read_text()
+    # Both have a decoder whose last levels may start fresh.
+    FinetuneConfig(task="localize", out="unused", init=str(pretraining), box_head=box_head,
+                   fresh_decoder_levels=1)  # fmt: skip
     abdomen = tmp_path / "abdomen"
     ctxrestore.api.phantoms("abdomen", out=abdomen, count=2, image_size=32)
     ctxrestore.predict(out, abdomen, out=tmp_path / "predicted")

@@ -379,6 +379,10 @@ def test_localisation_from_a_boxes_csv_alone(msd, tmp_path):
     assert spec["task"]["organ_names"] == ["core", "oedema"]
     assert "iou/mean" in json.loads((run / "metrics.json").read_text())["test"]
     ctxrestore.pretrain(table, out=tmp_path / "pre", patch_size=4, num_swaps=4, **TINY)
+    # Boxes alone cannot train a head that learns the organs' label map.
+    with pytest.raises(CtxRestoreError, match=r"boxes only.*use --box-head mask"):
+        ctxrestore.finetune("localize", table, out=tmp_path / "seg", modality="mr",
+                            box_head="segment", **TINY)  # fmt: skip
 
 
 def test_benchmark_on_files(msd, tmp_path):

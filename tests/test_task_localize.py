@@ -24,7 +24,9 @@ from ctxrestore.tasks.localize import (
     decode_boxes,
     encode_boxes,
     localization_metrics,
+    organ_labels,
     organ_masks,
+    organ_probabilities,
     tight_boxes,
 )
 
@@ -264,7 +266,8 @@ def squares(count: int, seed: int, side: int = 64) -> dict[str, torch.Tensor]:
         masks[index, row : row + size, column : column + size] = 1
     images += masks[:, None].float()
     boxes, present = boxes_from_masks(masks, [1])
-    return {"image": images, "boxes": boxes, "present": present, "spacing": torch.ones(count, 2)}
+    spacing = torch.ones(count, 2)
+    return {"image": images, "mask": masks, "boxes": boxes, "present": present, "spacing": spacing}
 
 
 def train_on(task, model, train: dict, steps: int, learning_rate: float, generator) -> list:
@@ -354,7 +357,7 @@ def test_decode_box_masks_presence_boxes_and_the_best_guess_when_absent():
     logits[0, 0, 1:4, 2:7] = 3.0  # organ 0: a confident rectangle
     logits[0, 1, 2:5, 0:2] = -1.0  # organ 1: nothing passes 0.5; its best guess is this
     logits[0, 1, 4, 1] = -0.5
-    presence, present, boxes = decode_box_masks(logits, 2)
+    presence, present, boxes = decode_box_masks(torch.sigmoid(logits))
     assert presence[0].tolist() == pytest.approx(torch.sigmoid(torch.tensor([3.0, -0.5])).tolist())
     assert present.tolist() == [[True, False]]
     assert boxes[0, 0].tolist() == box((1, 2), (4, 7))
@@ -364,7 +367,7 @@ def test_decode_box_masks_presence_boxes_and_the_best_guess_when_absent():
     assert predicted["present"].tolist() == [[True, False]]
     assert torch.equal(predicted["boxes"], boxes)
     with pytest.raises(CtxRestoreError, match="do not fit 3 organs"):
-        decode_box_masks(logits, 3)
+        organ_probabilities(logits, 3, "mask")
 
 
 @pytest.mark.parametrize("spatial_dims", DIMS)
@@ -381,7 +384,7 @@ def test_decode_box_masks_drops_stray_pieces_and_keeps_an_organ_in_two(spatial_d
     logits[(0, 2, *body)] = -1.0  # organ 2: below threshold, a blob on the best guess too
     logits[(0, 2, *(14,) * spatial_dims)] = -0.9
     logits[(0, 2, *(3,) * spatial_dims)] = -0.8
-    _, present, boxes = decode_box_masks(logits, 3)
+    _, present, boxes = decode_box_masks(torch.sigmoid(logits))
     assert present.tolist() == [[True, True, False]]
     cube = torch.tensor([[2.0] * spatial_dims, [8.0] * spatial_dims])
     assert torch.equal(boxes[0, 0], cube)
@@ -394,7 +397,7 @@ def test_decode_box_masks_counts_specks_absent():
     least = math.ceil(MIN_ORGAN_FRACTION * 64 * 64)  # 3 pixels at 64^2
     logits[0, 0, 10, 10 : 10 + least - 1] = 5.0  # one pixel short of an organ
     logits[0, 1, 30, 30 : 30 + least] = 5.0
-    presence, present, boxes = decode_box_masks(logits, 2)
+    presence, present, boxes = decode_box_masks(torch.sigmoid(logits))
     assert presence.min() > 0.99 and present.tolist() == [[False, True]]
     # The speck's box is still its best guess, for the wall distance.
     assert boxes[0, 0].tolist() == box((10, 10), (11, 10 + least - 1))
@@ -470,3 +473,61 @@ def test_mask_head_outputs_start_at_the_prior():
     spec = task.network_spec(2, 1, {**TINY_ENCODER, "norm": "batch"})
     bias = build_model(spec).head.conv.bias
     assert torch.sigmoid(bias).tolist() == pytest.approx([0.01, 0.01])
+
+
+def test_organ_labels_number_the_organs_after_the_background():
+    label_maps = torch.tensor([[[0, 7, 7], [3, 5, 0]]])  # 5: a label that is not an organ
+    labels = organ_labels(label_maps, (7, 3))
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == [[[[0, 1, 1], [2, 0, 0]]]]
+
+
+def test_the_segment_head_learns_the_organs_label_map_and_boxes_it():
+    label_maps = torch.zeros(2, 6, 8, dtype=torch.int64)
+    label_maps[0, 1:4, 2:4] = 7  # an L-shaped organ
+    label_maps[0, 1, 4:7] = 7
+    label_maps[1, 2:5, 0:3] = 3
+    label_maps[1, 0, 6] = 9  # not an organ: background to the head
+    boxes, present = boxes_from_masks(label_maps, [7, 3])
+    one_hot = torch.nn.functional.one_hot(organ_labels(label_maps, (7, 3))[:, 0], 3)
+    right = 10 * (2 * one_hot.permute(0, 3, 1, 2).float() - 1)
+    batch = {"image": right, "mask": label_maps, "boxes": boxes, "present": present}
+    task = LocalizationTask(("a", "b"), box_head="segment", organ_values=(7, 3))
+    # The model returns its input: logits that paint exactly background and organs.
+    on_organs = task.training_loss(torch.nn.Identity(), batch, torch.Generator())
+    swapped = {**batch, "image": right[:, [0, 2, 1]]}  # the two organs' channels swapped
+    assert on_organs < 0.01 < 1.0 < task.training_loss(torch.nn.Identity(), swapped, None)
+    predicted = task.predict(torch.nn.Identity(), right)
+    assert torch.equal(predicted["present"].float(), present)
+    assert torch.equal(predicted["boxes"][present > 0], boxes[present > 0])
+    # Organ probabilities are the softmax's organ channels, background dropped.
+    probabilities = organ_probabilities(right, 2, "segment")
+    assert torch.allclose(probabilities, right.softmax(dim=1)[:, 1:])
+    with pytest.raises(CtxRestoreError, match=r"expected \(B, 3, H, W\).*background"):
+        organ_probabilities(right[:, :2], 2, "segment")
+    boxes_only = LocalizationTask(("a", "b"), box_head="segment")
+    with pytest.raises(CtxRestoreError, match="boxes only"):
+        boxes_only.training_loss(torch.nn.Identity(), batch, torch.Generator())
+
+
+def test_segment_network_spec_has_a_background_channel_and_takes_a_sononet_unet_whole():
+    task = LocalizationTask(("liver", "spleen"), box_head="segment", organ_values=(1, 2))
+    pretraining = create_model("sononet_unet", width=4)
+    model = build_model(task.network_spec(2, 1, pretraining.encoder.config()))
+    shapes = {k: v.shape for k, v in pretraining.state_dict().items() if not k.startswith("head")}
+    assert shapes == {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head")}
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3, 32, 32)
+
+
+def test_segment_head_training_learns_the_boxes():
+    torch.manual_seed(0)
+    task = LocalizationTask(("square",), box_head="segment", organ_values=(1,))
+    model = build_model(task.network_spec(2, 1, {**TINY_ENCODER, "norm": "batch"}))
+    train, test = squares(64, seed=1), squares(32, seed=2)
+    untrained = task.evaluate(model, [test], torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    losses = train_on(task, model, train, steps=60, learning_rate=1e-2, generator=generator)
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    trained = task.evaluate(model, [test], torch.device("cpu"))
+    assert trained["iou/mean"] > max(0.9, untrained["iou/mean"] + 0.5)
+    assert trained["detection_rate/mean"] > 0.9 and trained["false_alarm_rate/mean"] < 0.2

@@ -40,7 +40,9 @@ _BoxHead = Annotated[
         help="localize: 'regression' (the paper's: one more conv stage and a fully connected "
         "box regression; only the encoder is pretrained) or 'mask' (a U-Net that predicts each "
         "organ's mask, or its filled box without label maps, and boxes it; its decoder transfers "
-        "too, from a sononet_unet pretraining)."
+        "too, from a sononet_unet pretraining) or 'segment' (the same U-Net segmenting the "
+        "organs with one softmax over background and organs, as the segment task; needs label "
+        "maps)."
     ),
 ]
 _RestorationLoss = Annotated[

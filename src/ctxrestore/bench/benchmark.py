@@ -40,7 +40,7 @@ from ctxrestore.pretext import create_pretext, list_pretexts
 from ctxrestore.pretext.restoration import check_restoration_loss
 from ctxrestore.pretext.training import PretrainConfig, pretext_options
 from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS
-from ctxrestore.tasks.localize import check_box_head
+from ctxrestore.tasks.localize import DECODER_BOX_HEADS, check_box_head
 from ctxrestore.tasks.training import DEFAULT_IMAGE_SIZES, TASK_NAMES, check_fresh_decoder_levels
 
 logger = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ def build_protocol(
     task = options.task
     own = TASK_NETWORKS[task]
     # The mask box head is a U-Net: a U-Net decoder on the localiser's encoder transfers whole.
-    network = options.network or ("sononet_unet" if options.box_head == "mask" else own)
+    network = options.network or ("sononet_unet" if options.box_head in DECODER_BOX_HEADS else own)
     # The task network is built around the pretrained encoder; the decoder may differ.
     encoders = [pretraining_spec(name, options.width)["encoder"] for name in (network, own)]
     if encoders[0] != encoders[1] and any(arm.pretrain is None for arm in arms):

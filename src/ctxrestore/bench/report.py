@@ -26,6 +26,10 @@ from ctxrestore.files import atomic_write, read_json
 
 CONTEXT_RESTORATION = "context_restoration"
 DEFAULT_SETTING = "default"  # the centre arm of an ablation
+# Per task, the per-class metric that is 0 when a run never got a class right: an organ
+# never detected, a class never overlapped, a plane never classified right. A mean over seeds
+# hides such a failure (docs/experiments.md 32: a quarter of the mask head's runs lost one).
+LOST_CLASS_FAMILIES = {"localize": "detection_rate", "segment": "global_dice", "classify": "f1"}
 FOCUS_TITLES = {"benchmark": "Context restoration, the paper's method",
                 "ablation": "Context restoration at its default setting"}  # fmt: skip
 
@@ -322,6 +326,48 @@ def per_class_lines(
     return lines
 
 
+def lost_class_lines(protocol: Protocol, rows: Sequence[dict]) -> list[str]:
+    """Per initialisation x fraction, the runs in which some class scored 0 in its
+    LOST_CLASS_FAMILIES metric, with their seeds and classes. [] when the rows have no such
+    per-class metric."""
+    family = LOST_CLASS_FAMILIES.get(protocol.task)
+    classes = class_metrics(f"{family}/mean", {key for row in rows for key in row})
+    if family is None or not classes:
+        return []
+    lines = [
+        f"Runs in which a class scored 0 (`{family}/<class>`): the class was never got right, "
+        "a failure that a mean over seeds hides.",
+        "",
+        "| initialisation | " + " | ".join(protocol.fractions) + " |",
+        "|" + " --- |" * (len(protocol.fractions) + 1),
+    ]
+    lost_runs = 0
+    for arm in protocol.arms:
+        cells = []
+        for fraction in protocol.fractions:
+            runs = [row for row in rows
+                    if row["method"] == arm.name and row["fraction"] == fraction]  # fmt: skip
+            failures = []
+            for row in sorted(runs, key=lambda row: int(row["seed"])):
+                lost = [key.split("/", 1)[1] for key in classes if _is_zero(row.get(key))]
+                if lost:
+                    failures.append(f"seed {row['seed']}: {', '.join(lost)}")
+            lost_runs += len(failures)
+            cells.append(f"{len(failures)}/{len(runs)}" + (f" ({'; '.join(failures)})"
+                                                           if failures else ""))  # fmt: skip
+        lines.append(f"| {arm.title} | " + " | ".join(cells) + " |")
+    lines += ["", f"- {lost_runs} of {len(rows)} runs lost a class." if lost_runs
+              else "- No run lost a class."]  # fmt: skip
+    return lines
+
+
+def _is_zero(value) -> bool:
+    try:
+        return float(value) == 0.0
+    except (TypeError, ValueError):
+        return False
+
+
 def _settings_lines(settings: dict) -> list[str]:
     lines = ["| setting | value |", "| --- | --- |"]
     return lines + [f"| {key} | {value} |" for key, value in sorted(settings.items())]
@@ -398,6 +444,9 @@ def write_report(
     )
     if classes:
         lines += ["## Per class", "", *classes, ""]
+    lost = lost_class_lines(protocol, rows)
+    if lost:
+        lines += ["## Lost classes", "", *lost, ""]
     lines += [
         "## Pretraining",
         "",

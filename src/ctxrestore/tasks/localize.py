@@ -21,8 +21,13 @@ MSD folder, the phantom: `organ_values`), else its filled box. Decoding (`decode
 the pixels above PRESENCE_THRESHOLD, less the connected pieces smaller than
 KEEP_COMPONENT_FRACTION of the largest; the organ is present when they cover at least
 MIN_ORGAN_FRACTION of the image, and its box is their tight box.
-Its decoder has the shape of a U-Net (or `sononet_unet`) pretraining's, so the restoration
-network transfers whole, as for segmentation; presence_weights do not apply to it.
+"segment" is the same U-Net with one softmax over the background and the organs, trained
+as the segmentation task is (Dice + cross-entropy against the organs' label map; needs label
+maps): organs do not overlap, and a softmax channel cannot sit at a low prior unopposed, as
+the mask head's sigmoids did in a quarter of its runs (docs/experiments.md 32-33). It decodes
+as the mask head does, from the organs' softmax probabilities (`organ_probabilities`).
+The U-Net heads' decoder has the shape of a U-Net (or `sononet_unet`) pretraining's, so the
+restoration network transfers whole, as for segmentation; presence_weights do not apply.
 
 Metrics (`localization_metrics`): per organ the wall distance and the centre distance in mm,
 the IoU, the detection rate and the false alarm rate, and their means over organs.
@@ -40,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from monai.losses import DiceLoss
+from monai.losses import DiceCELoss, DiceLoss
 from scipy import ndimage
 from torch import nn
 from torch.nn import functional
@@ -66,7 +71,10 @@ PRESENCE_THRESHOLD = 0.5
 PREVIEW_IMAGES = 8
 # Fractions are kept this far from 0 and 1 when encoded, where the sigmoid's inverse is finite.
 _ENCODE_EPSILON = 1e-4
-BOX_HEADS = ("regression", "mask")
+BOX_HEADS = ("regression", "mask", "segment")
+# The box heads that are U-Nets: their decoder transfers from a U-Net (or sononet_unet)
+# pretraining.
+DECODER_BOX_HEADS = ("mask", "segment")
 # The mask head's sigmoids start at this probability: an organ covers a few percent of the
 # image, and at 0.5 the background's cross-entropy would dominate the first thousand steps.
 MASK_PRIOR = 0.01
@@ -133,6 +141,8 @@ class LocalizationTask:
             return unet_spec(
                 spatial_dims, in_channels, self.num_organs, encoder, head_bias=prior_logit
             )
+        if self.box_head == "segment":  # background + one channel per organ
+            return unet_spec(spatial_dims, in_channels, self.num_organs + 1, encoder)
         return model_spec(
             "localizer",
             spatial_dims=spatial_dims,
@@ -164,7 +174,8 @@ class LocalizationTask:
     def training_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
-        uses_masks = self.box_head == "mask" and self.organ_values is not None
+        self.check_head_fits_data()
+        uses_masks = self.box_head in DECODER_BOX_HEADS and self.organ_values is not None
         if not uses_masks:  # label maps only the mask head learns: no per-step resampling
             batch = {key: value for key, value in batch.items() if key != "mask"}
         if self.augmentation is not None:
@@ -177,7 +188,18 @@ class LocalizationTask:
         if self.box_head == "mask":
             masks = organ_masks(batch["mask"], self.organ_values) if uses_masks else None
             return box_mask_loss(outputs, boxes, present, masks)
+        if self.box_head == "segment":
+            return organ_label_loss(outputs, organ_labels(batch["mask"], self.organ_values))
         return localization_loss(outputs, boxes, present, spatial_size, self.presence_weights)
+
+    def check_head_fits_data(self) -> None:
+        """The segment head learns the organs' label map: data with boxes only (boxes.csv)
+        cannot train it."""
+        if self.box_head == "segment" and self.organ_values is None:
+            raise CtxRestoreError(
+                "--box-head segment learns the organs' label map, and this data has boxes only "
+                "(boxes.csv, no label maps); use --box-head mask, which learns filled boxes"
+            )
 
     def _check_targets(
         self, boxes: torch.Tensor, present: torch.Tensor, batch_size: int, spatial_dims: int
@@ -255,8 +277,9 @@ class LocalizationTask:
         "boxes" (B, O, 2, D) float voxel coordinates (decoded whether present or not)."""
         model.eval()
         outputs = model(images).float()
-        if self.box_head == "mask":
-            presence, present, boxes = decode_box_masks(outputs, self.num_organs)
+        if self.box_head in DECODER_BOX_HEADS:
+            probabilities = organ_probabilities(outputs, self.num_organs, self.box_head)
+            presence, present, boxes = decode_box_masks(probabilities)
         else:
             presence, boxes = decode_boxes(outputs, images.shape[2:])
             present = presence > PRESENCE_THRESHOLD
@@ -437,11 +460,38 @@ def box_mask_loss(
     return functional.binary_cross_entropy_with_logits(outputs, targets) + dice
 
 
+def organ_labels(label_maps: torch.Tensor, organ_values: Sequence[int]) -> torch.Tensor:
+    """Label maps (B, *S) -> the segment head's targets (B, 1, *S) int64: k + 1 where the voxel
+    is organ k's value, 0 (background) elsewhere, other label values included."""
+    masks = organ_masks(label_maps, organ_values)  # organs are disjoint in a label map
+    indices = torch.arange(1, len(organ_values) + 1, device=masks.device, dtype=masks.dtype)
+    return (masks * indices.view(1, -1, *(1,) * (masks.ndim - 2))).sum(dim=1, keepdim=True).long()
+
+
+def organ_label_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The "segment" head's loss, the segmentation task's: soft Dice + cross-entropy over a
+    softmax of background and organs (MONAI's DiceCELoss). outputs (B, 1 + O, *S) logits;
+    labels (B, 1, *S) from `organ_labels`."""
+    _check_mask_outputs(outputs, outputs.shape[1] - 1, "segment")
+    return DiceCELoss(to_onehot_y=True, softmax=True)(outputs, labels)
+
+
+def organ_probabilities(outputs: torch.Tensor, num_organs: int, box_head: str) -> torch.Tensor:
+    """A U-Net box head's logits -> each organ's probability per voxel (B, O, *S): the "mask"
+    head's sigmoids (B, O, *S), or the organs' share of the "segment" head's softmax over
+    (B, 1 + O, *S), background first."""
+    _check_mask_outputs(outputs, num_organs, box_head)
+    if box_head == "segment":
+        return outputs.float().softmax(dim=1)[:, 1:]
+    return torch.sigmoid(outputs.float())
+
+
 def decode_box_masks(
-    outputs: torch.Tensor, num_organs: int
+    probabilities: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The "mask" head's logits (B, O, *S) -> presence probabilities (B, O) (the most
-    confident voxel's), present (B, O) bool and boxes (B, O, 2, D).
+    """Organ probabilities (B, O, *S) from a U-Net box head (`organ_probabilities`) ->
+    presence probabilities (B, O) (the most confident voxel's), present (B, O) bool and boxes
+    (B, O, 2, D).
 
     An organ's voxels are those above PRESENCE_THRESHOLD, less the connected pieces smaller
     than KEEP_COMPONENT_FRACTION of its largest; its box is their tight box, and it is present
@@ -449,15 +499,18 @@ def decode_box_masks(
     threshold still gets its best guess, the box of the voxels at least half as confident as
     its most confident one (pieces filtered alike), as the regression head decodes a box
     whether present or not (the wall distance measures the box, not presence)."""
-    _check_mask_outputs(outputs, num_organs)
-    probabilities = torch.sigmoid(outputs.float())
+    if probabilities.ndim not in (4, 5):
+        raise CtxRestoreError(
+            f"organ probabilities of shape {tuple(probabilities.shape)}: expected (B, O, H, W) "
+            "or (B, O, D, H, W)"
+        )
     presence = probabilities.flatten(2).amax(dim=-1)
     cut = torch.where(presence > PRESENCE_THRESHOLD, PRESENCE_THRESHOLD, presence / 2)
-    inside = probabilities >= cut.view(*cut.shape, *(1,) * (outputs.ndim - 2))
+    inside = probabilities >= cut.view(*cut.shape, *(1,) * (probabilities.ndim - 2))
     inside = keep_large_components(inside, KEEP_COMPONENT_FRACTION)
     boxes, _ = tight_boxes(inside)
     voxels = inside.flatten(2).sum(dim=-1)
-    image_voxels = math.prod(outputs.shape[2:])
+    image_voxels = math.prod(probabilities.shape[2:])
     present = (presence > PRESENCE_THRESHOLD) & (voxels >= MIN_ORGAN_FRACTION * image_voxels)
     return presence, present, boxes
 
@@ -476,12 +529,14 @@ def keep_large_components(masks: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.from_numpy(kept).to(masks.device)
 
 
-def _check_mask_outputs(outputs: torch.Tensor, num_organs: int) -> None:
-    if outputs.ndim not in (4, 5) or outputs.shape[1] != num_organs:
+def _check_mask_outputs(outputs: torch.Tensor, num_organs: int, box_head: str = "mask") -> None:
+    channels = num_organs + 1 if box_head == "segment" else num_organs
+    if outputs.ndim not in (4, 5) or outputs.shape[1] != channels:
+        per = "background + one channel per organ" if box_head == "segment" else "one per organ"
         raise CtxRestoreError(
-            f"box-mask outputs of shape {tuple(outputs.shape)} do not fit {num_organs} organs: "
-            f"expected (B, {num_organs}, H, W) or (B, {num_organs}, D, H, W), one mask channel "
-            "per organ"
+            f"{box_head} box-head outputs of shape {tuple(outputs.shape)} do not fit "
+            f"{num_organs} organs: expected (B, {channels}, H, W) or (B, {channels}, D, H, W), "
+            f"{per}"
         )
 
 

@@ -55,7 +55,7 @@ from ctxrestore.tasks.datasets import (
     folder_data,
     phantom_data,
 )
-from ctxrestore.tasks.localize import check_box_head
+from ctxrestore.tasks.localize import DECODER_BOX_HEADS, check_box_head
 from ctxrestore.tasks.report import write_finetuning_report
 
 logger = logging.getLogger(__name__)
@@ -346,11 +346,11 @@ def check_fresh_decoder_levels(
     if fresh_decoder_levels < 0:
         raise CtxRestoreError(f"fresh_decoder_levels must be >= 0, got {fresh_decoder_levels}")
     if fresh_decoder_levels and not (
-        task == "segment" or (task == "localize" and box_head == "mask")
+        task == "segment" or (task == "localize" and box_head in DECODER_BOX_HEADS)
     ):
         raise CtxRestoreError(
             f"fresh_decoder_levels: the {task} network has no decoder (only segment and "
-            "localize --box-head mask have one)"
+            "localize --box-head mask or segment have one)"
         )
     if fresh_decoder_levels and transfer_stages is not None:
         raise CtxRestoreError(
@@ -423,6 +423,7 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
         task = data.task
         if config.task == "localize":
             task = dataclasses.replace(task, box_head=config.box_head)
+            task.check_head_fits_data()
         if config.balance:
             task = task.balanced(train_items)
         if config.augment:

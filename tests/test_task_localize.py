@@ -468,6 +468,15 @@ def test_the_mask_head_learns_the_organs_where_the_data_has_label_maps():
         LocalizationTask(("a", "b"), organ_values=(7, 7))
 
 
+def test_a_head_bias_is_one_value_or_one_per_channel():
+    from ctxrestore.models.heads import ConvHead
+
+    assert ConvHead(2, 4, 3, bias=[1.0, 2.0, 3.0]).conv.bias.tolist() == [1.0, 2.0, 3.0]
+    assert ConvHead(2, 4, 3, bias=-2.0).conv.bias.tolist() == [-2.0] * 3
+    with pytest.raises(CtxRestoreError, match="one value or 3"):
+        ConvHead(2, 4, 3, bias=[1.0, 2.0])
+
+
 def test_mask_head_outputs_start_at_the_prior():
     task = LocalizationTask(("liver", "spleen"), box_head="mask")
     spec = task.network_spec(2, 1, {**TINY_ENCODER, "norm": "batch"})
@@ -517,6 +526,8 @@ def test_segment_network_spec_has_a_background_channel_and_takes_a_sononet_unet_
     shapes = {k: v.shape for k, v in pretraining.state_dict().items() if not k.startswith("head")}
     assert shapes == {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head")}
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3, 32, 32)
+    # The softmax starts at the prior: each organ 1%, the background the rest.
+    assert model.head.conv.bias.softmax(0).tolist() == pytest.approx([0.98, 0.01, 0.01])
 
 
 def test_segment_head_training_learns_the_boxes():

@@ -24,7 +24,7 @@ def unet(
     channels: Sequence[int] = (32, 64, 128, 256, 512),
     norm: str = "batch",
     convs_per_stage: Sequence[int] | None = None,
-    head_bias: float | None = None,
+    head_bias: float | Sequence[float] | None = None,
 ) -> nn.Module:
     """U-Net with concatenation skips and two ConvBlocks per encoder level unless
     `convs_per_stage` says otherwise (e.g. a SonoNet encoder's (2, 2, 3, 3, 3), so that a
@@ -32,9 +32,10 @@ def unet(
 
     (B, in_channels, *S) -> (B, out_channels, *S), S divisible by 2**(len(channels) - 1).
     `out_channels` defaults to `in_channels` (image restoration); set it to the number of
-    classes for segmentation. `head_bias`: the output layer's initial bias (None: PyTorch's
-    default); sigmoid outputs with rare positives start at their prior's logit (Lin et al.
-    2017), or Adam, moving the bias ~1e-3 a step, needs thousands of steps to get there.
+    classes for segmentation. `head_bias`: the output layer's initial bias, one value or one per
+    channel (None: PyTorch's default); outputs with rare positives start at their prior's
+    logit (Lin et al. 2017), or Adam, moving the bias ~1e-3 a step, needs thousands of steps
+    to get there.
     """
     encoder = ConvEncoder(
         spatial_dims,

@@ -75,8 +75,9 @@ BOX_HEADS = ("regression", "mask", "segment")
 # The box heads that are U-Nets: their decoder transfers from a U-Net (or sononet_unet)
 # pretraining.
 DECODER_BOX_HEADS = ("mask", "segment")
-# The mask head's sigmoids start at this probability: an organ covers a few percent of the
-# image, and at 0.5 the background's cross-entropy would dominate the first thousand steps.
+# The U-Net box heads' organ outputs (mask: sigmoids; segment: softmax shares) start at this
+# probability: an organ covers a few percent of the image, and at 0.5 (or 1 / (1 + organs))
+# the background's cross-entropy would dominate the first thousand steps.
 MASK_PRIOR = 0.01
 # The mask head's decoding, both chosen on the validation splits of experiment 30's runs
 # (docs/experiments.md 31; means over the 7 that learned every organ). Pieces of an organ's
@@ -141,8 +142,13 @@ class LocalizationTask:
             return unet_spec(
                 spatial_dims, in_channels, self.num_organs, encoder, head_bias=prior_logit
             )
-        if self.box_head == "segment":  # background + one channel per organ
-            return unet_spec(spatial_dims, in_channels, self.num_organs + 1, encoder)
+        if self.box_head == "segment":  # background + one channel per organ, at the prior
+            organ = min(MASK_PRIOR, 0.5 / self.num_organs)  # the background keeps >= half
+            background = 1 - self.num_organs * organ
+            prior_logits = [math.log(background)] + [math.log(organ)] * self.num_organs
+            return unet_spec(
+                spatial_dims, in_channels, self.num_organs + 1, encoder, head_bias=prior_logits
+            )
         return model_spec(
             "localizer",
             spatial_dims=spatial_dims,

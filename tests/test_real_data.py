@@ -18,13 +18,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import ctxrestore
+from ctxrestore.bench.benchmark import BenchmarkOptions
 from ctxrestore.cli import app
 from ctxrestore.data.cache import ArrayCache
 from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.readers import read_volume
 from ctxrestore.data.unlabelled import UnlabelledDataset
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.tasks.datasets import FolderOptions, folder_data
+from ctxrestore.tasks.datasets import FolderOptions, boxes_only, folder_data
 
 runner = CliRunner()
 TINY = dict(image_size=16, width=4, batch_size=4, max_steps=2, warmup_steps=1, log_every=1,
@@ -379,10 +380,15 @@ def test_localisation_from_a_boxes_csv_alone(msd, tmp_path):
     assert spec["task"]["organ_names"] == ["core", "oedema"]
     assert "iou/mean" in json.loads((run / "metrics.json").read_text())["test"]
     ctxrestore.pretrain(table, out=tmp_path / "pre", patch_size=4, num_swaps=4, **TINY)
-    # Boxes alone cannot train a head that learns the organs' label map.
+    # Boxes alone cannot train a head that learns the organs' label map; a benchmark says so
+    # before it pretrains, for a boxes CSV and for a folder whose boxes.csv is used.
     with pytest.raises(CtxRestoreError, match=r"boxes only.*use --box-head mask"):
         ctxrestore.finetune("localize", table, out=tmp_path / "seg", modality="mr",
                             box_head="segment", **TINY)  # fmt: skip
+    for data in (table, msd):
+        with pytest.raises(CtxRestoreError, match=rf"{data.name}: .*gives boxes only"):
+            BenchmarkOptions(task="localize", data=data, box_head="segment", out=tmp_path / "b")
+    assert not boxes_only(None) and not boxes_only(run)  # a folder without a boxes.csv
 
 
 def test_benchmark_on_files(msd, tmp_path):

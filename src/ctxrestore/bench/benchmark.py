@@ -39,8 +39,8 @@ from ctxrestore.models import PRETRAINING_NETWORKS, pretraining_spec
 from ctxrestore.pretext import create_pretext, list_pretexts
 from ctxrestore.pretext.restoration import check_restoration_loss
 from ctxrestore.pretext.training import PretrainConfig, pretext_options
-from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS
-from ctxrestore.tasks.localize import DECODER_BOX_HEADS, check_box_head
+from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS, boxes_only
+from ctxrestore.tasks.localize import BOXES_ONLY_MESSAGE, DECODER_BOX_HEADS, check_box_head
 from ctxrestore.tasks.training import DEFAULT_IMAGE_SIZES, TASK_NAMES, check_fresh_decoder_levels
 
 logger = logging.getLogger(__name__)
@@ -149,6 +149,8 @@ class BenchmarkOptions(FileOptions):
         )
         check_head_only_steps(self.head_only_steps, self.freeze_encoder)
         check_box_head(self.box_head, self.task)
+        if self.box_head == "segment" and boxes_only(self.data):  # before any pretraining
+            raise CtxRestoreError(f"{self.data}: {BOXES_ONLY_MESSAGE}")
         if self.max_steps is not None and self.head_only_steps >= self.max_steps:
             raise CtxRestoreError(
                 f"head_only_steps {self.head_only_steps} is not shorter than max_steps "

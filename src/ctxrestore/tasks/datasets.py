@@ -394,6 +394,15 @@ def _folder_data(
     )
 
 
+def boxes_only(data: Path | str | None) -> bool:
+    """Whether localisation data gives boxes and no label maps: a boxes CSV, or a folder with
+    a boxes.csv (whose boxes are used instead of its masks). A phantom (None) has masks."""
+    if data is None:
+        return False
+    data = Path(data)
+    return (data.is_file() and data.suffix.lower() == ".csv") or (data / BOXES_FILE).is_file()
+
+
 def folder_data(
     task_name: str, data: Path | str, spatial_size: Sequence[int], options: FolderOptions
 ) -> LabelledData:

@@ -79,6 +79,11 @@ DECODER_BOX_HEADS = ("mask", "segment")
 # probability: an organ covers a few percent of the image, and at 0.5 (or 1 / (1 + organs))
 # the background's cross-entropy would dominate the first thousand steps.
 MASK_PRIOR = 0.01
+BOXES_ONLY_MESSAGE = (
+    "--box-head segment learns the organs' label map, and this data gives boxes only (a boxes "
+    "CSV, or a folder whose boxes.csv is used instead of its masks); use --box-head mask, "
+    "which learns filled boxes"
+)
 # The mask head's decoding, both chosen on the validation splits of experiment 30's runs
 # (docs/experiments.md 31; means over the 7 that learned every organ). Pieces of an organ's
 # mask under half the size of its largest are dropped: an organ can show as two pieces in a
@@ -202,10 +207,7 @@ class LocalizationTask:
         """The segment head learns the organs' label map: data with boxes only (boxes.csv)
         cannot train it."""
         if self.box_head == "segment" and self.organ_values is None:
-            raise CtxRestoreError(
-                "--box-head segment learns the organs' label map, and this data has boxes only "
-                "(boxes.csv, no label maps); use --box-head mask, which learns filled boxes"
-            )
+            raise CtxRestoreError(BOXES_ONLY_MESSAGE)
 
     def _check_targets(
         self, boxes: torch.Tensor, present: torch.Tensor, batch_size: int, spatial_dims: int

@@ -35,17 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from ctxrestore.engine.checkpoint import load_checkpoint
-from ctxrestore.tasks.localize import organ_masks
+from ctxrestore.tasks.localize import organ_labels
 from ctxrestore.tasks.training import FinetuneConfig, build_network, load_data, split_data
 
 BACKGROUND_SHARE = 0.05  # background pixels kept for the organ probe (it outnumbers organs)
 CHUNK = 25  # slices per forward pass
-
-
-def organ_labels(masks: torch.Tensor, organ_values: list[int]) -> torch.Tensor:
-    """Label map -> 0 for background, k + 1 for the k-th organ."""
-    one_hot = organ_masks(masks, organ_values)  # organs do not overlap
-    return (one_hot.argmax(dim=1) + 1) * (one_hot.sum(dim=1) > 0)
 
 
 def pixel_features(model, items, organ_values, kidneys, generator):
@@ -64,7 +58,7 @@ def pixel_features(model, items, organ_values, kidneys, generator):
             masks = torch.stack([item["mask"] for item in chunk]).squeeze(1)
             features = model.encoder.forward_features(images)
             head_input = model.decoder(features)
-            labels = organ_labels(masks, organ_values)
+            labels = organ_labels(masks, organ_values)[:, 0]
             keep = (labels > 0) | (torch.rand(labels.shape, generator=generator) < BACKGROUND_SHARE)
             b, h, w = keep.nonzero(as_tuple=True)
             parts["head"].append(head_input[b, :, h, w])

@@ -331,8 +331,10 @@ def lost_class_lines(protocol: Protocol, rows: Sequence[dict]) -> list[str]:
     LOST_CLASS_FAMILIES metric, with their seeds and classes. [] when the rows have no such
     per-class metric."""
     family = LOST_CLASS_FAMILIES.get(protocol.task)
+    if family is None:
+        return []
     classes = class_metrics(f"{family}/mean", {key for row in rows for key in row})
-    if family is None or not classes:
+    if not classes:
         return []
     lines = [
         f"Runs in which a class scored 0 (`{family}/<class>`): the class was never got right, "

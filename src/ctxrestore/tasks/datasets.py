@@ -399,8 +399,12 @@ def boxes_only(data: Path | str | None) -> bool:
     a boxes.csv (whose boxes are used instead of its masks). A phantom (None) has masks."""
     if data is None:
         return False
-    data = Path(data)
-    return (data.is_file() and data.suffix.lower() == ".csv") or (data / BOXES_FILE).is_file()
+    return _is_boxes_table(Path(data)) or (Path(data) / BOXES_FILE).is_file()
+
+
+def _is_boxes_table(data: Path) -> bool:
+    """A boxes CSV given as the data itself (images and their boxes, no folder layout)."""
+    return data.is_file() and data.suffix.lower() == ".csv"
 
 
 def folder_data(
@@ -412,7 +416,7 @@ def folder_data(
         raise CtxRestoreError(f"data {data} does not exist")
     if task_name == "classify":
         return _classify_folder(data, spatial_size, options)
-    if task_name == "localize" and data.is_file() and data.suffix.lower() == ".csv":
+    if task_name == "localize" and _is_boxes_table(data):
         return _boxes_file_data(data, spatial_size, options)
     if not data.is_dir():
         raise CtxRestoreError(

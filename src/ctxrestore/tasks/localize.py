@@ -23,9 +23,9 @@ KEEP_COMPONENT_FRACTION of the largest; the organ is present when they cover at 
 MIN_ORGAN_FRACTION of the image, and its box is their tight box.
 "segment" is the same U-Net with one softmax over the background and the organs, trained
 as the segmentation task is (Dice + cross-entropy against the organs' label map; needs label
-maps): organs do not overlap, and a softmax channel cannot sit at a low prior unopposed, as
-the mask head's sigmoids did in a quarter of its runs (docs/experiments.md 32-33). It decodes
-as the mask head does, from the organs' softmax probabilities (`organ_probabilities`).
+maps; organs do not overlap). Started at the prior like the mask head, it lost no organ in
+10 runs where the mask head's sigmoids lost one in a quarter (docs/experiments.md 32-33).
+It decodes as the mask head does, from the organs' softmax probabilities (`organ_probabilities`).
 The U-Net heads' decoder has the shape of a U-Net (or `sononet_unet`) pretraining's, so the
 restoration network transfers whole, as for segmentation; presence_weights do not apply.
 
@@ -200,7 +200,8 @@ class LocalizationTask:
             masks = organ_masks(batch["mask"], self.organ_values) if uses_masks else None
             return box_mask_loss(outputs, boxes, present, masks)
         if self.box_head == "segment":
-            return organ_label_loss(outputs, organ_labels(batch["mask"], self.organ_values))
+            labels = organ_labels(batch["mask"], self.organ_values)
+            return organ_label_loss(outputs, labels, self.num_organs)
         return localization_loss(outputs, boxes, present, spatial_size, self.presence_weights)
 
     def check_head_fits_data(self) -> None:
@@ -476,11 +477,11 @@ def organ_labels(label_maps: torch.Tensor, organ_values: Sequence[int]) -> torch
     return (masks * indices.view(1, -1, *(1,) * (masks.ndim - 2))).sum(dim=1, keepdim=True).long()
 
 
-def organ_label_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def organ_label_loss(outputs: torch.Tensor, labels: torch.Tensor, num_organs: int) -> torch.Tensor:
     """The "segment" head's loss, the segmentation task's: soft Dice + cross-entropy over a
     softmax of background and organs (MONAI's DiceCELoss). outputs (B, 1 + O, *S) logits;
     labels (B, 1, *S) from `organ_labels`."""
-    _check_mask_outputs(outputs, outputs.shape[1] - 1, "segment")
+    _check_mask_outputs(outputs, num_organs, "segment")
     return DiceCELoss(to_onehot_y=True, softmax=True)(outputs, labels)
 
 

@@ -341,8 +341,8 @@ def check_fresh_decoder_levels(
     fresh_decoder_levels: int, transfer_stages: int | None, task: str, box_head: str
 ) -> None:
     """Fine-tuning's fresh decoder levels: >= 0, only for the networks with a decoder (segment,
-    localize --box-head mask), and not beside --transfer-stages, which leaves the whole
-    decoder random already."""
+    localize with a U-Net box head: DECODER_BOX_HEADS), and not beside --transfer-stages,
+    which leaves the whole decoder random already."""
     if fresh_decoder_levels < 0:
         raise CtxRestoreError(f"fresh_decoder_levels must be >= 0, got {fresh_decoder_levels}")
     if fresh_decoder_levels and not (

@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 import ctxrestore
 from ctxrestore.cli import app
+from ctxrestore.data.cache import ArrayCache
 from ctxrestore.data.layouts import (
     read_boxes_csv,
     read_class_folders,
@@ -13,8 +14,10 @@ from ctxrestore.data.layouts import (
 )
 from ctxrestore.data.phantoms import get_phantom
 from ctxrestore.data.phantoms.export import export_phantom
+from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.readers import read_volume
 from ctxrestore.errors import CtxRestoreError
+from ctxrestore.tasks.datasets import FolderOptions, boxes_only, folder_data
 
 SIZE = 64
 
@@ -80,6 +83,12 @@ def test_abdomen_boxes_read_back(tmp_path):
     boxes = read_boxes_csv(out / "boxes.csv")
     for index, sample in enumerate(samples("abdomen", 8)):
         assert boxes[f"imagesTr/abdomen_{index:05d}_0000.nii.gz"] == sample.boxes
+    # its masks are read beside its boxes.csv: `--box-head segment` trains on the folder
+    assert not boxes_only(out)
+    options = FolderOptions(Preprocessing("ct"), ArrayCache(None))
+    data = folder_data("localize", out, (SIZE, SIZE), options)
+    for item, sample in zip(data.items, samples("abdomen", 8)):
+        assert np.array_equal(item["mask"].numpy(), sample.mask)
 
 
 def test_cli_writes_gallery_and_refuses_a_used_folder(tmp_path):

@@ -363,6 +363,9 @@ def test_world_boxes_land_where_the_masks_are(msd):
                 # within a network voxel: masks are resampled and resized on whole voxels
                 assert torch.allclose(got["boxes"], want["boxes"], atol=1.0)
                 assert (got["boxes"] - want["boxes"]).abs().mean() < 0.5
+            # every case has a mask: kept beside the listed boxes, for the U-Net box heads
+            assert torch.equal(got["mask"], want["mask"])
+        assert listed.task.organ_values == expected.task.organ_values == (1, 2)
 
 
 def test_localisation_from_a_boxes_csv_alone(msd, tmp_path):
@@ -381,14 +384,26 @@ def test_localisation_from_a_boxes_csv_alone(msd, tmp_path):
     assert "iou/mean" in json.loads((run / "metrics.json").read_text())["test"]
     ctxrestore.pretrain(table, out=tmp_path / "pre", patch_size=4, num_swaps=4, **TINY)
     # Boxes alone cannot train a head that learns the organs' label map; a benchmark says so
-    # before it pretrains, for a boxes CSV and for a folder whose boxes.csv is used.
+    # before it pretrains, for a boxes CSV and for a folder with a boxes.csv and a case
+    # without a mask.
     with pytest.raises(CtxRestoreError, match=r"boxes only.*use --box-head mask"):
         ctxrestore.finetune("localize", table, out=tmp_path / "seg", modality="mr",
                             box_head="segment", **TINY)  # fmt: skip
-    for data in (table, msd):
+    dataset = json.loads((msd / "dataset.json").read_text())
+    unmasked = tmp_path / "unmasked"
+    shutil.copytree(msd, unmasked)
+    del dataset["training"][1]["label"]
+    (unmasked / "dataset.json").write_text(json.dumps(dataset))
+    for data in (table, unmasked):
         with pytest.raises(CtxRestoreError, match=rf"{data.name}: .*gives boxes only"):
             BenchmarkOptions(task="localize", data=data, box_head="segment", out=tmp_path / "b")
-    assert not boxes_only(None) and not boxes_only(run)  # a folder without a boxes.csv
+    # a folder whose cases all have masks trains it, beside its boxes.csv
+    assert not boxes_only(msd) and not boxes_only(None) and not boxes_only(run)
+    BenchmarkOptions(task="localize", data=msd, box_head="segment", out=tmp_path / "b")
+    ctxrestore.finetune("localize", msd, out=tmp_path / "seg", modality="mr",
+                        box_head="segment", **TINY)  # fmt: skip
+    spec = json.loads((tmp_path / "seg" / "spec.json").read_text())
+    assert spec["task"]["box_head"] == "segment"
 
 
 def test_benchmark_on_files(msd, tmp_path):

@@ -278,7 +278,7 @@ def transfer_weights(
         raise CtxRestoreError(
             f"--fresh-decoder-levels {fresh_decoder_levels}: the task's network has no decoder "
             f"that takes {source}'s weights (only a U-Net task network after a U-Net "
-            "pretraining does: segment, or localize --box-head mask)"
+            "pretraining does: segment, or localize --box-head mask or segment)"
         )
     with torch.no_grad():
         for name, value in updates.items():

@@ -4,7 +4,8 @@ into memory in the task's batch format (tasks/base.py) with a case id and a stra
 - classify: class sub-folders or a CSV of (image, label) (data.layouts); one case per file.
 - segment: an MSD / nnU-Net folder (dataset.json, imagesTr, labelsTr); one case per volume.
 - localize: the same folder, with boxes from `boxes.csv` when present, else from the masks;
-  organs = the labels other than 0. Or a boxes CSV alone (its images relative to it).
+  organs = the labels other than 0; the masks are kept when every case has one (the U-Net box
+  heads learn them). Or a boxes CSV alone (its images relative to it).
 Files are read, checked (label grid and values), resampled and normalised by data.loading
 (cached on disk); with `skip_bad`, a bad case is skipped with a warning instead of stopping.
 A 2D task on 3D volumes trains on their slices along `slice_axis` (air slices without labels
@@ -252,10 +253,13 @@ def _segmentation_folder(task_name: str, folder: Path, spatial_size, options) ->
     else:
         organ_values = [v for v in values if v != 0]
     listed = read_boxes_csv(boxes_csv) if task_name == "localize" and boxes_csv.is_file() else {}
-    if task_name == "localize":  # organ masks too, unless the boxes come from a boxes.csv
+    # The organ masks are read when every case has one, also beside a boxes.csv (its boxes
+    # are then the targets and the masks train the U-Net box heads).
+    masked = all(case.label is not None for case in layout.cases)
+    if task_name == "localize":
         task = LocalizationTask(
             tuple(layout.labels[v] for v in organ_values),
-            organ_values=None if listed else tuple(organ_values),
+            organ_values=tuple(organ_values) if masked else None,
         )
     reader = _Reader(options, spatial_size)
     items, cases = [], []
@@ -279,14 +283,13 @@ def _segmentation_folder(task_name: str, folder: Path, spatial_size, options) ->
                 plane, plane_spacing, spatial_size, plane_mask
             )
             item = {"image": tensor, "spacing": spacing_tensor}
-            if task_name == "segment":
+            if masked:
                 item["mask"] = mask_tensor
-            elif case_boxes is not None:
+            if case_boxes is not None:
                 item.update(_plane_boxes(*case_boxes, index, options.slice_axis, scale))
-            else:
+            elif task_name == "localize":
                 boxes, present = boxes_from_masks(mask_tensor[None], organ_values)
                 item["boxes"], item["present"] = boxes[0], present[0]
-                item["mask"] = mask_tensor
             items.append(item)
             cases.append(case.name)
     skipped = reader.bad.summary(len(layout.cases), "cases")
@@ -396,10 +399,15 @@ def _folder_data(
 
 def boxes_only(data: Path | str | None) -> bool:
     """Whether localisation data gives boxes and no label maps: a boxes CSV, or a folder with
-    a boxes.csv (whose boxes are used instead of its masks). A phantom (None) has masks."""
+    a boxes.csv and a case without a mask. A phantom (None) has masks."""
     if data is None:
         return False
-    return _is_boxes_table(Path(data)) or (Path(data) / BOXES_FILE).is_file()
+    data = Path(data)
+    if _is_boxes_table(data):
+        return True
+    if not (data / BOXES_FILE).is_file():
+        return False
+    return any(case.label is None for case in read_segmentation_layout(data).cases)
 
 
 def _is_boxes_table(data: Path) -> bool:

@@ -81,7 +81,7 @@ DECODER_BOX_HEADS = ("mask", "segment")
 MASK_PRIOR = 0.01
 BOXES_ONLY_MESSAGE = (
     "--box-head segment learns the organs' label map, and this data gives boxes only (a boxes "
-    "CSV, or a folder whose boxes.csv is used instead of its masks); use --box-head mask, "
+    "CSV, or a folder with a boxes.csv and a case without a mask); use --box-head mask, "
     "which learns filled boxes"
 )
 # The mask head's decoding, both chosen on the validation splits of experiment 30's runs

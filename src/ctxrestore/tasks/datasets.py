@@ -31,6 +31,7 @@ from ctxrestore.data.cache import ArrayCache
 from ctxrestore.data.layouts import (
     BOXES_FILE,
     DATASET_FILE,
+    SegmentationLayout,
     WorldBox,
     read_boxes_csv,
     read_classification,
@@ -255,7 +256,7 @@ def _segmentation_folder(task_name: str, folder: Path, spatial_size, options) ->
     listed = read_boxes_csv(boxes_csv) if task_name == "localize" and boxes_csv.is_file() else {}
     # The organ masks are read when every case has one, also beside a boxes.csv (its boxes
     # are then the targets and the masks train the U-Net box heads).
-    masked = all(case.label is not None for case in layout.cases)
+    masked = _every_case_masked(layout)
     if task_name == "localize":
         task = LocalizationTask(
             tuple(layout.labels[v] for v in organ_values),
@@ -407,7 +408,13 @@ def boxes_only(data: Path | str | None) -> bool:
         return True
     if not (data / BOXES_FILE).is_file():
         return False
-    return any(case.label is None for case in read_segmentation_layout(data).cases)
+    return not _every_case_masked(read_segmentation_layout(data))
+
+
+def _every_case_masked(layout: SegmentationLayout) -> bool:
+    """Whether every case of a segmentation layout has a mask (then a localisation folder's
+    masks are read, also beside a boxes.csv)."""
+    return all(case.label is not None for case in layout.cases)
 
 
 def _is_boxes_table(data: Path) -> bool:

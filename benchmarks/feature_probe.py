@@ -1,8 +1,8 @@
 """What a network's weights know at the start of fine-tuning, by linear probes.
 
-For the mask box head's localisation set-up on the abdomen phantom, the network is built
-exactly as `ctxrestore finetune` builds it (weights transferred, head random) and not trained.
-Three linear probes (logistic regression, L-BFGS, features standardised on the training
+For the mask box head's localisation set-up on an abdomen phantom (`--phantom`), the network
+is built exactly as `ctxrestore finetune` builds it (weights transferred, head random) and not
+trained. Three linear probes (logistic regression, L-BFGS, features standardised on the training
 pixels) are fitted on the labelled training slices of the split and scored on the test slices,
 as balanced accuracy:
 
@@ -112,6 +112,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--init", nargs="+", required=True, help="'random' and/or folders")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="random weights' seeds")
+    parser.add_argument(
+        "--phantom", default="abdomen", choices=["abdomen", "abdomen_contrast"], help="the data"
+    )
     parser.add_argument("--fraction", default="0.05")
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--image-size", type=int, default=128)
@@ -126,7 +129,7 @@ def main() -> None:
     config = FinetuneConfig(
         task="localize",
         out=Path("unused"),  # nothing is written
-        phantom="abdomen",
+        phantom=args.phantom,
         fraction=args.fraction,
         num_images=args.num_images,
         image_size=args.image_size,

@@ -4,6 +4,7 @@ import time
 import numpy as np
 import pytest
 
+from ctxrestore.data.phantoms import get_phantom
 from ctxrestore.data.phantoms.abdomen import (
     _MASK_OF_TISSUE,
     ABDOMEN_LABELS,
@@ -195,6 +196,46 @@ def test_organs_are_not_separable_by_intensity(slices):
             overlaps.append(_histogram_overlap(spleen, kidney))
     assert len(overlaps) > 10
     assert np.median(overlaps) > 0.5
+
+
+def _kidney_overlaps(samples) -> list[float]:
+    """Histogram overlap of a kidney with the liver or the spleen in the same image."""
+    overlaps = []
+    for sample in samples:
+        image, mask = sample.image[0], sample.mask
+        for organ, kidney in (("liver", "kidney_right"), ("spleen", "kidney_left")):
+            a, b = image[mask == IDS[organ]], image[mask == IDS[kidney]]
+            if a.size > 30 and b.size > 30:
+                overlaps.append(_histogram_overlap(a, b))
+    assert len(overlaps) > 10
+    return overlaps
+
+
+def test_portal_venous_phase_is_the_same_body_with_enhancing_organs(slices):
+    """abdomen_contrast changes tissue HU only: the same masks, boxes and air; the kidneys,
+    which share HU with liver and spleen unenhanced, are told apart by intensity."""
+    enhanced = [
+        get_phantom("abdomen_contrast").generator(index, seed=7, spatial_size=(64, 64))
+        for index in range(len(slices))
+    ]
+    for plain, contrast in zip(slices, enhanced, strict=True):
+        np.testing.assert_array_equal(plain.mask, contrast.mask)
+        assert plain.boxes == contrast.boxes and plain.spacing == contrast.spacing
+        assert contrast.meta["phase"] == "portal_venous"
+        outside = plain.image[0] < -990  # air: no tissue to enhance
+        np.testing.assert_array_equal(plain.image[0][outside], contrast.image[0][outside])
+        for organ in ("liver", "spleen", "kidney_left", "aorta"):
+            inside = plain.mask == IDS[organ]
+            if inside.sum() > 30:
+                lift = np.median(contrast.image[0][inside] - plain.image[0][inside])
+                assert lift > 25, (organ, lift)
+    assert np.median(_kidney_overlaps(slices)) > 0.3
+    assert np.median(_kidney_overlaps(enhanced)) < 0.1
+
+
+def test_unknown_contrast_phase_raises():
+    with pytest.raises(CtxRestoreError, match="contrast phase 'arterial'"):
+        abdomen_phantom(0, phase="arterial")
 
 
 @pytest.mark.parametrize(

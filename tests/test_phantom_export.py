@@ -49,7 +49,9 @@ def test_ultrasound_class_folders_read_back(tmp_path):
         assert np.array_equal(image[0], np.round(np.clip(sample.image[0], 0, 1) * 255))
 
 
-@pytest.mark.parametrize(("name", "dims"), [("brain", 2), ("abdomen", 2), ("brain", 3)])
+@pytest.mark.parametrize(
+    ("name", "dims"), [("brain", 2), ("abdomen", 2), ("abdomen_contrast", 2), ("brain", 3)]
+)
 def test_segmentation_layouts_read_back_unchanged(tmp_path, name, dims):
     count = 6 if dims == 2 else 2
     out = export_phantom(

@@ -16,12 +16,16 @@ head, in mm: the package's (z, y, x) LPS array convention (data/nifti.py). Image
 the radiological convention (viewed from the feet): row 0 is anterior, column 0 is the
 patient's right, so the liver lies on the image left and the spleen and left kidney on the
 image right; laterality is never flipped. In 3D, axis 0 runs from the feet to the head (z
-ascends). Tissue values are unenhanced (non-contrast) CT; the organ ids are ABDOMEN_LABELS.
+ascends). The organ ids are ABDOMEN_LABELS.
 
-The phantom is hard on purpose: liver, spleen, kidneys, aorta, muscle and bowel share soft
-tissue HU (organs are told apart by position and shape, not intensity), the noise is strong and
-correlated, a smooth bias shifts HU across the body, and pose, body size, fat, organ size, shape
-and height vary widely.
+Tissue values follow one contrast phase (CONTRAST_PHASES). "unenhanced" (non-contrast CT, the
+`abdomen` phantom) is hard on purpose: liver, spleen, kidneys, aorta, muscle and bowel share
+soft tissue HU, so organs are told apart by position and shape, not intensity.
+"portal_venous" (`abdomen_contrast`: the usual diagnostic abdominal CT, about 70 s after an
+iodine injection) lifts the enhancing tissues apart: liver < spleen < aorta < kidneys. The
+phase changes tissue HU only: one (seed, index) is the same body, view, noise and mask in both.
+In both, the noise is strong and correlated, a smooth bias shifts HU across the body, and pose,
+body size, fat, organ size, shape and height vary widely.
 """
 
 from __future__ import annotations
@@ -68,6 +72,21 @@ _TISSUE_HU = {
     "disc": (70, 100),
     "csf": (5, 20),
 }
+# Portal venous phase: the tissues that take up iodine, the rest as unenhanced. Typical
+# values of diagnostic CT: the kidneys' nephrographic parenchyma brightest, blood pools next.
+_PORTAL_VENOUS_HU = _TISSUE_HU | {
+    "muscle": (50, 65),
+    "bowel_wall": (70, 110),
+    "heart": (140, 175),
+    "liver": (90, 115),
+    "spleen": (110, 135),
+    "kidney_left": (165, 215),
+    "kidney_right": (165, 215),
+    "blood": (140, 175),
+    "aorta": (140, 175),
+}
+_HU_OF_PHASE = {"unenhanced": _TISSUE_HU, "portal_venous": _PORTAL_VENOUS_HU}
+CONTRAST_PHASES: tuple[str, ...] = tuple(_HU_OF_PHASE)
 _TISSUES = tuple(_TISSUE_HU)
 _T = {name: np.uint8(i) for i, name in enumerate(_TISSUES)}
 _MASK_OF_TISSUE = np.array(
@@ -232,8 +251,13 @@ def _organs(rng, sx: float, sy: float, sz: float, shift: float, y_spine: float):
     )
 
 
-def sample_anatomy(rng: np.random.Generator) -> AbdomenAnatomy:
-    """Draw one body: size, fat, spine, vessels, organ blobs, bowel texture and tissue HU."""
+def sample_anatomy(rng: np.random.Generator, phase: str = "unenhanced") -> AbdomenAnatomy:
+    """Draw one body: size, fat, spine, vessels, organ blobs, bowel texture and the tissue HU
+    of contrast `phase`. The phase changes no draw, only the ranges the HU are drawn from."""
+    if phase not in _HU_OF_PHASE:
+        raise CtxRestoreError(
+            f"abdomen phantom: unknown contrast phase '{phase}'; known: {list(CONTRAST_PHASES)}"
+        )
     body = np.array([rng.uniform(135, 195), rng.uniform(85, 135), rng.uniform(85, 115), 0.0])
     body[3] = rng.uniform(-0.04, 0.04)  # relative change of the girth per 100 mm of z
     fat = rng.uniform([5, 5, 5], [45, 50, 30])
@@ -265,7 +289,7 @@ def sample_anatomy(rng: np.random.Generator) -> AbdomenAnatomy:
         ]
     )
     bowel[8:, :3] *= 2.0  # the content mottle is twice as fine as the loops
-    hu = np.array([rng.uniform(*_TISSUE_HU[name]) for name in _TISSUES])
+    hu = np.array([rng.uniform(*_HU_OF_PHASE[phase][name]) for name in _TISSUES])
     hu[1:] += rng.uniform(-8, 8)  # calibration offset of the scanner
     return AbdomenAnatomy(
         body=body.astype(np.float32),
@@ -491,7 +515,11 @@ def acquire(
 
 
 def abdomen_phantom(
-    index: int, *, seed: int = 0, spatial_size: Sequence[int] = (128, 128)
+    index: int,
+    *,
+    seed: int = 0,
+    spatial_size: Sequence[int] = (128, 128),
+    phase: str = "unenhanced",
 ) -> PhantomSample:
     """One abdominal CT sample: an axial slice (spatial_size (H, W)) or a volume of axial
     slices ((D, H, W), axis 0 from the feet to the head) of one random body.
@@ -499,13 +527,14 @@ def abdomen_phantom(
     image: (1, *spatial) float32 in HU; mask: (*spatial) uint8 with the ids of
     `ABDOMEN_LABELS`; boxes: per organ of `ABDOMEN_ORGANS`, `mask_box` of its mask or None
     when it is out of view; spacing: (row, column) or (slice, row, column) in mm. Depends only
-    on (seed, index), drawn from `np.random.default_rng([seed, index])`.
+    on (seed, index), drawn from `np.random.default_rng([seed, index])`, and on the contrast
+    `phase` (CONTRAST_PHASES), which changes tissue HU only.
     """
     size = check_spatial_size("abdomen", spatial_size)
     if index < 0 or seed < 0:
         raise CtxRestoreError(f"abdomen phantom: index {index} and seed {seed} must both be >= 0")
     rng = np.random.default_rng([seed, index])
-    anatomy = sample_anatomy(rng)
+    anatomy = sample_anatomy(rng, phase)
     view = sample_view(rng, anatomy, size)
     tissue, hu, skin = render_anatomy(anatomy, view)
     image = acquire(rng, hu, skin, view)
@@ -521,5 +550,9 @@ def abdomen_phantom(
         channel_names=("CT",),
         mask=mask,
         boxes={name: mask_box(mask == i) for i, name in ABDOMEN_LABELS.items()},
-        meta={"z_mm": view.z.tolist(), "angle_deg": float(np.rad2deg(view.angle))},
+        meta={
+            "z_mm": view.z.tolist(),
+            "angle_deg": float(np.rad2deg(view.angle)),
+            "phase": phase,
+        },
     )

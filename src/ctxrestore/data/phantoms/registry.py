@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,21 @@ class PhantomInfo:
     regions: dict[str, tuple[int, ...]] = field(default_factory=dict)  # unions of labels
 
 
+def _abdomen(name: str, phase: str) -> PhantomInfo:
+    """The abdominal CT phantom in one contrast phase (the same bodies, other tissue HU)."""
+    return PhantomInfo(
+        name,
+        functools.partial(abdomen_phantom, phase=phase),
+        "localize",
+        # A soft-tissue CT window (level 50, width 500 HU): enhanced kidneys stay below 300.
+        {"method": "window", "window": [-200.0, 300.0]},
+        ("CT",),
+        labels={0: "background", **ABDOMEN_LABELS},
+        organs=ABDOMEN_ORGANS,
+        preprocessing={"modality": "ct", "window": [-200.0, 300.0]},
+    )
+
+
 PHANTOMS: dict[str, PhantomInfo] = {
     info.name: info
     for info in (
@@ -53,17 +69,8 @@ PHANTOMS: dict[str, PhantomInfo] = {
             class_names=ULTRASOUND_CLASSES,
             preprocessing={"modality": "us"},
         ),
-        PhantomInfo(
-            "abdomen",
-            abdomen_phantom,
-            "localize",
-            # A soft-tissue CT window (level 50, width 500 HU).
-            {"method": "window", "window": [-200.0, 300.0]},
-            ("CT",),
-            labels={0: "background", **ABDOMEN_LABELS},
-            organs=ABDOMEN_ORGANS,
-            preprocessing={"modality": "ct", "window": [-200.0, 300.0]},
-        ),
+        _abdomen("abdomen", "unenhanced"),
+        _abdomen("abdomen_contrast", "portal_venous"),
         PhantomInfo(
             "brain",
             brain_phantom,

@@ -9,7 +9,9 @@ as balanced accuracy:
 - `organs`: the features the head sees (the decoder's output), one class per organ plus the
   background (5% of its pixels), i.e. how far a linear head is from the answer before any step;
   `organs_penultimate`: the same from the decoder's second-last level (upsampled), the
-  features a fresh last level (`--fresh-decoder-levels 1`) starts from;
+  features a fresh last level (`--fresh-decoder-levels 1`) starts from; `organs_encoder`:
+  the same from the encoder's deepest stage (upsampled), what an encoder-only transfer
+  (`--transfer-stages`) carries;
 - `laterality`: left kidney against right kidney from the encoder's deepest stage (upsampled to
   the pixels), i.e. whether the weights already tell mirror-image organs apart;
 - `x`: the same two kidneys from the pixel's column alone, the control (a phantom whose
@@ -43,10 +45,12 @@ CHUNK = 25  # slices per forward pass
 
 
 def pixel_features(model, items, organ_values, kidneys, generator):
-    """Per-pixel features of the head input (organ probe) and of the deepest encoder stage at
-    kidney pixels (laterality probe), with their labels and the kidney pixels' columns."""
+    """Per-pixel features of the head input, the decoder's second-last level and the deepest
+    encoder stage (organ probes), and of the deepest stage at kidney pixels (laterality
+    probe), with their labels and the kidney pixels' columns."""
     model.eval()
-    parts = {"head": [], "penultimate": [], "organ": [], "deep": [], "column": [], "left": []}
+    parts = {"head": [], "penultimate": [], "encoder": [], "organ": []}
+    parts |= {"deep": [], "column": [], "left": []}
     captured = {}
     hook = model.decoder.levels[-2].register_forward_hook(
         lambda module, inputs, output: captured.update(penultimate=output)
@@ -68,6 +72,7 @@ def pixel_features(model, items, organ_values, kidneys, generator):
             parts["penultimate"].append(penultimate[b, :, h, w])
             parts["organ"].append(labels[b, h, w])
             deep = F.interpolate(features[-1], size=images.shape[-2:], mode="nearest")
+            parts["encoder"].append(deep[b, :, h, w])
             b, h, w = ((masks == kidneys[0]) | (masks == kidneys[1])).nonzero(as_tuple=True)
             parts["deep"].append(deep[b, :, h, w])
             parts["column"].append((w.float() / images.shape[-1] - 0.5).unsqueeze(1))
@@ -167,6 +172,9 @@ def main() -> None:
                 test["penultimate"],
                 test["organ"],
                 len(values) + 1,
+            ),
+            "organs_encoder": linear_probe(
+                train["encoder"], train["organ"], test["encoder"], test["organ"], len(values) + 1
             ),
             "laterality": linear_probe(train["deep"], train["left"], test["deep"], test["left"], 2),
             "x": linear_probe(train["column"], train["left"], test["column"], test["left"], 2),

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ctxrestore.data.phantoms import get_phantom, list_phantoms
 from ctxrestore.engine.checkpoint import load_checkpoint
 from ctxrestore.tasks.localize import organ_labels
 from ctxrestore.tasks.training import FinetuneConfig, build_network, load_data, split_data
@@ -49,8 +50,8 @@ def pixel_features(model, items, organ_values, kidneys, generator):
     encoder stage (organ probes), and of the deepest stage at kidney pixels (laterality
     probe), with their labels and the kidney pixels' columns."""
     model.eval()
-    parts = {"head": [], "penultimate": [], "encoder": [], "organ": []}
-    parts |= {"deep": [], "column": [], "left": []}
+    names = ("head", "penultimate", "encoder", "organ", "deep", "column", "left")
+    parts = {name: [] for name in names}
     captured = {}
     hook = model.decoder.levels[-2].register_forward_hook(
         lambda module, inputs, output: captured.update(penultimate=output)
@@ -117,9 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--init", nargs="+", required=True, help="'random' and/or folders")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="random weights' seeds")
-    parser.add_argument(
-        "--phantom", default="abdomen", choices=["abdomen", "abdomen_contrast"], help="the data"
-    )
+    localize_phantoms = [name for name in list_phantoms() if get_phantom(name).task == "localize"]
+    parser.add_argument("--phantom", default="abdomen", choices=localize_phantoms, help="the data")
     parser.add_argument("--fraction", default="0.05")
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--image-size", type=int, default=128)

@@ -49,8 +49,9 @@ ABDOMEN_LABELS: dict[int, str] = {
 }
 ABDOMEN_ORGANS: tuple[str, ...] = tuple(ABDOMEN_LABELS.values())
 
-# Renderer tissues with their HU range (drawn once per sample). Organ tissues map to mask ids.
-_TISSUE_HU = {
+# Renderer tissues with their unenhanced HU range (drawn once per sample). Organ tissues map
+# to mask ids.
+_UNENHANCED_HU = {
     "air": (-1000, -1000),
     "subcutaneous_fat": (-120, -85),
     "muscle": (35, 55),
@@ -74,7 +75,7 @@ _TISSUE_HU = {
 }
 # Portal venous phase: the tissues that take up iodine, the rest as unenhanced. Typical
 # values of diagnostic CT: the kidneys' nephrographic parenchyma brightest, blood pools next.
-_PORTAL_VENOUS_HU = _TISSUE_HU | {
+_PORTAL_VENOUS_HU = _UNENHANCED_HU | {
     "muscle": (50, 65),
     "bowel_wall": (70, 110),
     "heart": (140, 175),
@@ -85,9 +86,9 @@ _PORTAL_VENOUS_HU = _TISSUE_HU | {
     "blood": (140, 175),
     "aorta": (140, 175),
 }
-_HU_OF_PHASE = {"unenhanced": _TISSUE_HU, "portal_venous": _PORTAL_VENOUS_HU}
+_HU_OF_PHASE = {"unenhanced": _UNENHANCED_HU, "portal_venous": _PORTAL_VENOUS_HU}
 CONTRAST_PHASES: tuple[str, ...] = tuple(_HU_OF_PHASE)
-_TISSUES = tuple(_TISSUE_HU)
+_TISSUES = tuple(_UNENHANCED_HU)
 _T = {name: np.uint8(i) for i, name in enumerate(_TISSUES)}
 _MASK_OF_TISSUE = np.array(
     [next((k for k, v in ABDOMEN_LABELS.items() if v == name), 0) for name in _TISSUES], np.uint8

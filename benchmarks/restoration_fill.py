@@ -29,11 +29,13 @@ import torch.nn.functional as F
 
 from ctxrestore.corruption.swap import context_restoration
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.pretext.training import PretrainConfig, build_dataset, load_pretrained
+from ctxrestore.pretext.training import (
+    EVALUATION_SEED_OFFSET,
+    PretrainConfig,
+    build_dataset,
+    load_pretrained,
+)
 
-# The pretraining report's held-out phantom images start at this offset from its seed
-# (ctxrestore.pretext.training._evaluation_images); the same images are scored here.
-HELD_OUT_OFFSET = 1_000_003
 CHUNK = 16  # images per forward pass
 
 
@@ -53,8 +55,8 @@ def local_mean_fill(corrupted: torch.Tensor, swapped: torch.Tensor, window: int)
 
 
 def held_out_images(config: PretrainConfig, count: int) -> torch.Tensor:
-    if config.data is None:
-        dataset = build_dataset(config, length=count, offset=HELD_OUT_OFFSET)
+    if config.data is None:  # the images the pretraining report scores, and more of them
+        dataset = build_dataset(config, length=count, offset=EVALUATION_SEED_OFFSET)
     else:
         dataset = build_dataset(config)
     count = min(count, len(dataset))

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 SPEC_FORMAT = 1
 EVALUATION_IMAGES = 32  # held-out images for the final restoration error
+EVALUATION_SEED_OFFSET = 1_000_003  # held-out phantom images: the run's seed plus this
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ class PretrainResult:
 def _evaluation_images(config: PretrainConfig, dataset: Dataset) -> Dataset:
     """Unseen phantom images (another seed); for a folder, its first images."""
     if config.data is None:
-        return build_dataset(config, length=EVALUATION_IMAGES, offset=1_000_003)
+        return build_dataset(config, length=EVALUATION_IMAGES, offset=EVALUATION_SEED_OFFSET)
     return Subset(dataset, range(min(len(dataset), EVALUATION_IMAGES)))
 
 

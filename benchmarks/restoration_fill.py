@@ -29,12 +29,8 @@ import torch.nn.functional as F
 
 from ctxrestore.corruption.swap import context_restoration
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.pretext.training import (
-    EVALUATION_SEED_OFFSET,
-    PretrainConfig,
-    build_dataset,
-    load_pretrained,
-)
+from ctxrestore.files import read_json
+from ctxrestore.pretext.training import PretrainConfig, evaluation_images, load_pretrained
 
 CHUNK = 16  # images per forward pass
 
@@ -54,24 +50,17 @@ def local_mean_fill(corrupted: torch.Tensor, swapped: torch.Tensor, window: int)
     return torch.where(swapped, sums / counts.clamp_min(1), corrupted)
 
 
-def held_out_images(config: PretrainConfig, count: int) -> torch.Tensor:
-    if config.data is None:  # the images the pretraining report scores, and more of them
-        dataset = build_dataset(config, length=count, offset=EVALUATION_SEED_OFFSET)
-    else:
-        dataset = build_dataset(config)
-    count = min(count, len(dataset))
-    return torch.stack([dataset[i]["image"] for i in range(count)])
-
-
 def measure(folder: Path, count: int, seed: int) -> dict:
-    options = json.loads((folder / "config.json").read_text())
+    options = read_json(folder / "config.json")
     if options.get("method") != "context_restoration":
         raise CtxRestoreError(
             f"{folder}: method {options.get('method')!r}; this measures context_restoration "
             "pretraining runs only"
         )
     config = PretrainConfig(**options)
-    images = held_out_images(config, count)
+    # the images the pretraining report scores (more of them, for phantoms)
+    held_out = evaluation_images(config, count=count)
+    images = torch.stack([held_out[i]["image"] for i in range(len(held_out))])
     corrupted, permutation = context_restoration(
         images.clone(),
         config.swaps,
@@ -120,8 +109,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for folder in args.runs:
-        if not (folder / "config.json").is_file():
-            parser.error(f"{folder} has no config.json: not a pretraining folder")
         try:
             print(json.dumps(measure(folder, args.images, args.seed)), flush=True)
         except CtxRestoreError as error:

@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 SPEC_FORMAT = 1
 EVALUATION_IMAGES = 32  # held-out images for the final restoration error
-EVALUATION_SEED_OFFSET = 1_000_003  # held-out phantom images: the run's seed plus this
 
 
 @dataclass(frozen=True)
@@ -281,11 +280,15 @@ class PretrainResult:
     metrics: dict[str, float]
 
 
-def _evaluation_images(config: PretrainConfig, dataset: Dataset) -> Dataset:
-    """Unseen phantom images (another seed); for a folder, its first images."""
+def evaluation_images(
+    config: PretrainConfig, dataset: Dataset | None = None, count: int = EVALUATION_IMAGES
+) -> Dataset:
+    """The images a run's restoration is scored on: `count` unseen phantom images (another
+    seed), or a folder's first images (`dataset`, built from the config when not given)."""
     if config.data is None:
-        return build_dataset(config, length=EVALUATION_IMAGES, offset=EVALUATION_SEED_OFFSET)
-    return Subset(dataset, range(min(len(dataset), EVALUATION_IMAGES)))
+        return build_dataset(config, length=count, offset=1_000_003)
+    dataset = build_dataset(config) if dataset is None else dataset
+    return Subset(dataset, range(min(len(dataset), count)))
 
 
 @torch.no_grad()
@@ -374,7 +377,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
             resume=config.resume and (out / WEIGHTS_FILE).exists(),
         )
         metrics = evaluate_pretext(
-            model, pretext, _evaluation_images(config, dataset), context.device, config.seed
+            model, pretext, evaluation_images(config, dataset), context.device, config.seed
         )
         if context.is_main:
             write_json(

@@ -83,7 +83,8 @@ def pixel_features(model, items, organ_values, kidneys, generator):
 
 
 def linear_probe(train_x, train_y, test_x, test_y, classes: int) -> float:
-    """Balanced accuracy on the test pixels of a class-weighted multinomial logistic regression."""
+    """Balanced accuracy on the test pixels of a class-weighted multinomial logistic regression
+    fitted on the training pixels."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     weight = torch.zeros(train_x.shape[1], classes, requires_grad=True)
@@ -101,11 +102,14 @@ def linear_probe(train_x, train_y, test_x, test_y, classes: int) -> float:
 
     optimizer.step(closure)
     predicted = (test_x @ weight + bias).argmax(1)
+    # the mean recall over the classes that occur in the test pixels (a class absent there
+    # has no recall, rather than a recall of 0)
+    present = [c for c in range(classes) if (test_y == c).any()]
     recalls = [
-        ((predicted == c) & (test_y == c)).sum().item() / max((test_y == c).sum().item(), 1)
-        for c in range(classes)
+        ((predicted == c) & (test_y == c)).sum().item() / (test_y == c).sum().item()
+        for c in present
     ]
-    return sum(recalls) / classes
+    return sum(recalls) / len(present)
 
 
 def effective_rank(x: torch.Tensor) -> float:

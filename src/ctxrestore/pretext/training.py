@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 SPEC_FORMAT = 1
 EVALUATION_IMAGES = 32  # held-out images for the final restoration error
+# Phantom index offset of those images: far past any training set, so never trained on.
+EVALUATION_OFFSET = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,7 @@ def evaluation_images(
     """The images a run's restoration is scored on: `count` unseen phantom images (another
     seed), or a folder's first images (`dataset`, built from the config when not given)."""
     if config.data is None:
-        return build_dataset(config, length=count, offset=1_000_003)
+        return build_dataset(config, length=count, offset=EVALUATION_OFFSET)
     dataset = build_dataset(config) if dataset is None else dataset
     return Subset(dataset, range(min(len(dataset), count)))
 

@@ -617,7 +617,8 @@ def test_the_restoration_loss_reaches_the_restoration_pretexts_only(tmp_path):
     assert losses == {"context_restoration": "l1_gradient", "autoencoder": "l1_gradient",
                       "models_genesis": "l1_gradient", "context_encoder": "mse",
                       "relative_position": "mse", "contrastive": "mse",
-                      "context_restoration_contrastive": "l1_gradient"}  # fmt: skip
+                      "context_restoration_contrastive": "l1_gradient",
+                      "dense_contrastive": "mse"}  # fmt: skip
     assert protocol.settings["restoration_loss"] == "l1_gradient"
 
 

@@ -27,7 +27,7 @@ def tiny_pretext(name):
 
 
 def same_tensors(first, second) -> bool:
-    """Equal tensors, or equal tuples of them (a target with several parts)."""
+    """Equal tensors, or equal tuples of them (an input or target with several parts)."""
     if isinstance(first, tuple):
         return len(first) == len(second) and all(map(same_tensors, first, second))
     return torch.equal(first, second)
@@ -40,7 +40,7 @@ def test_pretext_batches_loss_and_metrics(name, spatial):
     images = torch.rand(2, 3, *spatial)
     inputs, targets = pretext.make_batch(images, torch.Generator().manual_seed(0))
     again = pretext.make_batch(images, torch.Generator().manual_seed(0))
-    assert torch.equal(inputs, again[0]) and same_tensors(targets, again[1])
+    assert same_tensors(inputs, again[0]) and same_tensors(targets, again[1])
 
     # A shallow U-Net (downsampling factor 2), so that patch-based pretexts fit 16^3 volumes.
     base = model_spec("unet", spatial_dims=len(spatial), in_channels=3, channels=[4, 8])

@@ -160,7 +160,10 @@ def pretrain(
     patch_size: Annotated[int, typer.Option(help="Side of the swapped patches, in pixels.")] = 8,
     foreground_threshold: Annotated[
         float | None,
-        typer.Option(help="Avoid swapping patches whose values all lie at or below this."),
+        typer.Option(
+            help="Avoid swapping patches whose values all lie at or below this; "
+            "dense_contrastive: draw its points only where some channel exceeds this."
+        ),
     ] = None,
     restoration_loss: _RestorationLoss = "mse",
     contrastive_weight: Annotated[
@@ -484,7 +487,8 @@ def benchmark(
             help="Comma-separated initialisations: 'random', pretext names, and 'random_xK' "
             "(random weights fine-tuned K times as long: if they catch up, a pretrained gain is "
             "a head start); default: random and the paper's pretexts (every registered one but "
-            "contrastive and context_restoration_contrastive, which run only when named)."
+            "contrastive, context_restoration_contrastive and dense_contrastive, which run only "
+            "when named)."
         ),
     ] = None,
     seeds: _Seeds = None,
@@ -504,7 +508,11 @@ def benchmark(
     ] = 8,
     num_swaps: Annotated[int, typer.Option(help="T, context restoration's swaps per image.")] = 20,
     foreground_threshold: Annotated[
-        float | None, typer.Option(help="Avoid patches whose values all lie at or below this.")
+        float | None,
+        typer.Option(
+            help="Avoid patches whose values all lie at or below this (dense_contrastive: its "
+            "points lie where some channel exceeds this)."
+        ),
     ] = None,
     restoration_loss: _RestorationLoss = "mse",
     batch_size: _BenchBatch = 16,

@@ -68,7 +68,7 @@ def method_options(method: str, image_size: int) -> dict:
 
 # Pretexts beyond the paper's comparison: registered (pretrain --method takes them) but run by
 # `benchmark` (and so `demo`) only when named in --methods.
-OPT_IN_PRETEXTS = ("contrastive", "context_restoration_contrastive")
+OPT_IN_PRETEXTS = ("contrastive", "context_restoration_contrastive", "dense_contrastive")
 
 PLACEMENTS = ("uniform", "foreground")
 CONTEXT_RESTORATION = "context_restoration"

@@ -1,6 +1,8 @@
 """SimCLR network (Chen, Kornblith, Norouzi, Hinton, ICML 2020): encoder, pooling, projection;
-and a restoration network with a projection on its encoder, for context restoration with a
-contrastive term (`RestorationContrastiveNetwork`).
+a restoration network with a projection on its encoder, for context restoration with a
+contrastive term (`RestorationContrastiveNetwork`); and a restoration network whose decoder
+features are read at given points and projected, for dense contrastive learning
+(`DenseContrastiveNetwork`).
 
 Both views of each image go through the SAME encoder (one batch of 2B), are globally average
 pooled and mapped by a projection MLP (Linear - BatchNorm1d - ReLU - Linear) into the space
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctxrestore.errors import CtxRestoreError
@@ -135,3 +138,70 @@ def restoration_contrastive(
         )
     projection = ProjectionHead(restoration.encoder.out_channels, hidden_features, projection_dim)
     return RestorationContrastiveNetwork(restoration, projection)
+
+
+class DenseContrastiveNetwork(nn.Module):
+    """An image-to-image network whose last decoder features are read at given points and
+    projected.
+
+    Input: (two views of each image (B, 2 * in_channels, *S), the first's channels then the
+    second's; the points' positions in each view (B, 2, M, D), in grid_sample's normalised
+    coordinates and order) -> projections (B, 2, M, projection_dim), [:, 0] of the first
+    view. The features read are the ones the restoration network's 1x1 head would read,
+    which is what a segmentation-style head reads downstream. Only the points are projected
+    (SimCLR's MLP): a projection of every voxel cost more than the network itself on a CPU.
+    Children keep the restoration network's names (`encoder`, `decoder`), so both transfer as
+    a restoration network's do; its `head` is not built in (nothing here restores an image)
+    and `projection` is left behind.
+    """
+
+    def __init__(self, restoration: EncoderDecoder, projection: ProjectionHead) -> None:
+        super().__init__()
+        self.encoder = restoration.encoder
+        self.decoder = restoration.decoder
+        self.projection = projection
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
+        if not isinstance(inputs, (tuple, list)) or len(inputs) != 2:
+            raise CtxRestoreError(
+                "the dense contrastive network takes (two views of each image, the points' "
+                "positions in each view), as `dense_contrastive`'s make_batch gives them"
+            )
+        views, located = inputs
+        images = stacked_pair(self.encoder, views, "dense contrastive", "two views of each image")
+        features = self.decoder(self.encoder.forward_features(images))  # (2B, F, *S)
+        batch_size, _, points, spatial_dims = located.shape
+        if located.shape[1] != 2 or spatial_dims != self.encoder.spatial_dims:
+            raise CtxRestoreError(
+                f"the dense contrastive network takes the points' positions in both views, "
+                f"(B, 2, M, {self.encoder.spatial_dims}), got shape {tuple(located.shape)}"
+            )
+        # All first views, then all second ones, as `stacked_pair` orders the images.
+        grid = located.transpose(0, 1).reshape(
+            2 * batch_size, points, *([1] * (spatial_dims - 1)), spatial_dims
+        )
+        read = F.grid_sample(
+            features, grid.to(features.dtype), align_corners=False, padding_mode="border"
+        )  # (2B, F, M, 1...); points outside a view read its border and take no part
+        read = read.reshape(2 * batch_size, -1, points).transpose(1, 2)  # (2B, M, F)
+        # One head pass over both views' points: BatchNorm1d sees their statistics together.
+        projected = self.projection(read.reshape(2 * batch_size * points, -1))
+        return torch.stack(projected.reshape(2, batch_size, points, -1).unbind(0), dim=1)
+
+
+@register_model("dense_contrastive")
+def dense_contrastive(
+    network: str = "unet",
+    network_kwargs: dict | None = None,
+    projection_dim: int = 64,
+    hidden_features: int = 128,
+) -> nn.Module:
+    """Pretraining network `network` (a registered image-to-image network, built with
+    `network_kwargs`) with a projection of its decoder's output features at given points."""
+    restoration = create_model(network, **(network_kwargs or {}))
+    if not isinstance(restoration, EncoderDecoder):
+        raise CtxRestoreError(
+            f"dense_contrastive needs an encoder-decoder network, and '{network}' is not one"
+        )
+    projection = ProjectionHead(restoration.decoder.out_channels, hidden_features, projection_dim)
+    return DenseContrastiveNetwork(restoration, projection)

@@ -167,7 +167,19 @@ def sampling_grid(
     spatial_shape: tuple[int, ...],
     spacing: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """affine_grid of the plan: (B, *spatial, D), where each output voxel reads the input.
+    """affine_grid of the plan: (B, *spatial, D), where each output voxel reads the input."""
+    theta = sampling_theta(plan, spatial_shape, spacing)
+    size = (len(theta), 1, *spatial_shape)
+    return F.affine_grid(theta, list(size), align_corners=False)
+
+
+def sampling_theta(
+    plan: AugmentationPlan,
+    spatial_shape: tuple[int, ...],
+    spacing: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The plan's affine map (B, D, D + 1) from an output voxel's normalised coordinates to
+    the input position it reads, in affine_grid's order (x, y(, z): the last axis first).
 
     The content map is out = zoom * R(in) + 2 * shift in grid_sample's normalised coordinates
     (-1 and 1 at the outer voxel edges, align_corners=False). R rotates in millimetres, using
@@ -191,9 +203,7 @@ def sampling_grid(
     inverse = inverse * (extent[:, None, :] / extent[:, :, None]) / plan.zoom[:, None, None]
     offset = -(inverse @ (2 * plan.shift)[:, :, None])
     # affine_grid orders coordinates x, y(, z): the last tensor axis first.
-    theta = torch.cat([inverse.flip(1, 2), offset.flip(1)], dim=2)
-    size = (batch_size, 1, *spatial_shape)
-    return F.affine_grid(theta, list(size), align_corners=False)
+    return torch.cat([inverse.flip(1, 2), offset.flip(1)], dim=2)
 
 
 def move_boxes(

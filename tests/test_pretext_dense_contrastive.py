@@ -273,7 +273,13 @@ def test_pretrain_through_the_cli_then_the_segment_head_takes_encoder_and_decode
     assert metrics["steps"] == 2 and math.isfinite(metrics["final_loss"])
     assert 0 <= metrics["point_retrieval_accuracy"] <= 1 and metrics["chance_accuracy"] < 0.01
     assert "point retrieval accuracy" in metrics["summary"]
-    assert (pretrained / "preview.png").is_file() and (pretrained / "report.md").is_file()
+    assert (pretrained / "preview.png").is_file()
+    # The report lists the settings this pretext used, and none it did not (swaps, patches).
+    report = (pretrained / "report.md").read_text()
+    for row in ("| points_per_image | 64 |", "| foreground_threshold | 0.05 |",
+                "| views.scale | [0.7, 1.4] |", "| network | sononet_unet |"):  # fmt: skip
+        assert row in report
+    assert "num_swaps" not in report and "patch_size" not in report
 
     finetuned = tmp_path / "loc"
     ctxrestore.finetune("localize", out=finetuned, init=str(pretrained), box_head="segment",

@@ -178,7 +178,12 @@ class DenseContrastivePretext:
     def params(self) -> dict:
         params = asdict(self)
         params.pop("name")
-        params["views"] = self.views.params()
+        # The views' augmentation; SimCLR's temperature and projection are this pretext's own.
+        params["views"] = {
+            key: value
+            for key, value in self.views.params().items()
+            if key not in ("temperature", "projection_dim")
+        }
         return params
 
 

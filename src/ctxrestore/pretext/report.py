@@ -6,15 +6,17 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ctxrestore.engine.checkpoint import SPEC_FILE
 from ctxrestore.engine.environment import environment_summary
 from ctxrestore.engine.loop import read_log
 from ctxrestore.engine.run_folder import METRICS_FILE
 from ctxrestore.figures import save_loss_curve
 from ctxrestore.files import atomic_write, read_json
 
+# The run's own settings; the pretext's (swaps, patch size, temperature...) come from the
+# checkpoint's spec, so the table lists only what the chosen pretext used.
 SETTINGS = (
-    "method", "network", "width", "spatial_dims", "image_size", "num_swaps", "num_swaps_max",
-    "patch_size", "foreground_threshold", "restoration_loss", "batch_size", "learning_rate",
+    "method", "network", "width", "spatial_dims", "image_size", "batch_size", "learning_rate",
     "seed",
 )  # fmt: skip
 
@@ -53,6 +55,7 @@ def write_pretraining_report(
         "| setting | value |",
         "| --- | --- |",
         *(f"| {key} | {config[key]} |" for key in SETTINGS),
+        *(f"| {key} | {value} |" for key, value in _pretext_settings(run_dir)),
         "",
         "## Held-out metrics",
         "",
@@ -79,3 +82,22 @@ def write_pretraining_report(
     ]
     text = "\n".join(lines)
     return atomic_write(report_path, lambda temporary: temporary.write_text(text))
+
+
+def _pretext_settings(run_dir: Path) -> list[tuple[str, object]]:
+    """The pretext's parameters as the checkpoint records them, nested ones dotted
+    ("views.scale"); none when the run wrote no checkpoint yet."""
+    spec_path = run_dir / SPEC_FILE
+    if not spec_path.is_file():
+        return []
+
+    def flat(params: dict, prefix: str = "") -> list[tuple[str, object]]:
+        rows = []
+        for key, value in params.items():
+            if isinstance(value, dict):
+                rows += flat(value, f"{prefix}{key}.")
+            else:
+                rows.append((f"{prefix}{key}", value))
+        return rows
+
+    return flat(read_json(spec_path)["pretext"]["params"])

@@ -131,11 +131,7 @@ def restoration_contrastive(
 ) -> nn.Module:
     """Pretraining network `network` (a registered image-to-image network, built with
     `network_kwargs`) with a projection head on its encoder's pooled deepest features."""
-    restoration = create_model(network, **(network_kwargs or {}))
-    if not isinstance(restoration, EncoderDecoder):
-        raise CtxRestoreError(
-            f"restoration_contrastive needs an encoder-decoder network, and '{network}' is not one"
-        )
+    restoration = _encoder_decoder("restoration_contrastive", network, network_kwargs)
     projection = ProjectionHead(restoration.encoder.out_channels, hidden_features, projection_dim)
     return RestorationContrastiveNetwork(restoration, projection)
 
@@ -198,10 +194,16 @@ def dense_contrastive(
 ) -> nn.Module:
     """Pretraining network `network` (a registered image-to-image network, built with
     `network_kwargs`) with a projection of its decoder's output features at given points."""
+    restoration = _encoder_decoder("dense_contrastive", network, network_kwargs)
+    projection = ProjectionHead(restoration.decoder.out_channels, hidden_features, projection_dim)
+    return DenseContrastiveNetwork(restoration, projection)
+
+
+def _encoder_decoder(model: str, network: str, network_kwargs: dict | None) -> EncoderDecoder:
+    """The registered image-to-image network `network` that `model` is built around."""
     restoration = create_model(network, **(network_kwargs or {}))
     if not isinstance(restoration, EncoderDecoder):
         raise CtxRestoreError(
-            f"dense_contrastive needs an encoder-decoder network, and '{network}' is not one"
+            f"{model} needs an encoder-decoder network, and '{network}' is not one"
         )
-    projection = ProjectionHead(restoration.decoder.out_channels, hidden_features, projection_dim)
-    return DenseContrastiveNetwork(restoration, projection)
+    return restoration

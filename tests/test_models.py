@@ -52,6 +52,7 @@ def test_every_model_has_tiny_kwargs():
         *PRETRAINING_NETWORKS,
         "classifier",
         "contrastive",
+        "dense_contrastive",
         "localizer",
         "relative_position",
         "restoration_contrastive",

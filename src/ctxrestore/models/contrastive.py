@@ -164,14 +164,15 @@ class DenseContrastiveNetwork(nn.Module):
                 "positions in each view), as `dense_contrastive`'s make_batch gives them"
             )
         views, located = inputs
-        images = stacked_pair(self.encoder, views, "dense contrastive", "two views of each image")
-        features = self.decoder(self.encoder.forward_features(images))  # (2B, F, *S)
-        batch_size, _, points, spatial_dims = located.shape
-        if located.shape[1] != 2 or spatial_dims != self.encoder.spatial_dims:
+        spatial_dims = self.encoder.spatial_dims
+        if located.ndim != 4 or located.shape[1] != 2 or located.shape[3] != spatial_dims:
             raise CtxRestoreError(
                 f"the dense contrastive network takes the points' positions in both views, "
-                f"(B, 2, M, {self.encoder.spatial_dims}), got shape {tuple(located.shape)}"
+                f"(B, 2, M, {spatial_dims}), got shape {tuple(located.shape)}"
             )
+        batch_size, _, points, _ = located.shape
+        images = stacked_pair(self.encoder, views, "dense contrastive", "two views of each image")
+        features = self.decoder(self.encoder.forward_features(images))  # (2B, F, *S)
         # All first views, then all second ones, as `stacked_pair` orders the images.
         grid = located.transpose(0, 1).reshape(
             2 * batch_size, points, *([1] * (spatial_dims - 1)), spatial_dims

@@ -122,20 +122,10 @@ class ContrastivePretext:
         }
 
     def summary(self, metrics: dict[str, float]) -> str:
-        accuracy, chance = metrics["view_retrieval_accuracy"], metrics["chance_accuracy"]
-        candidates = round(1 / chance)
-        if accuracy > chance:
-            return (
-                f"Held-out view retrieval accuracy {100 * accuracy:.1f}% against "
-                f"{100 * chance:.1f}% by chance ({candidates} candidate views): the encoder "
-                f"recognises an image under strong augmentation ({accuracy / chance:.2f}x "
-                "chance)."
-            )
-        return (
-            f"Held-out view retrieval accuracy {100 * accuracy:.1f}% is no better than chance "
-            f"({100 * chance:.1f}%, {candidates} candidate views): the network has not learned "
-            "yet (train longer, or check the data)."
-        )
+        return retrieval_summary(
+            metrics["view_retrieval_accuracy"], metrics["chance_accuracy"], "view",
+            "the encoder recognises an image under strong augmentation ({ratio:.2f}x chance)",
+        )  # fmt: skip
 
     def preview_rows(self, inputs, targets, outputs) -> list[tuple[str, torch.Tensor]]:
         """The two views of each image, the second titled with how many views of the shown
@@ -151,6 +141,23 @@ class ContrastivePretext:
         params = asdict(self)
         params.pop("name")
         return params
+
+
+def retrieval_summary(accuracy: float, chance: float, kind: str, learned: str) -> str:
+    """One Markdown sentence on a held-out retrieval accuracy against chance, for the
+    contrastive pretexts: `kind` names what is retrieved ("view", "point"); `learned` says what
+    an accuracy above chance shows, with `{ratio}` for accuracy / chance."""
+    candidates = round(1 / chance)
+    head = f"Held-out {kind} retrieval accuracy {100 * accuracy:.1f}%"
+    if accuracy > chance:
+        return (
+            f"{head} against {100 * chance:.1f}% by chance ({candidates} candidate {kind}s): "
+            f"{learned.format(ratio=accuracy / chance)}."
+        )
+    return (
+        f"{head} is no better than chance ({100 * chance:.1f}%, {candidates} candidate "
+        f"{kind}s): the network has not learned yet (train longer, or check the data)."
+    )
 
 
 def partners_found(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:

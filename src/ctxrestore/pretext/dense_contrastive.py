@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import model_spec
-from ctxrestore.pretext.contrastive import ContrastivePretext
+from ctxrestore.pretext.contrastive import ContrastivePretext, retrieval_summary
 from ctxrestore.pretext.registry import register_pretext
 from ctxrestore.tasks.augment import apply_augmentation, sampling_theta
 
@@ -150,20 +150,10 @@ class DenseContrastivePretext:
         }
 
     def summary(self, metrics: dict[str, float]) -> str:
-        accuracy, chance = metrics["point_retrieval_accuracy"], metrics["chance_accuracy"]
-        candidates = round(1 / chance)
-        if accuracy > chance:
-            return (
-                f"Held-out point retrieval accuracy {100 * accuracy:.1f}% against "
-                f"{100 * chance:.1f}% by chance ({candidates} candidate points): a voxel's "
-                f"features find the same point in another view ({accuracy / chance:.0f}x "
-                "chance)."
-            )
-        return (
-            f"Held-out point retrieval accuracy {100 * accuracy:.1f}% is no better than chance "
-            f"({100 * chance:.1f}%, {candidates} candidate points): the network has not learned "
-            "yet (train longer, or check the data)."
-        )
+        return retrieval_summary(
+            metrics["point_retrieval_accuracy"], metrics["chance_accuracy"], "point",
+            "a voxel's features find the same point in another view ({ratio:.0f}x chance)",
+        )  # fmt: skip
 
     def preview_rows(self, inputs, targets, outputs) -> list[tuple[str, torch.Tensor]]:
         """The two views, the second titled with how many points found their own again."""
@@ -200,11 +190,8 @@ def points_in_both(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Projections (B, 2, M, P) -> the unit-length projections of the N points inside both
     views, (N, P) from view 1 and (N, P) from view 2, row i of both the same point; float32."""
-    if (
-        outputs.ndim != 4
-        or outputs.shape[1] != 2
-        or outputs.shape[:1] + outputs.shape[2:3] != (inside.shape)
-    ):
+    images_and_points = (outputs.shape[0], outputs.shape[2]) if outputs.ndim == 4 else None
+    if outputs.shape[1:2] != (2,) or images_and_points != tuple(inside.shape):
         raise CtxRestoreError(
             f"dense_contrastive: expected projections (B, 2, M, P) of {tuple(inside.shape)} "
             f"images x points, got shape {tuple(outputs.shape)}"

@@ -618,6 +618,7 @@ def test_the_restoration_loss_reaches_the_restoration_pretexts_only(tmp_path):
                       "models_genesis": "l1_gradient", "context_encoder": "mse",
                       "relative_position": "mse", "contrastive": "mse",
                       "context_restoration_contrastive": "l1_gradient",
+                      "context_restoration_dense": "l1_gradient",
                       "dense_contrastive": "mse"}  # fmt: skip
     assert protocol.settings["restoration_loss"] == "l1_gradient"
 

@@ -56,6 +56,7 @@ def test_every_model_has_tiny_kwargs():
         "localizer",
         "relative_position",
         "restoration_contrastive",
+        "restoration_dense",
     }
 
 

@@ -89,10 +89,12 @@ def test_unknown_pretext_and_options_are_named():
 
 
 # ------------------------------------------------------------------- restoration losses
-# The pretexts whose loss IS the chosen restoration loss. context_restoration_contrastive takes
-# the option too but divides it by a baseline and adds a contrastive term (tested on its own).
+# The pretexts whose loss IS the chosen restoration loss. The hybrids (context_restoration_
+# contrastive and _dense) take the option too but divide it by a baseline and add a contrastive
+# term (tested on their own).
+HYBRIDS = ("context_restoration_contrastive", "context_restoration_dense")
 RESTORING = [n for n in list_pretexts() if "restoration_loss" in inspect.signature(
-    get_pretext_factory(n)).parameters and n != "context_restoration_contrastive"]  # fmt: skip
+    get_pretext_factory(n)).parameters and n not in HYBRIDS]  # fmt: skip
 
 
 def test_restoration_losses_against_hand_values():

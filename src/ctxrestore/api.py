@@ -162,16 +162,17 @@ def pretrain(
         float | None,
         typer.Option(
             help="Avoid swapping patches whose values all lie at or below this; "
-            "dense_contrastive: draw its points only where some channel exceeds this."
+            "dense_contrastive and context_restoration_dense: draw their points only where some "
+            "channel exceeds this."
         ),
     ] = None,
     restoration_loss: _RestorationLoss = "mse",
     contrastive_weight: Annotated[
         float | None,
         typer.Option(
-            help="context_restoration_contrastive: weight of the contrastive term against the "
-            "restoration term's 1, both normalised (default 1; 0: restoration of augmented views "
-            "only)."
+            help="context_restoration_contrastive and context_restoration_dense: weight of the "
+            "contrastive term against the restoration term's 1, both normalised (default 1; 0: "
+            "restoration of augmented views only)."
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 32,
@@ -487,8 +488,8 @@ def benchmark(
             help="Comma-separated initialisations: 'random', pretext names, and 'random_xK' "
             "(random weights fine-tuned K times as long: if they catch up, a pretrained gain is "
             "a head start); default: random and the paper's pretexts (every registered one but "
-            "contrastive, context_restoration_contrastive and dense_contrastive, which run only "
-            "when named)."
+            "contrastive, context_restoration_contrastive, dense_contrastive and "
+            "context_restoration_dense, which run only when named)."
         ),
     ] = None,
     seeds: _Seeds = None,
@@ -510,8 +511,8 @@ def benchmark(
     foreground_threshold: Annotated[
         float | None,
         typer.Option(
-            help="Avoid patches whose values all lie at or below this (dense_contrastive: its "
-            "points lie where some channel exceeds this)."
+            help="Avoid patches whose values all lie at or below this (dense_contrastive and "
+            "context_restoration_dense: their points lie where some channel exceeds this)."
         ),
     ] = None,
     restoration_loss: _RestorationLoss = "mse",

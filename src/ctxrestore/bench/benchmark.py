@@ -68,7 +68,10 @@ def method_options(method: str, image_size: int) -> dict:
 
 # Pretexts beyond the paper's comparison: registered (pretrain --method takes them) but run by
 # `benchmark` (and so `demo`) only when named in --methods.
-OPT_IN_PRETEXTS = ("contrastive", "context_restoration_contrastive", "dense_contrastive")
+OPT_IN_PRETEXTS = (
+    "contrastive", "context_restoration_contrastive", "dense_contrastive",
+    "context_restoration_dense",
+)  # fmt: skip
 
 PLACEMENTS = ("uniform", "foreground")
 CONTEXT_RESTORATION = "context_restoration"

@@ -1,8 +1,8 @@
 """SimCLR network (Chen, Kornblith, Norouzi, Hinton, ICML 2020): encoder, pooling, projection;
 a restoration network with a projection on its encoder, for context restoration with a
 contrastive term (`RestorationContrastiveNetwork`); and a restoration network whose decoder
-features are read at given points and projected, for dense contrastive learning
-(`DenseContrastiveNetwork`).
+features are read at given points and projected, for dense contrastive learning, with or
+without restoring its input too (`DenseContrastiveNetwork`).
 
 Both views of each image go through the SAME encoder (one batch of 2B), are globally average
 pooled and mapped by a projection MLP (Linear - BatchNorm1d - ReLU - Linear) into the space
@@ -147,14 +147,24 @@ class DenseContrastiveNetwork(nn.Module):
     which is what a segmentation-style head reads downstream. Only the points are projected
     (SimCLR's MLP): a projection of every voxel cost more than the network itself on a CPU.
     Children keep the restoration network's names (`encoder`, `decoder`), so both transfer as
-    a restoration network's do; its `head` is not built in (nothing here restores an image)
-    and `projection` is left behind.
+    a restoration network's do; `projection` is left behind.
+
+    With `restores`, the restoration network's 1x1 `head` is kept and the output is (the views
+    restored (B, 2 * out_channels, *S), in the input's layout; the projections): one pass
+    serves context restoration of the views and the points' contrast
+    (`context_restoration_dense`). Without it, nothing restores an image and the head is not
+    built in.
     """
 
-    def __init__(self, restoration: EncoderDecoder, projection: ProjectionHead) -> None:
+    def __init__(
+        self, restoration: EncoderDecoder, projection: ProjectionHead, restores: bool = False
+    ) -> None:
         super().__init__()
         self.encoder = restoration.encoder
         self.decoder = restoration.decoder
+        self.restores = restores
+        if restores:
+            self.head = restoration.head
         self.projection = projection
 
     def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
@@ -183,7 +193,11 @@ class DenseContrastiveNetwork(nn.Module):
         read = read.reshape(2 * batch_size, -1, points).transpose(1, 2)  # (2B, M, F)
         # One head pass over both views' points: BatchNorm1d sees their statistics together.
         projected = self.projection(read.reshape(2 * batch_size * points, -1))
-        return torch.stack(projected.reshape(2, batch_size, points, -1).unbind(0), dim=1)
+        projections = torch.stack(projected.reshape(2, batch_size, points, -1).unbind(0), dim=1)
+        if not self.restores:
+            return projections
+        restored = self.head(features)
+        return torch.cat(restored.chunk(2, dim=0), dim=1), projections
 
 
 @register_model("dense_contrastive")
@@ -198,6 +212,19 @@ def dense_contrastive(
     restoration = _encoder_decoder("dense_contrastive", network, network_kwargs)
     projection = ProjectionHead(restoration.decoder.out_channels, hidden_features, projection_dim)
     return DenseContrastiveNetwork(restoration, projection)
+
+
+@register_model("restoration_dense")
+def restoration_dense(
+    network: str = "unet",
+    network_kwargs: dict | None = None,
+    projection_dim: int = 64,
+    hidden_features: int = 128,
+) -> nn.Module:
+    """`dense_contrastive`'s network that also restores its input views with `network`'s head."""
+    restoration = _encoder_decoder("restoration_dense", network, network_kwargs)
+    projection = ProjectionHead(restoration.decoder.out_channels, hidden_features, projection_dim)
+    return DenseContrastiveNetwork(restoration, projection, restores=True)
 
 
 def _encoder_decoder(model: str, network: str, network_kwargs: dict | None) -> EncoderDecoder:

@@ -6,6 +6,7 @@ from ctxrestore.pretext import context_restoration as _context_restoration  # no
 from ctxrestore.pretext import (  # noqa: F401
     context_restoration_contrastive as _context_restoration_contrastive,
 )
+from ctxrestore.pretext import context_restoration_dense as _context_restoration_dense  # noqa: F401
 from ctxrestore.pretext import contrastive as _contrastive  # noqa: F401
 from ctxrestore.pretext import dense_contrastive as _dense_contrastive  # noqa: F401
 from ctxrestore.pretext import models_genesis as _models_genesis  # noqa: F401

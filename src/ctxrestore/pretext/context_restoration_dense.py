@@ -1,0 +1,166 @@
+"""Context restoration with a dense contrastive term: restore swapped patches AND say, at every
+point, where in the anatomy it lies.
+
+Beyond Chen et al. 2019, and opt-in in `benchmark`. On the abdomen phantom, context
+restoration's decoder features do not tell one organ from another (docs/experiments.md 34-36;
+a linear probe at the localiser's head input reads 0.39-0.47 of the organs right, random
+weights 0.41), while `dense_contrastive`'s do (0.79, experiment 38). Here one network does both
+on the same batch, in one pass:
+
+- each image is augmented twice, as `dense_contrastive`'s views, and its points are followed
+  into both views;
+- both views are corrupted by patch swaps (`context_restoration`, whose foreground threshold
+  also keeps the points on the body) and restored by the chosen --network, its loss against
+  the clean views;
+- the decoder features that restore the corrupted views are read at the points, projected,
+  and InfoNCE asks each point of view 1 to find its own point among all points of view 2 in
+  the batch, and the other way round (`models.contrastive.DenseContrastiveNetwork` with
+  `restores`). A point inside a swapped patch must still say where it lies: what surrounds it
+  tells, which is context restoration's own lesson.
+
+Each loss is divided by what a network that learned nothing scores, as in
+`context_restoration_contrastive`: restoration by the loss of the corrupted views left as they
+are, InfoNCE by log(N), a uniform guess among the N points inside both views;
+`contrastive_weight` sets their balance. The encoder and decoder transfer; the projection is
+left behind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.models import model_spec
+from ctxrestore.pretext.context_restoration import ContextRestorationPretext
+from ctxrestore.pretext.dense_contrastive import DenseContrastivePretext, points_found
+from ctxrestore.pretext.registry import register_pretext
+from ctxrestore.pretext.restoration import restoration_metrics
+
+
+@register_pretext("context_restoration_dense")
+@dataclass(frozen=True)
+class ContextRestorationDensePretext:
+    """num_swaps, patch_size, restoration_loss: context restoration's; foreground_threshold:
+    both parts' (no swaps of pure background, no points on it); points_per_image,
+    temperature, projection_dim: `dense_contrastive`'s; contrastive_weight: the dense term's
+    weight against the restoration term's 1, both normalised (see the module's docstring)."""
+
+    num_swaps: int | Sequence[int] = 20
+    patch_size: int | Sequence[int] = 16
+    foreground_threshold: float | None = None
+    restoration_loss: str = "mse"
+    contrastive_weight: float = 1.0
+    points_per_image: int = 64
+    temperature: float = 0.2
+    projection_dim: int = 64
+    name: str = field(default="context_restoration_dense", init=False)
+
+    def __post_init__(self) -> None:
+        weight = self.contrastive_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise CtxRestoreError(
+                f"{self.name}: contrastive_weight must be a number, got {weight!r}"
+            )
+        if not 0 <= weight < math.inf:  # also refuses NaN
+            raise CtxRestoreError(
+                f"{self.name}: contrastive_weight must be >= 0 and finite, got {weight} "
+                "(0: context restoration on augmented views only)"
+            )
+        object.__setattr__(self, "contrastive_weight", float(weight))
+        _ = self.restoration  # validate both parts' options now
+        try:
+            _ = self.dense
+        except CtxRestoreError as error:  # dense_contrastive's message, named for this pretext
+            message = str(error).removeprefix("dense_contrastive: ")
+            raise CtxRestoreError(f"{self.name}: {message}") from None
+
+    @cached_property
+    def restoration(self) -> ContextRestorationPretext:
+        return ContextRestorationPretext(
+            num_swaps=self.num_swaps,
+            patch_size=self.patch_size,
+            foreground_threshold=self.foreground_threshold,
+            restoration_loss=self.restoration_loss,
+        )
+
+    @cached_property
+    def dense(self) -> DenseContrastivePretext:
+        return DenseContrastivePretext(
+            foreground_threshold=self.foreground_threshold,
+            points_per_image=self.points_per_image,
+            temperature=self.temperature,
+            projection_dim=self.projection_dim,
+        )
+
+    def network_spec(self, base: dict) -> dict:
+        """`base`'s restoration network, whose decoder features are also read at points."""
+        return model_spec(
+            "restoration_dense",
+            network=base["name"],
+            network_kwargs=base["kwargs"],
+            projection_dim=self.projection_dim,
+        )
+
+    def make_batch(self, images: torch.Tensor, generator: torch.Generator):
+        """images (B, C, *S) -> (network input: (the two views corrupted (B, 2C, *S), the
+        first's channels then the second's; the points' positions in each view (B, 2, M, D));
+        targets: (the clean views (B, 2C, *S); the corrupted ones, the restoration term's
+        baseline; whether each point lies inside both views (B, M) bool))."""
+        (views, located), inside = self.dense.make_batch(images, generator)
+        # Both views as one batch, so every view draws its own swaps.
+        batch = torch.cat(views.chunk(2, dim=1), dim=0)
+        corrupted = self.restoration.make_batch(batch, generator)[0]
+        corrupted = torch.cat(corrupted.chunk(2, dim=0), dim=1)
+        return (corrupted, located), (views, corrupted, inside)
+
+    def loss(self, outputs, targets) -> torch.Tensor:
+        """Restoration term + weight x dense term, each divided by what a network that learned
+        nothing scores."""
+        restored, projections = outputs
+        clean, corrupted, inside = targets
+        restoration = self.restoration.loss(restored, clean)
+        baseline = self.restoration.loss(corrupted, clean).detach().clamp_min(1e-12)
+        chance = math.log(max(int(inside.sum()), 2))
+        dense = self.dense.loss(projections, inside) / chance
+        return restoration / baseline + self.contrastive_weight * dense
+
+    def evaluate(self, inputs, targets, outputs) -> dict[str, float]:
+        """Context restoration's metrics over both views, and the point retrieval accuracy."""
+        restored, projections = outputs
+        clean, corrupted, inside = targets
+        return {
+            **restoration_metrics(corrupted, clean, restored),
+            **self.dense.evaluate(None, inside, projections),
+        }
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        return f"{self.restoration.summary(metrics)} {self.dense.summary(metrics)}"
+
+    def preview_rows(self, inputs, targets, outputs) -> list[tuple[str, torch.Tensor]]:
+        """The first view clean, corrupted and restored; the second view, titled with how many
+        points found their own again."""
+        restored, projections = outputs
+        clean, corrupted, inside = targets
+        channels = clean.shape[1] // 2
+        found, points = points_found(projections, inside)
+        return [
+            ("view 1", clean[:, :channels]),
+            ("view 1 corrupted", corrupted[:, :channels]),
+            ("view 1 restored", restored[:, :channels]),
+            (f"view 2\n{found}/{points} points found again", clean[:, channels:]),
+        ]
+
+    def params(self) -> dict:
+        """The options, and the dense term's (its views' augmentation among them)."""
+        dense = self.dense.params()
+        dense.pop("foreground_threshold")  # the restoration's, shared
+        return {
+            **self.restoration.params(),
+            "contrastive_weight": self.contrastive_weight,
+            "dense": dense,
+        }

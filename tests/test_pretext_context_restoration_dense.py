@@ -1,0 +1,165 @@
+"""Context restoration with a dense contrastive term: the views, points and swaps it draws (2D,
+3D, several channels), its loss against the two normalised terms written out, the one-pass
+network that restores and projects, options, and a CLI pretraining whose encoder and decoder
+transfer to the localiser's segment head."""
+
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import ctxrestore
+from ctxrestore.bench.benchmark import parse_methods
+from ctxrestore.cli import app
+from ctxrestore.engine.checkpoint import load_checkpoint
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.files import read_json
+from ctxrestore.models import build_model, model_spec
+from ctxrestore.pretext import create_pretext
+from ctxrestore.pretext.restoration import RESTORATION_LOSSES
+
+runner = CliRunner()
+METHOD = "context_restoration_dense"
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize(("spatial", "channels"), [((32, 32), 1), ((16, 16, 16), 2)])
+def test_the_views_and_points_are_dense_contrastives_and_each_view_is_swapped(spatial, channels):
+    pretext = create_pretext(METHOD, num_swaps=3, patch_size=4, points_per_image=20)
+    images = torch.rand(3, channels, *spatial, generator=generator(1))
+    (corrupted, located), (clean, baseline, inside) = pretext.make_batch(images, generator(2))
+    # The clean views and the points are dense_contrastive's for the same generator state.
+    (views, dense_located), dense_inside = create_pretext(
+        "dense_contrastive", points_per_image=20
+    ).make_batch(images, generator(2))
+    torch.testing.assert_close(clean, views)
+    assert torch.equal(located, dense_located) and torch.equal(inside, dense_inside)
+    assert corrupted.shape == clean.shape == (3, 2 * channels, *spatial)
+    assert torch.equal(baseline, corrupted)  # the restoration term's baseline is the input
+    # Each view of each image is its own swap of patches: a permutation of its voxels, the
+    # same one in every channel, and different between the two views.
+    for view in range(2):
+        picked = slice(view * channels, (view + 1) * channels)
+        for b in range(3):
+            before, after = clean[b, picked].flatten(1), corrupted[b, picked].flatten(1)
+            assert not torch.equal(before, after)
+            moved = before[0] != after[0]
+            for c in range(channels):
+                torch.testing.assert_close(before[c].sort().values, after[c].sort().values)
+                assert torch.equal(before[c] != after[c], moved)
+    swapped = corrupted != clean
+    assert not torch.equal(swapped[:, :channels], swapped[:, channels:])
+
+
+def test_loss_is_both_terms_divided_by_what_learning_nothing_scores():
+    pretext = create_pretext(METHOD, num_swaps=2, patch_size=4, temperature=0.5)
+    dense = create_pretext("dense_contrastive", temperature=0.5)
+    clean = torch.rand(2, 2, 16, 16, generator=generator(3))
+    corrupted = clean.flip(-1)
+    restored = clean + 0.1 * torch.randn(clean.shape, generator=generator(4))
+    projections = torch.randn(2, 2, 4, 8, generator=generator(5))
+    inside = torch.tensor([[True, True, False, True], [True, True, True, False]])  # N = 6
+    mse = RESTORATION_LOSSES["mse"]
+    restoration = mse(restored, clean) / mse(corrupted, clean)
+    contrast = dense.loss(projections, inside) / math.log(6)
+    targets = (clean, corrupted, inside)
+    for weight in (0, 1, 3):
+        weighted = create_pretext(METHOD, contrastive_weight=weight, temperature=0.5)
+        loss = weighted.loss((restored, projections), targets)
+        assert float(loss) == pytest.approx(float(restoration + weight * contrast), rel=1e-5)
+    # Leaving the input as it is scores 1 on the restoration term; a perfect one scores 0.
+    unweighted = create_pretext(METHOD, contrastive_weight=0)
+    assert float(unweighted.loss((corrupted, projections), targets)) == pytest.approx(1)
+    assert float(pretext.loss((clean, projections), targets)) == pytest.approx(float(contrast))
+    metrics = pretext.evaluate(None, targets, (restored, projections))
+    assert set(metrics) >= {"restoration_mse", "identity_mse", "point_retrieval_accuracy"}
+    assert metrics["chance_accuracy"] == pytest.approx(1 / 6)
+    summary = pretext.summary(metrics)
+    assert "restoration MSE" in summary and "point retrieval accuracy" in summary
+
+
+@pytest.mark.parametrize(("network", "spatial_dims"), [("sononet_unet", 2), ("unet", 3)])
+def test_one_pass_restores_the_views_and_projects_the_same_features(network, spatial_dims):
+    pretext = create_pretext(METHOD, projection_dim=8)
+    sizes = {"width": 4} if network == "sononet_unet" else {"channels": [2, 4, 8, 8, 8]}
+    base = model_spec(network, spatial_dims=spatial_dims, in_channels=1, **sizes)
+    spec = pretext.network_spec(base)
+    assert spec["name"] == "restoration_dense" and spec["encoder"] == base["encoder"]
+    model = build_model(spec).eval()
+    # The restoration network's names and shapes, head included, and a projection beside.
+    plain = build_model(base).eval()
+    state = model.state_dict()
+    restoration = {n: t for n, t in state.items() if not n.startswith("projection.")}
+    assert {n: t.shape for n, t in restoration.items()} == {
+        n: t.shape for n, t in plain.state_dict().items()
+    }
+    plain.load_state_dict(restoration)
+    dense = build_model(create_pretext("dense_contrastive", projection_dim=8).network_spec(base))
+    dense.load_state_dict({n: t for n, t in state.items() if not n.startswith("head.")})
+    dense.eval()
+
+    views = torch.rand(2, 2, *(16,) * spatial_dims, generator=generator())
+    located = torch.rand(2, 2, 5, spatial_dims, generator=generator(2)) * 2 - 1
+    restored, projections = model((views, located))
+    torch.testing.assert_close(projections, dense((views, located)))
+    for view in range(2):
+        torch.testing.assert_close(restored[:, view : view + 1], plain(views[:, view : view + 1]))
+    with pytest.raises(CtxRestoreError, match=r"positions in both views"):
+        model((views, located[:, :1]))
+
+
+def test_options_are_checked_and_named_for_this_pretext():
+    bad = [
+        (dict(contrastive_weight=-1), "contrastive_weight must be >= 0"),
+        (dict(contrastive_weight="high"), "contrastive_weight must be a number"),
+        (dict(points_per_image=1), "points_per_image must be an int >= 2"),
+        (dict(temperature=0), "temperature must be > 0"),
+        (dict(foreground_threshold=float("nan")), "foreground_threshold must be a finite"),
+    ]
+    for options, message in bad:
+        with pytest.raises(CtxRestoreError, match=f"{METHOD}: {message}"):
+            create_pretext(METHOD, **options)
+    with pytest.raises(CtxRestoreError, match="restoration loss"):
+        create_pretext(METHOD, restoration_loss="ssim")
+    params = create_pretext(METHOD, foreground_threshold=0.05, num_swaps=30).params()
+    assert params["foreground_threshold"] == 0.05 and params["num_swaps"] == 30
+    assert params["dense"]["points_per_image"] == 64
+    assert "foreground_threshold" not in params["dense"]  # the shared one, recorded once
+    assert params["dense"]["views"]["scale"] == (0.7, 1.4)
+    assert METHOD not in parse_methods(None)
+    assert parse_methods(f"{METHOD},random") == ("random", METHOD)
+
+
+def test_pretrain_through_the_cli_then_the_segment_head_takes_encoder_and_decoder(tmp_path):
+    pretrained = tmp_path / "hybrid"
+    result = runner.invoke(app, [
+        "pretrain", "--out", str(pretrained), "--method", METHOD, "--network", "sononet_unet",
+        "--phantom", "abdomen", "--num-images", "16", "--image-size", "32", "--width", "4",
+        "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1", "--device", "cpu",
+        "--foreground-threshold", "0.05", "--patch-size", "4", "--num-swaps", "5",
+        "--contrastive-weight", "2", "--preview-every", "1",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    state, spec = load_checkpoint(pretrained)
+    assert spec["pretext"]["name"] == METHOD and spec["model"]["name"] == "restoration_dense"
+    assert spec["pretext"]["params"]["contrastive_weight"] == 2
+    assert any(name.startswith("head.") for name in state)
+    metrics = read_json(pretrained / "metrics.json")
+    assert metrics["steps"] == 2 and math.isfinite(metrics["final_loss"])
+    assert "restoration MSE" in metrics["summary"] and "point retrieval" in metrics["summary"]
+    report = (pretrained / "report.md").read_text()
+    for row in ("| num_swaps | 5 |", "| patch_size | 4 |", "| contrastive_weight | 2.0 |",
+                "| dense.points_per_image | 64 |"):  # fmt: skip
+        assert row in report
+
+    finetuned = tmp_path / "loc"
+    ctxrestore.finetune("localize", out=finetuned, init=str(pretrained), box_head="segment",
+                        num_images=40, image_size=32, width=4, batch_size=8, max_steps=2,
+                        warmup_steps=1, device="cpu")  # fmt: skip
+    transfer = read_json(finetuned / "metrics.json")["transfer"]
+    assert set(transfer["transferred"]) == {"encoder", "decoder"}
+    assert set(transfer["left_behind"]) == {"head", "projection"}

@@ -5,6 +5,7 @@ options, and a pretraining through the CLI whose encoder and decoder transfer to
 localiser's segment head."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from ctxrestore.files import read_json
 from ctxrestore.models import build_model, create_model, model_spec
 from ctxrestore.pretext import create_pretext
 from ctxrestore.pretext.dense_contrastive import view_positions
+from ctxrestore.pretext.training import PretrainConfig
 from ctxrestore.tasks.augment import Augmentation, apply_augmentation, sampling_theta
 
 runner = CliRunner()
@@ -228,6 +230,32 @@ def test_network_projects_the_decoder_features_at_the_points(network, spatial_di
         model((views, located[:, :1]))
     with pytest.raises(CtxRestoreError, match=r"two views of each image, 2 x 2 = 4"):
         model((views[:, :in_channels], located))
+
+
+@pytest.mark.parametrize("method", [METHOD, "context_restoration_dense"])
+def test_without_a_projector_infonce_reads_the_decoder_features_themselves(method):
+    pretext = create_pretext(method, projector="none")
+    base = model_spec("sononet_unet", spatial_dims=2, in_channels=1, width=4)
+    spec = pretext.network_spec(base)
+    assert spec["kwargs"]["projector"] == "none"
+    model = build_model(spec).eval()
+    assert not any(name.startswith("projection.") for name in model.state_dict())
+    views = torch.rand(2, 2, 16, 16, generator=generator())
+    voxels = torch.randint(0, 16, (2, 2, 3, 2), generator=generator(2))
+    located = (2 * voxels + 1) / 16 - 1  # voxel centres: the read is that voxel's features
+    outputs = model((views, located))
+    projections = outputs[1] if isinstance(outputs, tuple) else outputs
+    features = model.decoder(model.encoder.forward_features(views[:, :1]))
+    assert projections.shape == (2, 2, 3, features.shape[1])
+    b, m = 1, 2
+    x, y = voxels[b, 0, m].tolist()
+    torch.testing.assert_close(projections[b, 0, m], features[b, :, y, x])
+    params = pretext.params()
+    assert (params if method == METHOD else params["dense"])["projector"] == "none"
+    with pytest.raises(CtxRestoreError, match=f"{method}: projector must be one of"):
+        create_pretext(method, projector="linear")
+    with pytest.raises(CtxRestoreError, match="projector is for context_restoration_dense, "):
+        PretrainConfig(out=Path("x"), method="contrastive", projector="none")
 
 
 def test_network_and_pretext_options():

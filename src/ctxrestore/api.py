@@ -175,6 +175,14 @@ def pretrain(
             "restoration of augmented views only)."
         ),
     ] = None,
+    projector: Annotated[
+        str | None,
+        typer.Option(
+            help="dense_contrastive and context_restoration_dense: mlp (SimCLR's projection of "
+            "the points' features; the default) or none (InfoNCE on the decoder's features "
+            "themselves, the ones a segmentation-style head reads)."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 32,
     epochs: Annotated[int, typer.Option(help="Passes over the data (unless --max-steps).")] = 10,
     max_steps: Annotated[

@@ -200,17 +200,22 @@ class DenseContrastiveNetwork(nn.Module):
         return torch.cat(restored.chunk(2, dim=0), dim=1), projections
 
 
+PROJECTORS = ("mlp", "none")
+
+
 @register_model("dense_contrastive")
 def dense_contrastive(
     network: str = "unet",
     network_kwargs: dict | None = None,
     projection_dim: int = 64,
     hidden_features: int = 128,
+    projector: str = "mlp",
 ) -> nn.Module:
     """Pretraining network `network` (a registered image-to-image network, built with
-    `network_kwargs`) with a projection of its decoder's output features at given points."""
+    `network_kwargs`) with a projection of its decoder's output features at given points
+    (`projector` "mlp"; "none": the features are compared as they are)."""
     restoration = _encoder_decoder("dense_contrastive", network, network_kwargs)
-    projection = ProjectionHead(restoration.decoder.out_channels, hidden_features, projection_dim)
+    projection = _point_projection(restoration, projector, hidden_features, projection_dim)
     return DenseContrastiveNetwork(restoration, projection)
 
 
@@ -220,11 +225,25 @@ def restoration_dense(
     network_kwargs: dict | None = None,
     projection_dim: int = 64,
     hidden_features: int = 128,
+    projector: str = "mlp",
 ) -> nn.Module:
     """`dense_contrastive`'s network that also restores its input views with `network`'s head."""
     restoration = _encoder_decoder("restoration_dense", network, network_kwargs)
-    projection = ProjectionHead(restoration.decoder.out_channels, hidden_features, projection_dim)
+    projection = _point_projection(restoration, projector, hidden_features, projection_dim)
     return DenseContrastiveNetwork(restoration, projection, restores=True)
+
+
+def _point_projection(
+    restoration: EncoderDecoder, projector: str, hidden_features: int, projection_dim: int
+) -> nn.Module:
+    """SimCLR's MLP on the decoder's output features, or nothing ("none"): then InfoNCE acts on
+    the very features a downstream head reads, and cannot leave them nearly one-dimensional
+    behind a projection that spreads them (docs/experiments.md 39)."""
+    if projector not in PROJECTORS:
+        raise CtxRestoreError(f"projector must be one of {PROJECTORS}, got {projector!r}")
+    if projector == "none":
+        return nn.Identity()
+    return ProjectionHead(restoration.decoder.out_channels, hidden_features, projection_dim)
 
 
 def _encoder_decoder(model: str, network: str, network_kwargs: dict | None) -> EncoderDecoder:

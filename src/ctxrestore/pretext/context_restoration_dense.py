@@ -47,8 +47,9 @@ from ctxrestore.pretext.restoration import restoration_metrics
 class ContextRestorationDensePretext:
     """num_swaps, patch_size, restoration_loss: context restoration's; foreground_threshold:
     both parts' (no swaps of pure background, no points on it); points_per_image,
-    temperature, projection_dim: `dense_contrastive`'s; contrastive_weight: the dense term's
-    weight against the restoration term's 1, both normalised (see the module's docstring)."""
+    temperature, projection_dim, projector: `dense_contrastive`'s; contrastive_weight: the
+    dense term's weight against the restoration term's 1, both normalised (see the module's
+    docstring)."""
 
     num_swaps: int | Sequence[int] = 20
     patch_size: int | Sequence[int] = 16
@@ -58,6 +59,7 @@ class ContextRestorationDensePretext:
     points_per_image: int = 64
     temperature: float = 0.2
     projection_dim: int = 64
+    projector: str = "mlp"
     name: str = field(default="context_restoration_dense", init=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +97,7 @@ class ContextRestorationDensePretext:
             points_per_image=self.points_per_image,
             temperature=self.temperature,
             projection_dim=self.projection_dim,
+            projector=self.projector,
         )
 
     def network_spec(self, base: dict) -> dict:
@@ -104,6 +107,7 @@ class ContextRestorationDensePretext:
             network=base["name"],
             network_kwargs=base["kwargs"],
             projection_dim=self.projection_dim,
+            projector=self.projector,
         )
 
     def make_batch(self, images: torch.Tensor, generator: torch.Generator):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import model_spec
+from ctxrestore.models.contrastive import PROJECTORS
 from ctxrestore.pretext.contrastive import ContrastivePretext, retrieval_summary
 from ctxrestore.pretext.registry import register_pretext
 from ctxrestore.tasks.augment import apply_augmentation, sampling_theta
@@ -40,12 +41,15 @@ class DenseContrastivePretext:
     """foreground_threshold: draw points only where some channel exceeds this (None:
     anywhere; on CT windowed to [0, 1], 0.05 keeps them off the air around the body);
     points_per_image: points drawn per image; temperature, projection_dim: InfoNCE's tau and
-    the size of the points' projections (the views are `ContrastivePretext`'s)."""
+    the size of the points' projections (the views are `ContrastivePretext`'s); projector:
+    "mlp" (SimCLR's) or "none", InfoNCE on the decoder's features themselves (projection_dim
+    then unused)."""
 
     foreground_threshold: float | None = None
     points_per_image: int = 64
     temperature: float = 0.2
     projection_dim: int = 64
+    projector: str = "mlp"
     name: str = field(default="dense_contrastive", init=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +67,10 @@ class DenseContrastivePretext:
         if isinstance(points, bool) or not isinstance(points, int) or points < 2:
             raise CtxRestoreError(
                 f"{self.name}: points_per_image must be an int >= 2, got {points!r}"
+            )
+        if self.projector not in PROJECTORS:
+            raise CtxRestoreError(
+                f"{self.name}: projector must be one of {PROJECTORS}, got {self.projector!r}"
             )
         try:
             _ = self.views
@@ -82,6 +90,7 @@ class DenseContrastivePretext:
             network=base["name"],
             network_kwargs=base["kwargs"],
             projection_dim=self.projection_dim,
+            projector=self.projector,
         )
 
     def make_batch(

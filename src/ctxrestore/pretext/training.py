@@ -76,6 +76,7 @@ class PretrainConfig(FileOptions):
     foreground_threshold: float | None = None
     restoration_loss: str = "mse"
     contrastive_weight: float | None = None  # None: the pretext's default
+    projector: str | None = None  # None: the pretext's default
     batch_size: int = 32
     epochs: int = 10
     max_steps: int | None = None
@@ -122,6 +123,11 @@ class PretrainConfig(FileOptions):
             raise CtxRestoreError(
                 f"contrastive_weight is for {', '.join(pretexts_taking('contrastive_weight'))}; "
                 f"{self.method} has no contrastive term to weigh"
+            )
+        if self.projector is not None and not takes_option(self.method, "projector"):
+            raise CtxRestoreError(
+                f"projector is for {', '.join(pretexts_taking('projector'))}; {self.method} "
+                "has no point projection to choose"
             )
         if self.num_swaps_max is not None and self.num_swaps_max < self.num_swaps:
             raise CtxRestoreError(
@@ -328,6 +334,8 @@ def pretext_options(config: PretrainConfig) -> dict:
     }
     if config.contrastive_weight is not None:
         offered["contrastive_weight"] = config.contrastive_weight
+    if config.projector is not None:
+        offered["projector"] = config.projector
     accepted = _factory_options(config.method)
     return {key: value for key, value in offered.items() if key in accepted}
 

@@ -18,10 +18,17 @@ as balanced accuracy:
   kidneys always lie on the same sides gives ~1).
 
 Also printed: the head input's effective rank (participation ratio of its correlation matrix's
-eigenvalues). `--init` takes `random` (one network per `--seeds` value: build_network seeds
-the weights with the run seed) and pretraining folders; `--fresh-decoder-levels N` builds the
-pretrained networks with their last N decoder levels random, as fine-tuning with that option
-starts. docs/experiments.md 32 has the numbers:
+eigenvalues), and with `--fresh-head-steps N...` how far a fresh linear head gets on the head
+input as it is (not standardised: what fine-tuning's new head reads), trained by Adam at
+fine-tuning's peak learning rate for N full-batch steps (`organs_fresh_head_N`, balanced
+accuracy as above): features that a standardised probe reads well but that are nearly
+one-dimensional can take a fresh head many steps to use (docs/experiments.md 39).
+`--batch-statistics` computes every feature with batch-norm's batch statistics, as fine-tuning's
+first steps see them, instead of the running ones (random weights' running statistics are
+their initial 0 and 1, which no fine-tuning step uses). `--init` takes `random` (one network
+per `--seeds` value: build_network seeds the weights with the run seed) and pretraining
+folders; `--fresh-decoder-levels N` builds the pretrained networks with their last N decoder
+levels random, as fine-tuning with that option starts. docs/experiments.md 32 has the numbers:
 
     python benchmarks/feature_probe.py --init random /path/to/pretraining --seeds 0 1 2 3
 """
@@ -41,15 +48,17 @@ from ctxrestore.engine.checkpoint import load_checkpoint
 from ctxrestore.tasks.localize import organ_labels
 from ctxrestore.tasks.training import FinetuneConfig, build_network, load_data, split_data
 
+FINETUNE_LEARNING_RATE = FinetuneConfig.learning_rate  # the fresh head's Adam step size
 BACKGROUND_SHARE = 0.05  # background pixels kept for the organ probe (it outnumbers organs)
 CHUNK = 25  # slices per forward pass
 
 
-def pixel_features(model, items, organ_values, kidneys, generator):
+def pixel_features(model, items, organ_values, kidneys, generator, batch_statistics=False):
     """Per-pixel features of the head input, the decoder's second-last level and the deepest
     encoder stage (organ probes), and of the deepest stage at kidney pixels (laterality
-    probe), with their labels and the kidney pixels' columns."""
-    model.eval()
+    probe), with their labels and the kidney pixels' columns. `batch_statistics`: batch-norm
+    normalises each chunk of slices by its own statistics (training mode), as in fine-tuning."""
+    model.train(batch_statistics)
     names = ("head", "penultimate", "encoder", "organ", "deep", "column", "left")
     parts = {name: [] for name in names}
     captured = {}
@@ -101,13 +110,38 @@ def linear_probe(train_x, train_y, test_x, test_y, classes: int) -> float:
         return loss
 
     optimizer.step(closure)
-    predicted = (test_x @ weight + bias).argmax(1)
-    # the mean recall over the classes that occur in the test pixels (a class absent there
-    # has no recall, rather than a recall of 0)
-    present = [c for c in range(classes) if (test_y == c).any()]
+    return balanced_accuracy((test_x @ weight + bias).argmax(1), test_y, classes)
+
+
+def fresh_head_probe(train_x, train_y, test_x, test_y, classes: int, steps) -> dict[int, float]:
+    """Balanced accuracy on the test pixels of a fresh linear head (PyTorch's default
+    initialisation) after each number of `steps` of Adam at fine-tuning's peak learning rate
+    on all training pixels, class-weighted, on the features as they are."""
+    if not steps:
+        return {}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same fresh head for every init
+        head = torch.nn.Linear(train_x.shape[1], classes)
+    optimizer = torch.optim.Adam(head.parameters(), lr=FINETUNE_LEARNING_RATE)
+    counts = torch.bincount(train_y, minlength=classes).float()
+    class_weight = counts.sum() / (classes * counts.clamp_min(1))
+    scores = {}
+    for step in range(1, max(steps) + 1):
+        optimizer.zero_grad()
+        F.cross_entropy(head(train_x), train_y, weight=class_weight).backward()
+        optimizer.step()
+        if step in steps:
+            with torch.no_grad():
+                scores[step] = balanced_accuracy(head(test_x).argmax(1), test_y, classes)
+    return scores
+
+
+def balanced_accuracy(predicted, truth, classes: int) -> float:
+    """The mean recall over the classes that occur in `truth` (a class absent there has no
+    recall, rather than a recall of 0)."""
+    present = [c for c in range(classes) if (truth == c).any()]
     recalls = [
-        ((predicted == c) & (test_y == c)).sum().item() / (test_y == c).sum().item()
-        for c in present
+        ((predicted == c) & (truth == c)).sum().item() / (truth == c).sum().item() for c in present
     ]
     return sum(recalls) / len(present)
 
@@ -133,6 +167,14 @@ def main() -> None:
         "--fresh-decoder-levels", type=int, default=0, help="as ctxrestore finetune's, for folders"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--fresh-head-steps", type=int, nargs="*", default=[],
+        help="also train a fresh linear head on the head input as it is, for these Adam steps",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-statistics", action="store_true",
+        help="batch-norm with batch statistics, as fine-tuning's steps (default: running ones)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = FinetuneConfig(
@@ -161,8 +203,14 @@ def main() -> None:
         run_config = dataclasses.replace(config, init=init, seed=seed, fresh_decoder_levels=fresh)
         model, _, _ = build_network(run_config, task, data, pretrained)
         generator = torch.Generator().manual_seed(0)
-        train = pixel_features(model, train_items, values, kidneys, generator)
-        test = pixel_features(model, test_items, values, kidneys, generator)
+        train = pixel_features(
+            model, train_items, values, kidneys, generator, args.batch_statistics
+        )
+        test = pixel_features(model, test_items, values, kidneys, generator, args.batch_statistics)
+        fresh = fresh_head_probe(
+            train["head"], train["organ"], test["head"], test["organ"], len(values) + 1,
+            args.fresh_head_steps,
+        )  # fmt: skip
         row = {
             "init": init,
             "seed": seed,
@@ -182,6 +230,7 @@ def main() -> None:
             ),
             "laterality": linear_probe(train["deep"], train["left"], test["deep"], test["left"], 2),
             "x": linear_probe(train["column"], train["left"], test["column"], test["left"], 2),
+            **{f"organs_fresh_head_{steps}": score for steps, score in fresh.items()},
             "head_channels": train["head"].shape[1],
             "effective_rank": effective_rank(test["head"]),
             "train_pixels": len(train["organ"]),

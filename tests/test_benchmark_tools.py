@@ -92,6 +92,28 @@ def test_balanced_accuracy_averages_over_the_classes_present_in_the_test_pixels(
     assert probe.linear_probe(train_x, train_y, test_x, test_y, 3) == pytest.approx(1.0)
 
 
+def test_a_fresh_head_is_slow_on_features_whose_signal_lies_in_a_small_direction():
+    """Two classes told apart by feature 0 alone. Well scaled, a fresh head trained by Adam
+    separates them within 1,000 steps; with feature 0 shrunk 1000-fold beside a large
+    uninformative feature 1, the standardised probe still separates them but the fresh head,
+    reading the features as they are, is still near chance at 1,000 steps."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) // 2 % 2  # both classes among the even and the odd pixels
+    signal = (2 * labels - 1).float() + 0.3 * torch.randn(400, generator=generator)
+    noise = torch.randn(400, generator=generator)
+    train, test = torch.arange(0, 400, 2), torch.arange(1, 400, 2)
+    scaled = torch.stack([signal, noise], dim=1)
+    hidden = torch.stack([1e-3 * signal, 100 * noise], dim=1)
+    well = probe.fresh_head_probe(scaled[train], labels[train], scaled[test], labels[test], 2,
+                                  [10, 1000])  # fmt: skip
+    slow = probe.fresh_head_probe(hidden[train], labels[train], hidden[test], labels[test], 2,
+                                  [1000])  # fmt: skip
+    assert set(well) == {10, 1000} and set(slow) == {1000}
+    assert well[10] < 0.75 and well[1000] > 0.95 and slow[1000] < 0.75
+    assert probe.linear_probe(hidden[train], labels[train], hidden[test], labels[test], 2) > 0.95
+    assert probe.fresh_head_probe(scaled, labels, scaled, labels, 2, []) == {}
+
+
 def test_effective_rank_counts_independent_directions():
     generator = torch.Generator().manual_seed(0)
     one_direction = torch.randn(500, 1, generator=generator) * torch.tensor([[1.0, -2.0, 3.0]])

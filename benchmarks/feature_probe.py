@@ -207,7 +207,7 @@ def main() -> None:
             model, train_items, values, kidneys, generator, args.batch_statistics
         )
         test = pixel_features(model, test_items, values, kidneys, generator, args.batch_statistics)
-        fresh = fresh_head_probe(
+        fresh_head = fresh_head_probe(
             train["head"], train["organ"], test["head"], test["organ"], len(values) + 1,
             args.fresh_head_steps,
         )  # fmt: skip
@@ -230,7 +230,7 @@ def main() -> None:
             ),
             "laterality": linear_probe(train["deep"], train["left"], test["deep"], test["left"], 2),
             "x": linear_probe(train["column"], train["left"], test["column"], test["left"], 2),
-            **{f"organs_fresh_head_{steps}": score for steps, score in fresh.items()},
+            **{f"organs_fresh_head_{steps}": score for steps, score in fresh_head.items()},
             "head_channels": train["head"].shape[1],
             "effective_rank": effective_rank(test["head"]),
             "train_pixels": len(train["organ"]),

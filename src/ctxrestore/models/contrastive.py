@@ -214,9 +214,9 @@ def dense_contrastive(
     """Pretraining network `network` (a registered image-to-image network, built with
     `network_kwargs`) with a projection of its decoder's output features at given points
     (`projector` "mlp"; "none": the features are compared as they are)."""
-    restoration = _encoder_decoder("dense_contrastive", network, network_kwargs)
-    projection = _point_projection(restoration, projector, hidden_features, projection_dim)
-    return DenseContrastiveNetwork(restoration, projection)
+    return _dense_network(
+        "dense_contrastive", network, network_kwargs, projector, hidden_features, projection_dim
+    )
 
 
 @register_model("restoration_dense")
@@ -228,22 +228,34 @@ def restoration_dense(
     projector: str = "mlp",
 ) -> nn.Module:
     """`dense_contrastive`'s network that also restores its input views with `network`'s head."""
-    restoration = _encoder_decoder("restoration_dense", network, network_kwargs)
-    projection = _point_projection(restoration, projector, hidden_features, projection_dim)
-    return DenseContrastiveNetwork(restoration, projection, restores=True)
+    return _dense_network(
+        "restoration_dense", network, network_kwargs, projector, hidden_features, projection_dim
+    )
 
 
-def _point_projection(
-    restoration: EncoderDecoder, projector: str, hidden_features: int, projection_dim: int
-) -> nn.Module:
-    """SimCLR's MLP on the decoder's output features, or nothing ("none"): then InfoNCE acts on
-    the very features a downstream head reads, and cannot leave them nearly one-dimensional
-    behind a projection that spreads them (docs/experiments.md 39)."""
+def _dense_network(
+    model: str,
+    network: str,
+    network_kwargs: dict | None,
+    projector: str,
+    hidden_features: int,
+    projection_dim: int,
+) -> DenseContrastiveNetwork:
+    """`DenseContrastiveNetwork` around `network`, restoring its input too for
+    "restoration_dense". The points' features are projected by SimCLR's MLP, or not at all
+    (`projector` "none"): then InfoNCE acts on the very features a downstream head reads,
+    and cannot leave them nearly one-dimensional behind a projection that spreads them
+    (docs/experiments.md 39)."""
     if projector not in PROJECTORS:
         raise CtxRestoreError(f"projector must be one of {PROJECTORS}, got {projector!r}")
+    restoration = _encoder_decoder(model, network, network_kwargs)
     if projector == "none":
-        return nn.Identity()
-    return ProjectionHead(restoration.decoder.out_channels, hidden_features, projection_dim)
+        projection = nn.Identity()
+    else:
+        projection = ProjectionHead(
+            restoration.decoder.out_channels, hidden_features, projection_dim
+        )
+    return DenseContrastiveNetwork(restoration, projection, restores=model == "restoration_dense")
 
 
 def _encoder_decoder(model: str, network: str, network_kwargs: dict | None) -> EncoderDecoder:

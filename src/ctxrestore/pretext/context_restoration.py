@@ -7,13 +7,16 @@ known bug of public reimplementations).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import torch
 
 from ctxrestore.corruption import context_restoration
 from ctxrestore.corruption.sampling import normalize_num_swaps
+from ctxrestore.errors import CtxRestoreError
 from ctxrestore.pretext.registry import register_pretext
 from ctxrestore.pretext.restoration import (
     RESTORATION_LOSSES,
@@ -72,3 +75,41 @@ class ContextRestorationPretext:
         params = asdict(self)
         params.pop("name")
         return params
+
+
+class ContextRestorationHybrid:
+    """What the pretexts that add a contrastive term to context restoration share
+    (`context_restoration_contrastive`, `context_restoration_dense`): their own dataclass fields
+    num_swaps, patch_size, foreground_threshold, restoration_loss and contrastive_weight, and a
+    loss that divides each term by what a network that learned nothing scores."""
+
+    def _check_contrastive_weight(self) -> None:
+        """contrastive_weight as a float >= 0, or a clear error (call from __post_init__)."""
+        weight = self.contrastive_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise CtxRestoreError(
+                f"{self.name}: contrastive_weight must be a number, got {weight!r}"
+            )
+        if not 0 <= weight < math.inf:  # also refuses NaN
+            raise CtxRestoreError(
+                f"{self.name}: contrastive_weight must be >= 0 and finite, got {weight} "
+                "(0: context restoration on augmented views only)"
+            )
+        object.__setattr__(self, "contrastive_weight", float(weight))
+
+    @cached_property
+    def restoration(self) -> ContextRestorationPretext:
+        return ContextRestorationPretext(
+            num_swaps=self.num_swaps,
+            patch_size=self.patch_size,
+            foreground_threshold=self.foreground_threshold,
+            restoration_loss=self.restoration_loss,
+        )
+
+    def relative_restoration_loss(
+        self, restored: torch.Tensor, clean: torch.Tensor, corrupted: torch.Tensor
+    ) -> torch.Tensor:
+        """The restoration loss divided by that of the corrupted input left as it is: 1 for a
+        network that learned nothing, 0 for a perfect restoration."""
+        baseline = self.restoration.loss(corrupted, clean).detach().clamp_min(1e-12)
+        return self.restoration.loss(restored, clean) / baseline

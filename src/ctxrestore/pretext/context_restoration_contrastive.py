@@ -29,9 +29,8 @@ from functools import cached_property
 
 import torch
 
-from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import model_spec
-from ctxrestore.pretext.context_restoration import ContextRestorationPretext
+from ctxrestore.pretext.context_restoration import ContextRestorationHybrid
 from ctxrestore.pretext.contrastive import ContrastivePretext, partners_found
 from ctxrestore.pretext.registry import register_pretext
 from ctxrestore.pretext.restoration import restoration_metrics
@@ -39,7 +38,7 @@ from ctxrestore.pretext.restoration import restoration_metrics
 
 @register_pretext("context_restoration_contrastive")
 @dataclass(frozen=True)
-class ContextRestorationContrastivePretext:
+class ContextRestorationContrastivePretext(ContextRestorationHybrid):
     """num_swaps, patch_size, foreground_threshold, restoration_loss: context restoration's;
     temperature, projection_dim: the contrastive term's (its views are `ContrastivePretext`'s
     strong augmentation); contrastive_weight: the contrastive term's weight against the
@@ -55,27 +54,8 @@ class ContextRestorationContrastivePretext:
     name: str = field(default="context_restoration_contrastive", init=False)
 
     def __post_init__(self) -> None:
-        weight = self.contrastive_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise CtxRestoreError(
-                f"{self.name}: contrastive_weight must be a number, got {weight!r}"
-            )
-        if not 0 <= weight < math.inf:  # also refuses NaN
-            raise CtxRestoreError(
-                f"{self.name}: contrastive_weight must be >= 0 and finite, got {weight} "
-                "(0: context restoration on augmented views only)"
-            )
-        object.__setattr__(self, "contrastive_weight", float(weight))
+        self._check_contrastive_weight()
         _ = self.restoration, self.contrastive  # validate both parts' options now
-
-    @cached_property
-    def restoration(self) -> ContextRestorationPretext:
-        return ContextRestorationPretext(
-            num_swaps=self.num_swaps,
-            patch_size=self.patch_size,
-            foreground_threshold=self.foreground_threshold,
-            restoration_loss=self.restoration_loss,
-        )
 
     @cached_property
     def contrastive(self) -> ContrastivePretext:
@@ -108,12 +88,11 @@ class ContextRestorationContrastivePretext:
         learned nothing scores."""
         restored, projections = outputs
         clean, corrupted = targets
-        restoration = self.restoration.loss(restored, clean)
-        baseline = self.restoration.loss(corrupted, clean).detach().clamp_min(1e-12)
+        restoration = self.relative_restoration_loss(restored, clean, corrupted)
         partners = torch.arange(len(clean), device=clean.device)
         chance = math.log(2 * len(clean) - 1)
         contrastive = self.contrastive.loss(projections, partners) / chance
-        return restoration / baseline + self.contrastive_weight * contrastive
+        return restoration + self.contrastive_weight * contrastive
 
     def evaluate(self, inputs, targets, outputs) -> dict[str, float]:
         """Context restoration's metrics over both views, and the view retrieval accuracy."""

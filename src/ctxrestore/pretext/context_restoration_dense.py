@@ -36,7 +36,7 @@ import torch
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import model_spec
-from ctxrestore.pretext.context_restoration import ContextRestorationPretext
+from ctxrestore.pretext.context_restoration import ContextRestorationHybrid
 from ctxrestore.pretext.dense_contrastive import DenseContrastivePretext, points_found
 from ctxrestore.pretext.registry import register_pretext
 from ctxrestore.pretext.restoration import restoration_metrics
@@ -44,7 +44,7 @@ from ctxrestore.pretext.restoration import restoration_metrics
 
 @register_pretext("context_restoration_dense")
 @dataclass(frozen=True)
-class ContextRestorationDensePretext:
+class ContextRestorationDensePretext(ContextRestorationHybrid):
     """num_swaps, patch_size, restoration_loss: context restoration's; foreground_threshold:
     both parts' (no swaps of pure background, no points on it); points_per_image,
     temperature, projection_dim, projector: `dense_contrastive`'s; contrastive_weight: the
@@ -63,32 +63,13 @@ class ContextRestorationDensePretext:
     name: str = field(default="context_restoration_dense", init=False)
 
     def __post_init__(self) -> None:
-        weight = self.contrastive_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise CtxRestoreError(
-                f"{self.name}: contrastive_weight must be a number, got {weight!r}"
-            )
-        if not 0 <= weight < math.inf:  # also refuses NaN
-            raise CtxRestoreError(
-                f"{self.name}: contrastive_weight must be >= 0 and finite, got {weight} "
-                "(0: context restoration on augmented views only)"
-            )
-        object.__setattr__(self, "contrastive_weight", float(weight))
+        self._check_contrastive_weight()
         _ = self.restoration  # validate both parts' options now
         try:
             _ = self.dense
         except CtxRestoreError as error:  # dense_contrastive's message, named for this pretext
             message = str(error).removeprefix("dense_contrastive: ")
             raise CtxRestoreError(f"{self.name}: {message}") from None
-
-    @cached_property
-    def restoration(self) -> ContextRestorationPretext:
-        return ContextRestorationPretext(
-            num_swaps=self.num_swaps,
-            patch_size=self.patch_size,
-            foreground_threshold=self.foreground_threshold,
-            restoration_loss=self.restoration_loss,
-        )
 
     @cached_property
     def dense(self) -> DenseContrastivePretext:
@@ -127,11 +108,10 @@ class ContextRestorationDensePretext:
         nothing scores."""
         restored, projections = outputs
         clean, corrupted, inside = targets
-        restoration = self.restoration.loss(restored, clean)
-        baseline = self.restoration.loss(corrupted, clean).detach().clamp_min(1e-12)
+        restoration = self.relative_restoration_loss(restored, clean, corrupted)
         chance = math.log(max(int(inside.sum()), 2))
         dense = self.dense.loss(projections, inside) / chance
-        return restoration / baseline + self.contrastive_weight * dense
+        return restoration + self.contrastive_weight * dense
 
     def evaluate(self, inputs, targets, outputs) -> dict[str, float]:
         """Context restoration's metrics over both views, and the point retrieval accuracy."""

@@ -80,6 +80,14 @@ def test_loss_is_both_terms_divided_by_what_learning_nothing_scores():
     assert metrics["chance_accuracy"] == pytest.approx(1 / 6)
     summary = pretext.summary(metrics)
     assert "restoration MSE" in summary and "point retrieval accuracy" in summary
+    # The preview: view 1 clean, corrupted, restored (its channel only), view 2 clean, titled.
+    rows = pretext.preview_rows(None, targets, (restored, projections))
+    assert [title.split("\n")[0] for title, _ in rows] == [
+        "view 1", "view 1 corrupted", "view 1 restored", "view 2"]  # fmt: skip
+    assert rows[3][0].endswith("points found again") and "/6 points" in rows[3][0]
+    for (_, shown), expected in zip(rows, (clean[:, :1], corrupted[:, :1], restored[:, :1],
+                                           clean[:, 1:]), strict=True):  # fmt: skip
+        assert torch.equal(shown, expected)
 
 
 @pytest.mark.parametrize(("network", "spatial_dims"), [("sononet_unet", 2), ("unet", 3)])

@@ -113,3 +113,17 @@ class ContextRestorationHybrid:
         network that learned nothing, 0 for a perfect restoration."""
         baseline = self.restoration.loss(corrupted, clean).detach().clamp_min(1e-12)
         return self.restoration.loss(restored, clean) / baseline
+
+    @staticmethod
+    def views_preview(
+        clean: torch.Tensor, corrupted: torch.Tensor, restored: torch.Tensor, second_title: str
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Preview rows of two views (B, 2C, *S) each: the first clean, corrupted and restored,
+        then the second clean under `second_title` (what the contrastive term achieved)."""
+        channels = clean.shape[1] // 2
+        return [
+            ("view 1", clean[:, :channels]),
+            ("view 1 corrupted", corrupted[:, :channels]),
+            ("view 1 restored", restored[:, :channels]),
+            (f"view 2\n{second_title}", clean[:, channels:]),
+        ]

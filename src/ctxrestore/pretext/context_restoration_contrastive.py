@@ -112,14 +112,10 @@ class ContextRestorationContrastivePretext(ContextRestorationHybrid):
         views of the shown images found their partner among them."""
         restored, projections = outputs
         clean, corrupted = targets
-        channels = clean.shape[1] // 2
         found, views = partners_found(projections, torch.arange(len(clean)))
-        return [
-            ("view 1", clean[:, :channels]),
-            ("view 1 corrupted", corrupted[:, :channels]),
-            ("view 1 restored", restored[:, :channels]),
-            (f"view 2\npartner found for {found}/{views} views", clean[:, channels:]),
-        ]
+        return self.views_preview(
+            clean, corrupted, restored, f"partner found for {found}/{views} views"
+        )
 
     def params(self) -> dict:
         """The options, and the contrastive views' augmentation."""

@@ -130,14 +130,9 @@ class ContextRestorationDensePretext(ContextRestorationHybrid):
         points found their own again."""
         restored, projections = outputs
         clean, corrupted, inside = targets
-        channels = clean.shape[1] // 2
         found, points = points_found(projections, inside)
-        return [
-            ("view 1", clean[:, :channels]),
-            ("view 1 corrupted", corrupted[:, :channels]),
-            ("view 1 restored", restored[:, :channels]),
-            (f"view 2\n{found}/{points} points found again", clean[:, channels:]),
-        ]
+        title = f"{found}/{points} points found again"
+        return self.views_preview(clean, corrupted, restored, title)
 
     def params(self) -> dict:
         """The options, and the dense term's (its views' augmentation among them)."""

@@ -147,7 +147,8 @@ class DenseContrastiveNetwork(nn.Module):
     which is what a segmentation-style head reads downstream. Only the points are projected
     (SimCLR's MLP): a projection of every voxel cost more than the network itself on a CPU.
     Children keep the restoration network's names (`encoder`, `decoder`), so both transfer as
-    a restoration network's do; `projection` is left behind.
+    a restoration network's do; `projection` (SimCLR's MLP, or nn.Identity for `--projector
+    none`) is left behind.
 
     With `restores`, the restoration network's 1x1 `head` is kept and the output is (the views
     restored (B, 2 * out_channels, *S), in the input's layout; the projections): one pass
@@ -157,7 +158,7 @@ class DenseContrastiveNetwork(nn.Module):
     """
 
     def __init__(
-        self, restoration: EncoderDecoder, projection: ProjectionHead, restores: bool = False
+        self, restoration: EncoderDecoder, projection: nn.Module, restores: bool = False
     ) -> None:
         super().__init__()
         self.encoder = restoration.encoder

@@ -27,7 +27,6 @@ left behind.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -109,7 +108,8 @@ class ContextRestorationDensePretext(ContextRestorationHybrid):
         restored, projections = outputs
         clean, corrupted, inside = targets
         restoration = self.relative_restoration_loss(restored, clean, corrupted)
-        chance = math.log(max(int(inside.sum()), 2))
+        # log N on the device: no host sync per step (InfoNCE's own is in points_in_both)
+        chance = inside.sum().clamp_min(2).float().log()
         dense = self.dense.loss(projections, inside) / chance
         return restoration + self.contrastive_weight * dense
 

@@ -1,9 +1,11 @@
 """Context restoration with a dense contrastive term: the views, points and swaps it draws (2D,
 3D, several channels), its loss against the two normalised terms written out, the one-pass
-network that restores and projects, options, and a CLI pretraining whose encoder and decoder
-transfer to the localiser's segment head."""
+network that restores and projects, the points read in the clean views instead
+(`dense_views="clean"`), options, and a CLI pretraining whose encoder and decoder transfer to
+the localiser's segment head."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from ctxrestore.files import read_json
 from ctxrestore.models import build_model, model_spec
 from ctxrestore.pretext import create_pretext
 from ctxrestore.pretext.restoration import RESTORATION_LOSSES
+from ctxrestore.pretext.training import PretrainConfig
 
 runner = CliRunner()
 METHOD = "context_restoration_dense"
@@ -120,6 +123,79 @@ def test_one_pass_restores_the_views_and_projects_the_same_features(network, spa
         model((views, located[:, :1]))
 
 
+def assert_swapped(before: torch.Tensor, after: torch.Tensor) -> None:
+    """`after` is `before` (C, *S) with patches swapped: a permutation of its voxels, the same
+    one in every channel."""
+    before, after = before.flatten(1), after.flatten(1)
+    assert not torch.equal(before, after)
+    moved = before[0] != after[0]
+    for c in range(before.shape[0]):
+        torch.testing.assert_close(before[c].sort().values, after[c].sort().values)
+        assert torch.equal(before[c] != after[c], moved)
+
+
+@pytest.mark.parametrize(("spatial", "channels"), [((32, 32), 1), ((16, 16, 16), 2)])
+def test_clean_dense_views_read_points_in_the_clean_views_and_restore_the_first_swapped(
+    spatial, channels
+):
+    pretext = create_pretext(
+        METHOD, num_swaps=3, patch_size=4, points_per_image=20, dense_views="clean"
+    )
+    images = torch.rand(3, channels, *spatial, generator=generator(1))
+    (views, located, corrupted), (clean, baseline, inside) = pretext.make_batch(
+        images, generator(2)
+    )
+    (dense_views, dense_located), dense_inside = create_pretext(
+        "dense_contrastive", points_per_image=20
+    ).make_batch(images, generator(2))
+    # The points are read in dense_contrastive's clean views, untouched by any swap.
+    assert torch.equal(views, dense_views) and torch.equal(clean, dense_views)
+    assert torch.equal(located, dense_located) and torch.equal(inside, dense_inside)
+    # Only the first view is swapped: the restoration term's input and baseline.
+    assert corrupted.shape == (3, channels, *spatial) and torch.equal(baseline, corrupted)
+    for b in range(3):
+        assert_swapped(clean[b, :channels], corrupted[b])
+
+    # The loss restores the first view: a perfect restoration leaves the dense term alone,
+    # and the swapped view left as it is scores 1 on the restoration term.
+    projections = torch.randn(3, 2, 20, 8, generator=generator(5))
+    targets = (clean, corrupted, inside)
+    dense = create_pretext("dense_contrastive").loss(projections, inside)
+    chance = math.log(max(int(inside.sum()), 2))
+    perfect = pretext.loss((clean[:, :channels], projections), targets)
+    assert float(perfect) == pytest.approx(float(dense) / chance, rel=1e-5)
+    left = pretext.loss((corrupted, projections), targets)
+    assert float(left) == pytest.approx(1 + float(dense) / chance, rel=1e-5)
+    metrics = pretext.evaluate(None, targets, (corrupted, projections))
+    assert metrics["restoration_mse"] == pytest.approx(metrics["identity_mse"])
+    rows = pretext.preview_rows(None, targets, (clean[:, :channels], projections))
+    assert torch.equal(rows[1][1], corrupted) and torch.equal(rows[3][1], clean[:, channels:])
+    assert pretext.params()["dense_views"] == "clean"
+
+
+def test_with_images_to_restore_one_pass_restores_them_and_reads_the_clean_views():
+    pretext = create_pretext(METHOD, projection_dim=8, dense_views="clean")
+    base = model_spec("sononet_unet", spatial_dims=2, in_channels=1, width=4)
+    model = build_model(pretext.network_spec(base)).eval()
+    plain = build_model(base).eval()
+    plain.load_state_dict(
+        {n: t for n, t in model.state_dict().items() if not n.startswith("projection.")}
+    )
+    views = torch.rand(2, 2, 16, 16, generator=generator())
+    located = torch.rand(2, 2, 5, 2, generator=generator(2)) * 2 - 1
+    to_restore = torch.rand(3, 1, 16, 16, generator=generator(3))
+    restored, projections = model((views, located, to_restore))
+    # Eval mode: batch norm's running statistics, so the shared pass changes nothing.
+    torch.testing.assert_close(restored, plain(to_restore))
+    torch.testing.assert_close(projections, model((views, located))[1])
+    with pytest.raises(CtxRestoreError, match=r"restores images shaped as one view"):
+        model((views, located, to_restore[:, :, :8]))
+    dense = build_model(create_pretext("dense_contrastive", projection_dim=8).network_spec(base))
+    with pytest.raises(CtxRestoreError, match=r"takes \(two views of each image, the points' "
+                       r"positions in each view\)"):  # fmt: skip
+        dense((views, located, to_restore))  # nothing in it restores
+
+
 def test_options_are_checked_and_named_for_this_pretext():
     bad = [
         (dict(contrastive_weight=-1), "contrastive_weight must be >= 0"),
@@ -127,6 +203,7 @@ def test_options_are_checked_and_named_for_this_pretext():
         (dict(points_per_image=1), "points_per_image must be an int >= 2"),
         (dict(temperature=0), "temperature must be > 0"),
         (dict(foreground_threshold=float("nan")), "foreground_threshold must be a finite"),
+        (dict(dense_views="both"), "dense_views must be one of \\('corrupted', 'clean'\\)"),
     ]
     for options, message in bad:
         with pytest.raises(CtxRestoreError, match=f"{METHOD}: {message}"):
@@ -138,6 +215,9 @@ def test_options_are_checked_and_named_for_this_pretext():
     assert params["dense"]["points_per_image"] == 64
     assert "foreground_threshold" not in params["dense"]  # the shared one, recorded once
     assert params["dense"]["views"]["scale"] == (0.7, 1.4)
+    assert params["dense_views"] == "corrupted"
+    with pytest.raises(CtxRestoreError, match=f"dense_views is for {METHOD}; dense_contrastive"):
+        PretrainConfig(out=Path("x"), method="dense_contrastive", dense_views="clean")
     assert METHOD not in parse_methods(None)
     assert parse_methods(f"{METHOD},random") == ("random", METHOD)
 
@@ -149,7 +229,7 @@ def test_pretrain_through_the_cli_then_the_segment_head_takes_encoder_and_decode
         "--phantom", "abdomen", "--num-images", "16", "--image-size", "32", "--width", "4",
         "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1", "--device", "cpu",
         "--foreground-threshold", "0.05", "--patch-size", "4", "--num-swaps", "5",
-        "--contrastive-weight", "2", "--preview-every", "1",
+        "--contrastive-weight", "2", "--dense-views", "clean", "--preview-every", "1",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     state, spec = load_checkpoint(pretrained)
@@ -161,7 +241,7 @@ def test_pretrain_through_the_cli_then_the_segment_head_takes_encoder_and_decode
     assert "restoration MSE" in metrics["summary"] and "point retrieval" in metrics["summary"]
     report = (pretrained / "report.md").read_text()
     for row in ("| num_swaps | 5 |", "| patch_size | 4 |", "| contrastive_weight | 2.0 |",
-                "| dense.points_per_image | 64 |"):  # fmt: skip
+                "| dense_views | clean |", "| dense.points_per_image | 64 |"):  # fmt: skip
         assert row in report
 
     finetuned = tmp_path / "loc"

@@ -183,6 +183,14 @@ def pretrain(
             "themselves, the ones a segmentation-style head reads)."
         ),
     ] = None,
+    dense_views: Annotated[
+        str | None,
+        typer.Option(
+            help="context_restoration_dense: read the points in the swapped views (corrupted; "
+            "the default, one pass restores both views) or in the clean ones (clean; the first "
+            "view alone is swapped and restored, in the same pass)."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 32,
     epochs: Annotated[int, typer.Option(help="Passes over the data (unless --max-steps).")] = 10,
     max_steps: Annotated[

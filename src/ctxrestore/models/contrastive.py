@@ -153,8 +153,10 @@ class DenseContrastiveNetwork(nn.Module):
     With `restores`, the restoration network's 1x1 `head` is kept and the output is (the views
     restored (B, 2 * out_channels, *S), in the input's layout; the projections): one pass
     serves context restoration of the views and the points' contrast
-    (`context_restoration_dense`). Without it, nothing restores an image and the head is not
-    built in.
+    (`context_restoration_dense`). Given a third input, images to restore (B', in_channels,
+    *S), it restores those instead, (B', out_channels, *S), in the same pass as the views
+    whose points are read (`context_restoration_dense --dense-views clean`). Without
+    `restores`, nothing restores an image and the head is not built in.
     """
 
     def __init__(
@@ -168,13 +170,15 @@ class DenseContrastiveNetwork(nn.Module):
             self.head = restoration.head
         self.projection = projection
 
-    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
-        if not isinstance(inputs, (tuple, list)) or len(inputs) != 2:
+    def forward(self, inputs: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, Tensor]:
+        takes = (2, 3) if self.restores else (2,)
+        if not isinstance(inputs, (tuple, list)) or len(inputs) not in takes:
+            also = ", and optionally images to restore" if self.restores else ""
             raise CtxRestoreError(
                 "the dense contrastive network takes (two views of each image, the points' "
-                "positions in each view), as `dense_contrastive`'s make_batch gives them"
+                f"positions in each view{also}), as its pretext's make_batch gives them"
             )
-        views, located = inputs
+        views, located = inputs[:2]
         spatial_dims = self.encoder.spatial_dims
         if located.ndim != 4 or located.shape[1] != 2 or located.shape[3] != spatial_dims:
             raise CtxRestoreError(
@@ -183,13 +187,22 @@ class DenseContrastiveNetwork(nn.Module):
             )
         batch_size, _, points, _ = located.shape
         images = stacked_pair(self.encoder, views, "dense contrastive", "two views of each image")
-        features = self.decoder(self.encoder.forward_features(images))  # (2B, F, *S)
+        if len(inputs) == 3:
+            to_restore = inputs[2]
+            if to_restore.ndim != images.ndim or to_restore.shape[1:] != images.shape[1:]:
+                raise CtxRestoreError(
+                    f"the dense contrastive network restores images shaped as one view, (B', "
+                    f"{tuple(images.shape[1:])}), got shape {tuple(to_restore.shape)}"
+                )
+            images = torch.cat([images, to_restore])  # one pass; the points read the views only
+        features = self.decoder(self.encoder.forward_features(images))
+        view_features = features[: 2 * batch_size]  # (2B, F, *S)
         # All first views, then all second ones, as `stacked_pair` orders the images.
         grid = located.transpose(0, 1).reshape(
             2 * batch_size, points, *([1] * (spatial_dims - 1)), spatial_dims
         )
         read = F.grid_sample(
-            features, grid.to(features.dtype), align_corners=False, padding_mode="border"
+            view_features, grid.to(features.dtype), align_corners=False, padding_mode="border"
         )  # (2B, F, M, 1...); points outside a view read its border and take no part
         read = read.reshape(2 * batch_size, -1, points).transpose(1, 2)  # (2B, M, F)
         # One head pass over both views' points: BatchNorm1d sees their statistics together.
@@ -197,7 +210,9 @@ class DenseContrastiveNetwork(nn.Module):
         projections = torch.stack(projected.reshape(2, batch_size, points, -1).unbind(0), dim=1)
         if not self.restores:
             return projections
-        restored = self.head(features)
+        if len(inputs) == 3:
+            return self.head(features[2 * batch_size :]), projections
+        restored = self.head(view_features)
         return torch.cat(restored.chunk(2, dim=0), dim=1), projections
 
 

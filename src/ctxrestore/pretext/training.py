@@ -77,6 +77,7 @@ class PretrainConfig(FileOptions):
     restoration_loss: str = "mse"
     contrastive_weight: float | None = None  # None: the pretext's default
     projector: str | None = None  # None: the pretext's default
+    dense_views: str | None = None  # None: the pretext's default
     batch_size: int = 32
     epochs: int = 10
     max_steps: int | None = None
@@ -128,6 +129,11 @@ class PretrainConfig(FileOptions):
             raise CtxRestoreError(
                 f"projector is for {', '.join(pretexts_taking('projector'))}; {self.method} "
                 "has no point projection to choose"
+            )
+        if self.dense_views is not None and not takes_option(self.method, "dense_views"):
+            raise CtxRestoreError(
+                f"dense_views is for {', '.join(pretexts_taking('dense_views'))}; {self.method} "
+                "reads no points in swapped views"
             )
         if self.num_swaps_max is not None and self.num_swaps_max < self.num_swaps:
             raise CtxRestoreError(
@@ -336,6 +342,8 @@ def pretext_options(config: PretrainConfig) -> dict:
         offered["contrastive_weight"] = config.contrastive_weight
     if config.projector is not None:
         offered["projector"] = config.projector
+    if config.dense_views is not None:
+        offered["dense_views"] = config.dense_views
     accepted = _factory_options(config.method)
     return {key: value for key, value in offered.items() if key in accepted}
 

@@ -623,6 +623,20 @@ def test_the_restoration_loss_reaches_the_restoration_pretexts_only(tmp_path):
     assert protocol.settings["restoration_loss"] == "l1_gradient"
 
 
+def test_the_projector_reaches_the_dense_pretexts_only(tmp_path):
+    settings = {key: value for key, value in TINY.items() if key != "methods"}
+    options = BenchmarkOptions(**{**settings, "image_size": 64, "projector": "none"},
+                               out=tmp_path)  # fmt: skip
+    arms = tuple(Arm(m, {"method": m, **method_options(m, 64)}) for m in list_pretexts())
+    protocol = build_protocol(options, "benchmark", arms, {})
+    projectors = {arm.name: protocol.pretrain_config(arm).projector for arm in arms}
+    dense = {"dense_contrastive", "context_restoration_dense"}
+    assert projectors == {m: "none" if m in dense else None for m in list_pretexts()}
+    assert protocol.settings["projector"] == "none"
+    default = build_protocol(dataclasses.replace(options, projector=None), "benchmark", arms, {})
+    assert default.pretrain_config(arms[-1]).projector is None  # the pretext's own default
+
+
 def test_a_pretraining_network_with_the_tasks_encoder_is_compared_with_random(tmp_path):
     # sononet_unet pretrains the classifier's own encoder (under another decoder): random
     # weights build the same architecture, so the comparison is allowed; a U-Net's is refused.
@@ -674,6 +688,12 @@ def test_the_unet_box_heads_pretrain_a_sononet_unet_by_default(tmp_path, box_hea
         ({"freeze_encoder": True, "head_only_steps": 1}, "never trains; choose one"),
         ({"head_only_steps": 2}, "head_only_steps 2 is not shorter than max_steps 2"),
         ({"head_only_steps": -1}, "head_only_steps must be >= 0, got -1"),
+        ({"projector": "linear"}, r"projector must be one of \('mlp', 'none'\), got 'linear'"),
+        (
+            {"projector": "none"},
+            "projector is for context_restoration_dense, dense_contrastive, and --methods names "
+            "none of them",
+        ),
     ],
 )
 def test_benchmark_checks_options_before_training(tmp_path, change, message):

@@ -45,6 +45,14 @@ _BoxHead = Annotated[
         "maps)."
     ),
 ]
+_Projector = Annotated[
+    str | None,
+    typer.Option(
+        help="dense_contrastive and context_restoration_dense: mlp (SimCLR's projection of the "
+        "points' features; the default) or none (InfoNCE on the decoder's features themselves, "
+        "the ones a segmentation-style head reads)."
+    ),
+]
 _RestorationLoss = Annotated[
     RestorationLoss,
     typer.Option(
@@ -175,14 +183,7 @@ def pretrain(
             "restoration of augmented views only)."
         ),
     ] = None,
-    projector: Annotated[
-        str | None,
-        typer.Option(
-            help="dense_contrastive and context_restoration_dense: mlp (SimCLR's projection of "
-            "the points' features; the default) or none (InfoNCE on the decoder's features "
-            "themselves, the ones a segmentation-style head reads)."
-        ),
-    ] = None,
+    projector: _Projector = None,
     dense_views: Annotated[
         str | None,
         typer.Option(
@@ -532,6 +533,7 @@ def benchmark(
         ),
     ] = None,
     restoration_loss: _RestorationLoss = "mse",
+    projector: _Projector = None,
     batch_size: _BenchBatch = 16,
     epochs: _BenchEpochs = 60,
     max_steps: _BenchMaxSteps = None,

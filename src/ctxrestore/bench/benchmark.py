@@ -36,9 +36,15 @@ from ctxrestore.engine.distributed import resolve_device
 from ctxrestore.engine.run_folder import check_head_only_steps, check_patience
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import PRETRAINING_NETWORKS, pretraining_spec
+from ctxrestore.models.contrastive import PROJECTORS
 from ctxrestore.pretext import create_pretext, list_pretexts
 from ctxrestore.pretext.restoration import check_restoration_loss
-from ctxrestore.pretext.training import PretrainConfig, pretext_options
+from ctxrestore.pretext.training import (
+    PretrainConfig,
+    pretext_options,
+    pretexts_taking,
+    takes_option,
+)
 from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS, boxes_only
 from ctxrestore.tasks.localize import BOXES_ONLY_MESSAGE, DECODER_BOX_HEADS, check_box_head
 from ctxrestore.tasks.training import DEFAULT_IMAGE_SIZES, TASK_NAMES, check_fresh_decoder_levels
@@ -108,6 +114,7 @@ class BenchmarkOptions(FileOptions):
     num_swaps: int = 20
     foreground_threshold: float | None = None
     restoration_loss: str = "mse"  # for the restoration pretexts; the others keep their own
+    projector: str | None = None  # for the dense pretexts; None: their default
     batch_size: int = 16
     # 60 epochs of at least 20 steps: random weights at 5% labels need ~1,200 steps to converge
     # (30 left them 9 Dice points short, a gap pretraining filled; docs/experiments.md 17-18)
@@ -143,6 +150,8 @@ class BenchmarkOptions(FileOptions):
                 raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_patience(self.patience)  # before any pretraining runs
         check_restoration_loss(self.restoration_loss)
+        if self.projector is not None and self.projector not in PROJECTORS:
+            raise CtxRestoreError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
         if self.freeze_encoder and self.transfer_stages is not None:
             raise CtxRestoreError(
                 "freeze_encoder and transfer_stages together would freeze random stages; choose one"
@@ -323,7 +332,7 @@ def build_protocol(
         "num_images": options.pretrain_images, "network": network, "width": options.width,
         "image_size": options.image_size, "patch_size": options.patch_size,
         "num_swaps": options.num_swaps, "foreground_threshold": options.foreground_threshold,
-        "restoration_loss": options.restoration_loss,
+        "restoration_loss": options.restoration_loss, "projector": options.projector,
         "batch_size": options.pretrain_batch_size, "max_steps": options.pretrain_steps,
         "learning_rate": options.pretrain_learning_rate, "seed": 0, "device": options.device,
         "precision": options.precision, **files,
@@ -425,6 +434,13 @@ def run_benchmark(options: BenchmarkOptions, methods: str | None = None) -> Benc
             arms.append(
                 Arm(method, {"method": method, **method_options(method, options.image_size)})
             )
+    if options.projector is not None and not any(
+        arm.pretrain and takes_option(arm.pretrain["method"], "projector") for arm in arms
+    ):
+        raise CtxRestoreError(
+            f"projector is for {', '.join(pretexts_taking('projector'))}, and --methods names "
+            "none of them"
+        )
     settings = {"methods": [arm.name for arm in arms]}
     return run_protocol(build_protocol(options, "benchmark", tuple(arms), settings))
 

@@ -115,8 +115,11 @@ class Protocol:
         self, arm: Arm, pretrain_seed: int = 0, *, resume: bool = False
     ) -> PretrainConfig:
         options = {**self.pretrain_options, **(arm.pretrain or {}), "seed": pretrain_seed}
-        if not takes_option(options.get("method", PretrainConfig.method), "restoration_loss"):
+        method = options.get("method", PretrainConfig.method)
+        if not takes_option(method, "restoration_loss"):
             options.pop("restoration_loss", None)  # RP and CE keep their own losses
+        if not takes_option(method, "projector"):
+            options.pop("projector", None)  # only the dense pretexts project points
         return PretrainConfig(
             out=self.pretrain_folder(arm, pretrain_seed), resume=resume, **options
         )

@@ -30,6 +30,17 @@ def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def assert_swapped(before: torch.Tensor, after: torch.Tensor) -> None:
+    """`after` is `before` (C, *S) with patches swapped: a permutation of its voxels, the same
+    one in every channel."""
+    before, after = before.flatten(1), after.flatten(1)
+    assert not torch.equal(before, after)
+    moved = before[0] != after[0]
+    for c in range(before.shape[0]):
+        torch.testing.assert_close(before[c].sort().values, after[c].sort().values)
+        assert torch.equal(before[c] != after[c], moved)
+
+
 @pytest.mark.parametrize(("spatial", "channels"), [((32, 32), 1), ((16, 16, 16), 2)])
 def test_the_views_and_points_are_dense_contrastives_and_each_view_is_swapped(spatial, channels):
     pretext = create_pretext(METHOD, num_swaps=3, patch_size=4, points_per_image=20)
@@ -48,12 +59,7 @@ def test_the_views_and_points_are_dense_contrastives_and_each_view_is_swapped(sp
     for view in range(2):
         picked = slice(view * channels, (view + 1) * channels)
         for b in range(3):
-            before, after = clean[b, picked].flatten(1), corrupted[b, picked].flatten(1)
-            assert not torch.equal(before, after)
-            moved = before[0] != after[0]
-            for c in range(channels):
-                torch.testing.assert_close(before[c].sort().values, after[c].sort().values)
-                assert torch.equal(before[c] != after[c], moved)
+            assert_swapped(clean[b, picked], corrupted[b, picked])
     swapped = corrupted != clean
     assert not torch.equal(swapped[:, :channels], swapped[:, channels:])
 
@@ -121,17 +127,6 @@ def test_one_pass_restores_the_views_and_projects_the_same_features(network, spa
         torch.testing.assert_close(restored[:, view : view + 1], plain(views[:, view : view + 1]))
     with pytest.raises(CtxRestoreError, match=r"positions in both views"):
         model((views, located[:, :1]))
-
-
-def assert_swapped(before: torch.Tensor, after: torch.Tensor) -> None:
-    """`after` is `before` (C, *S) with patches swapped: a permutation of its voxels, the same
-    one in every channel."""
-    before, after = before.flatten(1), after.flatten(1)
-    assert not torch.equal(before, after)
-    moved = before[0] != after[0]
-    for c in range(before.shape[0]):
-        torch.testing.assert_close(before[c].sort().values, after[c].sort().values)
-        assert torch.equal(before[c] != after[c], moved)
 
 
 @pytest.mark.parametrize(("spatial", "channels"), [((32, 32), 1), ((16, 16, 16), 2)])

@@ -36,7 +36,7 @@ from ctxrestore.engine.distributed import resolve_device
 from ctxrestore.engine.run_folder import check_head_only_steps, check_patience
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import PRETRAINING_NETWORKS, pretraining_spec
-from ctxrestore.models.contrastive import PROJECTORS
+from ctxrestore.models.contrastive import check_projector
 from ctxrestore.pretext import create_pretext, list_pretexts
 from ctxrestore.pretext.restoration import check_restoration_loss
 from ctxrestore.pretext.training import (
@@ -150,8 +150,8 @@ class BenchmarkOptions(FileOptions):
                 raise CtxRestoreError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_patience(self.patience)  # before any pretraining runs
         check_restoration_loss(self.restoration_loss)
-        if self.projector is not None and self.projector not in PROJECTORS:
-            raise CtxRestoreError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if self.projector is not None:
+            check_projector(self.projector)
         if self.freeze_encoder and self.transfer_stages is not None:
             raise CtxRestoreError(
                 "freeze_encoder and transfer_stages together would freeze random stages; choose one"
@@ -318,6 +318,13 @@ def build_protocol(
             f"of one architecture; use --network {own} (or one with its encoder) or leave out "
             "random"
         )
+    if options.projector is not None and not any(
+        arm.pretrain and takes_option(arm.pretrain["method"], "projector") for arm in arms
+    ):
+        raise CtxRestoreError(
+            f"projector is for {', '.join(pretexts_taking('projector'))}, and --methods names "
+            "none of them"
+        )
     seeds = options.seeds or _default_seeds(options)
     if options.pretrain_seeds > seeds:
         raise CtxRestoreError(
@@ -434,13 +441,6 @@ def run_benchmark(options: BenchmarkOptions, methods: str | None = None) -> Benc
             arms.append(
                 Arm(method, {"method": method, **method_options(method, options.image_size)})
             )
-    if options.projector is not None and not any(
-        arm.pretrain and takes_option(arm.pretrain["method"], "projector") for arm in arms
-    ):
-        raise CtxRestoreError(
-            f"projector is for {', '.join(pretexts_taking('projector'))}, and --methods names "
-            "none of them"
-        )
     settings = {"methods": [arm.name for arm in arms]}
     return run_protocol(build_protocol(options, "benchmark", tuple(arms), settings))
 

@@ -179,6 +179,7 @@ class DenseContrastiveNetwork(nn.Module):
                 f"positions in each view{also}), as its pretext's make_batch gives them"
             )
         views, located = inputs[:2]
+        to_restore = inputs[2] if len(inputs) == 3 else None
         spatial_dims = self.encoder.spatial_dims
         if located.ndim != 4 or located.shape[1] != 2 or located.shape[3] != spatial_dims:
             raise CtxRestoreError(
@@ -187,8 +188,7 @@ class DenseContrastiveNetwork(nn.Module):
             )
         batch_size, _, points, _ = located.shape
         images = stacked_pair(self.encoder, views, "dense contrastive", "two views of each image")
-        if len(inputs) == 3:
-            to_restore = inputs[2]
+        if to_restore is not None:
             if to_restore.ndim != images.ndim or to_restore.shape[1:] != images.shape[1:]:
                 raise CtxRestoreError(
                     f"the dense contrastive network restores images shaped as one view, (B', "
@@ -210,13 +210,18 @@ class DenseContrastiveNetwork(nn.Module):
         projections = torch.stack(projected.reshape(2, batch_size, points, -1).unbind(0), dim=1)
         if not self.restores:
             return projections
-        if len(inputs) == 3:
+        if to_restore is not None:
             return self.head(features[2 * batch_size :]), projections
         restored = self.head(view_features)
         return torch.cat(restored.chunk(2, dim=0), dim=1), projections
 
 
 PROJECTORS = ("mlp", "none")
+
+
+def check_projector(projector: str) -> None:
+    if projector not in PROJECTORS:
+        raise CtxRestoreError(f"projector must be one of {PROJECTORS}, got {projector!r}")
 
 
 @register_model("dense_contrastive")
@@ -262,8 +267,7 @@ def _dense_network(
     (`projector` "none"): then InfoNCE acts on the very features a downstream head reads,
     and cannot leave them nearly one-dimensional behind a projection that spreads them
     (docs/experiments.md 39)."""
-    if projector not in PROJECTORS:
-        raise CtxRestoreError(f"projector must be one of {PROJECTORS}, got {projector!r}")
+    check_projector(projector)
     restoration = _encoder_decoder(model, network, network_kwargs)
     if projector == "none":
         projection = nn.Identity()

@@ -129,7 +129,7 @@ class ContextRestorationDensePretext(ContextRestorationHybrid):
         restored, projections = outputs
         clean, corrupted, inside = targets
         restoration = self.relative_restoration_loss(
-            restored, _restored_views(clean, restored), corrupted
+            restored, _swapped_views(clean, corrupted), corrupted
         )
         # log N on the device: no host sync per step (InfoNCE's own is in points_in_both)
         chance = inside.sum().clamp_min(2).float().log()
@@ -141,7 +141,7 @@ class ContextRestorationDensePretext(ContextRestorationHybrid):
         restored, projections = outputs
         clean, corrupted, inside = targets
         return {
-            **restoration_metrics(corrupted, _restored_views(clean, restored), restored),
+            **restoration_metrics(corrupted, _swapped_views(clean, corrupted), restored),
             **self.dense.evaluate(None, inside, projections),
         }
 
@@ -169,6 +169,7 @@ class ContextRestorationDensePretext(ContextRestorationHybrid):
         }
 
 
-def _restored_views(clean: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
-    """The clean views (B, 2C, *S) that `restored` restores: both, or the first alone."""
-    return clean[:, : restored.shape[1]]
+def _swapped_views(clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
+    """The clean views (B, 2C, *S) that `corrupted` swaps, the restoration's target: both, or
+    the first alone (dense_views "clean")."""
+    return clean[:, : corrupted.shape[1]]

@@ -58,6 +58,15 @@ EVALUATION_IMAGES = 32  # held-out images for the final restoration error
 EVALUATION_OFFSET = 1_000_003
 
 
+# Pretrain options that only some pretexts take (None: the pretext's default), and what the
+# others lack, for the error that refuses them.
+PRETEXT_SPECIFIC_OPTIONS = {
+    "contrastive_weight": "has no contrastive term to weigh",
+    "projector": "has no point projection to choose",
+    "dense_views": "reads no points in swapped views",
+}
+
+
 @dataclass(frozen=True)
 class PretrainConfig(FileOptions):
     out: Path
@@ -118,23 +127,11 @@ class PretrainConfig(FileOptions):
                 f"({', '.join(pretexts_taking('restoration_loss'))}); {self.method} has its own "
                 "loss"
             )
-        if self.contrastive_weight is not None and not takes_option(
-            self.method, "contrastive_weight"
-        ):
-            raise CtxRestoreError(
-                f"contrastive_weight is for {', '.join(pretexts_taking('contrastive_weight'))}; "
-                f"{self.method} has no contrastive term to weigh"
-            )
-        if self.projector is not None and not takes_option(self.method, "projector"):
-            raise CtxRestoreError(
-                f"projector is for {', '.join(pretexts_taking('projector'))}; {self.method} "
-                "has no point projection to choose"
-            )
-        if self.dense_views is not None and not takes_option(self.method, "dense_views"):
-            raise CtxRestoreError(
-                f"dense_views is for {', '.join(pretexts_taking('dense_views'))}; {self.method} "
-                "reads no points in swapped views"
-            )
+        for option, lacking in PRETEXT_SPECIFIC_OPTIONS.items():
+            if getattr(self, option) is not None and not takes_option(self.method, option):
+                raise CtxRestoreError(
+                    f"{option} is for {', '.join(pretexts_taking(option))}; {self.method} {lacking}"
+                )
         if self.num_swaps_max is not None and self.num_swaps_max < self.num_swaps:
             raise CtxRestoreError(
                 f"num_swaps_max {self.num_swaps_max} must be >= num_swaps {self.num_swaps}"
@@ -338,12 +335,9 @@ def pretext_options(config: PretrainConfig) -> dict:
         "foreground_threshold": config.foreground_threshold,
         "restoration_loss": config.restoration_loss,
     }
-    if config.contrastive_weight is not None:
-        offered["contrastive_weight"] = config.contrastive_weight
-    if config.projector is not None:
-        offered["projector"] = config.projector
-    if config.dense_views is not None:
-        offered["dense_views"] = config.dense_views
+    for option in PRETEXT_SPECIFIC_OPTIONS:
+        if getattr(config, option) is not None:  # None: the pretext's default
+            offered[option] = getattr(config, option)
     accepted = _factory_options(config.method)
     return {key: value for key, value in offered.items() if key in accepted}
 

@@ -181,6 +181,22 @@ def test_channels_last_and_bf16_autocast():
     assert output.shape == reference.shape and output.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("spatial_dims", DIMS)
+def test_decoder_levels_double_the_resolution_and_end_in_the_output(name, spatial_dims):
+    model = create_model(name, **tiny_kwargs(name, spatial_dims)).eval()
+    x = tiny_input(model, spatial_dims)
+    features = model.encoder.forward_features(x)
+    levels = model.decoder.forward_levels(features)
+    assert [level.shape[1] for level in levels] == list(model.decoder.level_channels)
+    assert model.decoder.level_channels[-1] == model.decoder.out_channels
+    size = x.shape[2]
+    assert [level.shape[2:] for level in levels] == [
+        (size // 2 ** (len(levels) - 1 - i),) * spatial_dims for i in range(len(levels))
+    ]
+    torch.testing.assert_close(levels[-1], model.decoder(features), rtol=0, atol=0)
+
+
 def test_deconv_decoder_halves_channels_by_default():
     decoder = DeconvDecoder(2, in_channels=16, num_upsamplings=3)
     out = decoder([torch.zeros(1, 16, 2, 2)])

@@ -224,7 +224,8 @@ def test_pretrain_through_the_cli_then_the_segment_head_takes_encoder_and_decode
         "--phantom", "abdomen", "--num-images", "16", "--image-size", "32", "--width", "4",
         "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1", "--device", "cpu",
         "--foreground-threshold", "0.05", "--patch-size", "4", "--num-swaps", "5",
-        "--contrastive-weight", "2", "--dense-views", "clean", "--preview-every", "1",
+        "--contrastive-weight", "2", "--dense-views", "clean", "--dense-level", "1",
+        "--preview-every", "1",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     state, spec = load_checkpoint(pretrained)
@@ -236,7 +237,8 @@ def test_pretrain_through_the_cli_then_the_segment_head_takes_encoder_and_decode
     assert "restoration MSE" in metrics["summary"] and "point retrieval" in metrics["summary"]
     report = (pretrained / "report.md").read_text()
     for row in ("| num_swaps | 5 |", "| patch_size | 4 |", "| contrastive_weight | 2.0 |",
-                "| dense_views | clean |", "| dense.points_per_image | 64 |"):  # fmt: skip
+                "| dense_views | clean |", "| dense.points_per_image | 64 |",
+                "| dense.dense_level | 1 |"):  # fmt: skip
         assert row in report
 
     finetuned = tmp_path / "loc"

@@ -19,6 +19,7 @@ from ctxrestore.engine.checkpoint import load_checkpoint
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import read_json
 from ctxrestore.models import build_model, create_model, model_spec
+from ctxrestore.models.contrastive import DenseContrastiveNetwork
 from ctxrestore.pretext import create_pretext
 from ctxrestore.pretext.dense_contrastive import view_positions
 from ctxrestore.pretext.training import PretrainConfig
@@ -256,6 +257,75 @@ def test_without_a_projector_infonce_reads_the_decoder_features_themselves(metho
         create_pretext(method, projector="linear")
     with pytest.raises(CtxRestoreError, match="projector is for context_restoration_dense, "):
         PretrainConfig(out=Path("x"), method="contrastive", projector="none")
+
+
+@pytest.mark.parametrize("method", [METHOD, "context_restoration_dense"])
+@pytest.mark.parametrize(("network", "spatial_dims"), [("sononet_unet", 2), ("unet", 3)])
+def test_a_deeper_dense_level_reads_the_points_there_and_the_head_still_reads_the_output(
+    method, network, spatial_dims
+):
+    pretext = create_pretext(method, projector="none", dense_level=1)
+    sizes = {"width": 4} if network == "sononet_unet" else {"channels": [2, 4, 8, 8, 8]}
+    base = model_spec(network, spatial_dims=spatial_dims, in_channels=1, **sizes)
+    spec = pretext.network_spec(base)
+    assert spec["kwargs"]["read_level"] == 1
+    model = build_model(spec).eval()
+    size, half = 16, 8
+    views = torch.rand(2, 2, *(size,) * spatial_dims, generator=generator())
+    # Points at the centres of the half-resolution level's voxels: a read is that voxel's.
+    voxels = torch.randint(0, half, (2, 2, 3, spatial_dims), generator=generator(2))
+    located = (2 * voxels + 1) / half - 1
+    outputs = model((views, located))
+    projections = outputs[1] if isinstance(outputs, tuple) else outputs
+    for view in range(2):
+        image = views[:, view : view + 1]
+        levels = model.decoder.forward_levels(model.encoder.forward_features(image))
+        level = levels[-2]
+        assert level.shape[2:] == (half,) * spatial_dims
+        assert projections.shape == (2, 2, 3, level.shape[1]) != levels[-1].shape[1]
+        for b in range(2):
+            for m in range(3):
+                index = tuple(voxels[b, view, m].flip(0).tolist())  # grid order -> array order
+                torch.testing.assert_close(projections[b, view, m], level[b][(slice(None), *index)])
+    if method != METHOD:  # the restoration is the plain network's, from the output's features
+        plain = build_model(base).eval()
+        plain.load_state_dict(model.state_dict())
+        torch.testing.assert_close(outputs[0][:, :1], plain(views[:, :1]))
+        torch.testing.assert_close(outputs[0][:, 1:], plain(views[:, 1:]))
+        assert (pretext.params()["dense"]["dense_level"]) == 1
+    else:
+        assert pretext.params()["dense_level"] == 1
+
+
+def test_dense_level_options():
+    decoder = create_model("sononet_unet", width=4).decoder
+    assert decoder.level_channels == (32, 16, 8, 4)
+    mlp = create_model(METHOD, network="sononet_unet", network_kwargs={"width": 4}, read_level=2)
+    assert mlp.projection.mlp[0].in_features == 16  # the projection takes that level's width
+    with pytest.raises(CtxRestoreError, match=r"dense level 4 is out of range: .* has 4 levels, "
+                       r"so the dense level must lie in 0\.\.3"):  # fmt: skip
+        create_model(METHOD, network="sononet_unet", network_kwargs={"width": 4}, read_level=4)
+
+    class OutputOnly(torch.nn.Module):  # a decoder that does not expose its levels
+        def __init__(self, decoder):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, features):
+            return self.decoder(features)
+
+    restoration = create_model("sononet_unet", width=4)
+    restoration.decoder = OutputOnly(restoration.decoder)
+    with pytest.raises(CtxRestoreError, match=r"\(OutputOnly\) does not expose its levels"):
+        DenseContrastiveNetwork(restoration, torch.nn.Identity(), read_level=1)
+    DenseContrastiveNetwork(restoration, torch.nn.Identity(), read_level=0)  # the output: fine
+    for method in (METHOD, "context_restoration_dense"):
+        for level in (-1, True, 1.0):
+            with pytest.raises(CtxRestoreError, match=f"{method}: dense_level must be an int >= 0"):
+                create_pretext(method, dense_level=level)
+    with pytest.raises(CtxRestoreError, match="dense_level is for context_restoration_dense, "
+                       "dense_contrastive; context_restoration reads no points"):  # fmt: skip
+        PretrainConfig(out=Path("x"), method="context_restoration", dense_level=1)
 
 
 def test_network_and_pretext_options():

@@ -192,6 +192,14 @@ def pretrain(
             "view alone is swapped and restored, in the same pass)."
         ),
     ] = None,
+    dense_level: Annotated[
+        int | None,
+        typer.Option(
+            help="dense_contrastive and context_restoration_dense: read the points at the "
+            "decoder's output (0, the default) or this many levels below it (1: half the "
+            "resolution; the restoration head then has the output's channels to itself)."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 32,
     epochs: Annotated[int, typer.Option(help="Passes over the data (unless --max-steps).")] = 10,
     max_steps: Annotated[

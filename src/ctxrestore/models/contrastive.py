@@ -157,15 +157,26 @@ class DenseContrastiveNetwork(nn.Module):
     *S), it restores those instead, (B', out_channels, *S), in the same pass as the views
     whose points are read (`context_restoration_dense --dense-views clean`). Without
     `restores`, nothing restores an image and the head is not built in.
+
+    `read_level` > 0 reads the points that many decoder levels below the output (1: the level
+    before it, at half its resolution, with `decoder.level_channels[-2]` features), so that a
+    restoring network's 1x1 head and the points do not share the output's few channels
+    (`--dense-level`); the decoder must have `forward_levels`, as ours do.
     """
 
     def __init__(
-        self, restoration: EncoderDecoder, projection: nn.Module, restores: bool = False
+        self,
+        restoration: EncoderDecoder,
+        projection: nn.Module,
+        restores: bool = False,
+        read_level: int = 0,
     ) -> None:
         super().__init__()
+        check_read_level(restoration.decoder, read_level)
         self.encoder = restoration.encoder
         self.decoder = restoration.decoder
         self.restores = restores
+        self.read_level = read_level
         if restores:
             self.head = restoration.head
         self.projection = projection
@@ -195,8 +206,13 @@ class DenseContrastiveNetwork(nn.Module):
                     f"{tuple(images.shape[1:])}), got shape {tuple(to_restore.shape)}"
                 )
             images = torch.cat([images, to_restore])  # one pass; the points read the views only
-        features = self.decoder(self.encoder.forward_features(images))
-        view_features = features[: 2 * batch_size]  # (2B, F, *S)
+        encoded = self.encoder.forward_features(images)
+        if self.read_level == 0:
+            features = level = self.decoder(encoded)
+        else:
+            levels = self.decoder.forward_levels(encoded)
+            features, level = levels[-1], levels[-1 - self.read_level]
+        view_features = level[: 2 * batch_size]  # (2B, F, *S / 2**read_level)
         # All first views, then all second ones, as `stacked_pair` orders the images.
         grid = located.transpose(0, 1).reshape(
             2 * batch_size, points, *([1] * (spatial_dims - 1)), spatial_dims
@@ -212,7 +228,7 @@ class DenseContrastiveNetwork(nn.Module):
             return projections
         if to_restore is not None:
             return self.head(features[2 * batch_size :]), projections
-        restored = self.head(view_features)
+        restored = self.head(features)
         return torch.cat(restored.chunk(2, dim=0), dim=1), projections
 
 
@@ -231,13 +247,16 @@ def dense_contrastive(
     projection_dim: int = 64,
     hidden_features: int = 128,
     projector: str = "mlp",
+    read_level: int = 0,
 ) -> nn.Module:
     """Pretraining network `network` (a registered image-to-image network, built with
-    `network_kwargs`) with a projection of its decoder's output features at given points
-    (`projector` "mlp"; "none": the features are compared as they are)."""
+    `network_kwargs`) with a projection of its decoder's features at given points, read at the
+    output or `read_level` levels below it (`projector` "mlp"; "none": the features are
+    compared as they are)."""
     return _dense_network(
-        "dense_contrastive", network, network_kwargs, projector, hidden_features, projection_dim
-    )
+        "dense_contrastive", network, network_kwargs, projector, hidden_features, projection_dim,
+        read_level,
+    )  # fmt: skip
 
 
 @register_model("restoration_dense")
@@ -247,11 +266,13 @@ def restoration_dense(
     projection_dim: int = 64,
     hidden_features: int = 128,
     projector: str = "mlp",
+    read_level: int = 0,
 ) -> nn.Module:
     """`dense_contrastive`'s network that also restores its input views with `network`'s head."""
     return _dense_network(
-        "restoration_dense", network, network_kwargs, projector, hidden_features, projection_dim
-    )
+        "restoration_dense", network, network_kwargs, projector, hidden_features, projection_dim,
+        read_level,
+    )  # fmt: skip
 
 
 def _dense_network(
@@ -261,6 +282,7 @@ def _dense_network(
     projector: str,
     hidden_features: int,
     projection_dim: int,
+    read_level: int,
 ) -> DenseContrastiveNetwork:
     """`DenseContrastiveNetwork` around `network`, restoring its input too for
     "restoration_dense". The points' features are projected by SimCLR's MLP, or not at all
@@ -269,13 +291,34 @@ def _dense_network(
     (docs/experiments.md 39)."""
     check_projector(projector)
     restoration = _encoder_decoder(model, network, network_kwargs)
+    check_read_level(restoration.decoder, read_level)
     if projector == "none":
         projection = nn.Identity()
     else:
-        projection = ProjectionHead(
-            restoration.decoder.out_channels, hidden_features, projection_dim
+        read_channels = restoration.decoder.level_channels[-1 - read_level]
+        projection = ProjectionHead(read_channels, hidden_features, projection_dim)
+    return DenseContrastiveNetwork(
+        restoration, projection, restores=model == "restoration_dense", read_level=read_level
+    )
+
+
+def check_read_level(decoder: nn.Module, read_level: int) -> None:
+    """read_level: 0 (the decoder's output) or a level below it that `decoder` has."""
+    if isinstance(read_level, bool) or not isinstance(read_level, int) or read_level < 0:
+        raise CtxRestoreError(f"the dense level must be an int >= 0, got {read_level!r}")
+    if read_level == 0:
+        return
+    levels = getattr(decoder, "level_channels", None)
+    if levels is None or not hasattr(decoder, "forward_levels"):
+        raise CtxRestoreError(
+            f"dense level {read_level} reads a decoder level below the output, and this "
+            f"network's decoder ({type(decoder).__name__}) does not expose its levels"
         )
-    return DenseContrastiveNetwork(restoration, projection, restores=model == "restoration_dense")
+    if read_level >= len(levels):
+        raise CtxRestoreError(
+            f"dense level {read_level} is out of range: this network's decoder has "
+            f"{len(levels)} levels, so the dense level must lie in 0..{len(levels) - 1}"
+        )
 
 
 def _encoder_decoder(model: str, network: str, network_kwargs: dict | None) -> EncoderDecoder:

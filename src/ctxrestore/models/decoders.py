@@ -1,7 +1,9 @@
 """Decoders: the "reconstruction part" of Chen et al. 2019, trained during pretraining.
 
 Both take the encoder's full `forward_features` list (shallow to deep) and return a feature
-map at the input resolution; a ConvHead then maps it to pixel-wise outputs.
+map at the input resolution; a ConvHead then maps it to pixel-wise outputs. `forward_levels`
+returns every level's output on the way, deepest first, and `level_channels` their widths, for
+pretexts that read features above the output (`dense_contrastive --dense-level`).
 """
 
 from __future__ import annotations
@@ -47,11 +49,20 @@ class DeconvDecoder(nn.Module):
         self.blocks = nn.Sequential(
             *(UpBlock(spatial_dims, widths[i], widths[i + 1], norm) for i in range(num_upsamplings))
         )
-        self.out_channels = int(widths[-1])
+        self.level_channels = tuple(int(width) for width in widths[1:])
+        self.out_channels = self.level_channels[-1]
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         """Encoder features (deepest: (B, in_channels, *S)) -> (B, out_channels, *S * 2**n)."""
         return self.blocks(features[-1])
+
+    def forward_levels(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """Every upsampling's output, deepest first; the last is `forward`'s."""
+        levels, x = [], features[-1]
+        for block in self.blocks:
+            x = block(x)
+            levels.append(x)
+        return levels
 
 
 class UNetLevel(nn.Module):
@@ -95,11 +106,18 @@ class UNetDecoder(nn.Module):
             UNetLevel(spatial_dims, widths[i + 1], widths[i], norm)
             for i in reversed(range(len(widths) - 1))
         )
+        self.level_channels = widths[-2::-1]  # deepest level first
         self.out_channels = widths[0]
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         """Encoder features, shallow to deep -> (B, out_channels, *S of features[0])."""
-        x = features[-1]
+        return self.forward_levels(features)[-1]
+
+    def forward_levels(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """Every level's output, deepest first, (B, encoder_stage_channels[i], *S of
+        features[i]) for i from the second-deepest stage to 0; the last is `forward`'s."""
+        levels, x = [], features[-1]
         for level, skip in zip(self.levels, reversed(features[:-1]), strict=True):
             x = level(x, skip)
-        return x
+            levels.append(x)
+        return levels

@@ -58,7 +58,8 @@ class ContextRestorationDensePretext(ContextRestorationHybrid):
     temperature, projection_dim, projector: `dense_contrastive`'s; contrastive_weight: the
     dense term's weight against the restoration term's 1, both normalised; dense_views: where
     the points are read, "corrupted" (both views swapped and restored) or "clean" (the first
-    view swapped and restored); see the module's docstring."""
+    view swapped and restored); dense_level: the decoder level they are read at, 0 the output
+    that the restoration head reads too, 1 the level below it; see the module's docstring."""
 
     num_swaps: int | Sequence[int] = 20
     patch_size: int | Sequence[int] = 16
@@ -70,6 +71,7 @@ class ContextRestorationDensePretext(ContextRestorationHybrid):
     projection_dim: int = 64
     projector: str = "mlp"
     dense_views: str = "corrupted"
+    dense_level: int = 0
     name: str = field(default="context_restoration_dense", init=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +95,7 @@ class ContextRestorationDensePretext(ContextRestorationHybrid):
             temperature=self.temperature,
             projection_dim=self.projection_dim,
             projector=self.projector,
+            dense_level=self.dense_level,
         )
 
     def network_spec(self, base: dict) -> dict:
@@ -103,6 +106,7 @@ class ContextRestorationDensePretext(ContextRestorationHybrid):
             network_kwargs=base["kwargs"],
             projection_dim=self.projection_dim,
             projector=self.projector,
+            read_level=self.dense_level,
         )
 
     def make_batch(self, images: torch.Tensor, generator: torch.Generator):

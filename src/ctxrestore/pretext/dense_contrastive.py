@@ -43,13 +43,16 @@ class DenseContrastivePretext:
     points_per_image: points drawn per image; temperature, projection_dim: InfoNCE's tau and
     the size of the points' projections (the views are `ContrastivePretext`'s); projector:
     "mlp" (SimCLR's) or "none", InfoNCE on the decoder's features themselves (projection_dim
-    then unused)."""
+    then unused); dense_level: read the points at the decoder's output (0) or that many levels
+    below it (1: half the resolution, twice the channels), where a restoring head's channels
+    are not the points' too (`context_restoration_dense`)."""
 
     foreground_threshold: float | None = None
     points_per_image: int = 64
     temperature: float = 0.2
     projection_dim: int = 64
     projector: str = "mlp"
+    dense_level: int = 0
     name: str = field(default="dense_contrastive", init=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +75,9 @@ class DenseContrastivePretext:
             raise CtxRestoreError(
                 f"{self.name}: projector must be one of {PROJECTORS}, got {self.projector!r}"
             )
+        level = self.dense_level
+        if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+            raise CtxRestoreError(f"{self.name}: dense_level must be an int >= 0, got {level!r}")
         try:
             _ = self.views
         except CtxRestoreError as error:  # SimCLR's message, named for this pretext
@@ -91,6 +97,7 @@ class DenseContrastivePretext:
             network_kwargs=base["kwargs"],
             projection_dim=self.projection_dim,
             projector=self.projector,
+            read_level=self.dense_level,
         )
 
     def make_batch(

@@ -26,8 +26,8 @@ class Pretext(Protocol):
     - `params()`: what the checkpoint spec records.
 
     The factory takes only the options it uses among `num_swaps`, `patch_size`,
-    `foreground_threshold`, `restoration_loss`, `contrastive_weight`, `projector` and
-    `dense_views` (pretrain's options that pretexts share or name).
+    `foreground_threshold`, `restoration_loss`, `contrastive_weight`, `projector`,
+    `dense_views` and `dense_level` (pretrain's options that pretexts share or name).
     """
 
     name: str

@@ -64,6 +64,7 @@ PRETEXT_SPECIFIC_OPTIONS = {
     "contrastive_weight": "has no contrastive term to weigh",
     "projector": "has no point projection to choose",
     "dense_views": "reads no points in swapped views",
+    "dense_level": "reads no points in the decoder",
 }
 
 
@@ -87,6 +88,7 @@ class PretrainConfig(FileOptions):
     contrastive_weight: float | None = None  # None: the pretext's default
     projector: str | None = None  # None: the pretext's default
     dense_views: str | None = None  # None: the pretext's default
+    dense_level: int | None = None  # None: the pretext's default
     batch_size: int = 32
     epochs: int = 10
     max_steps: int | None = None

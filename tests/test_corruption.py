@@ -206,6 +206,12 @@ def test_foreground_threshold_avoids_pure_background_patches():
     # Without the threshold most patches would fall in the background.
     plain = sample_swap_plan((64, 64), 8, 20, 8, generator=generator())
     assert not bool(((plain.corners_a > 12) & (plain.corners_a < 44)).all())
+    # The foreground given as a mask swaps exactly as its threshold does, whatever the values.
+    lifted = images + 1  # every voxel above the threshold now: only the mask knows the body
+    masked = context_restoration(lifted, 20, 8, generator(), foreground=(images > 0.1).any(1))
+    torch.testing.assert_close(masked - 1, corrupted)
+    with pytest.raises(CtxRestoreError, match="the foreground or a foreground threshold, not"):
+        context_restoration(images, 20, 8, foreground_threshold=0.1, foreground=images[:, 0] > 0)
 
 
 @pytest.mark.parametrize(

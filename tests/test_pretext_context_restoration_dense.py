@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import ctxrestore
@@ -62,6 +63,37 @@ def test_the_views_and_points_are_dense_contrastives_and_each_view_is_swapped(sp
             assert_swapped(clean[b, picked], corrupted[b, picked])
     swapped = corrupted != clean
     assert not torch.equal(swapped[:, :channels], swapped[:, channels:])
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [(METHOD, {"dense_views": "corrupted"}), (METHOD, {"dense_views": "clean"}),
+     ("context_restoration_contrastive", {})],
+)  # fmt: skip
+def test_swaps_stay_on_the_body_in_views_whose_air_the_augmentation_lifted(method, options):
+    # A bright disc on black air. The views' brightness shift and noise lift much of the air
+    # above the threshold, 0.05; only the image's own foreground, moved into each view, keeps
+    # the swaps on the disc.
+    size, patch = 32, 4
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - 15.5) ** 2 + (xx - 15.5) ** 2 < 36).float()  # radius 6
+    images = disc[None, None].repeat(8, 1, 1, 1)
+    pretext = create_pretext(
+        method, foreground_threshold=0.05, patch_size=patch, num_swaps=3, **options
+    )
+    _, targets = pretext.make_batch(images, generator(3))
+    corrupted = targets[1]
+    clean = targets[0][:, : corrupted.shape[1]]
+    air_lifted = 0
+    for view, swapped in zip(clean.flatten(0, 1), corrupted.flatten(0, 1), strict=True):
+        # The disc in the view: contrast >= 0.6 above its air, whose noise is ~0.03.
+        on_disc = view > view.median() + 0.3
+        near_disc = F.max_pool2d(on_disc[None].float(), 2 * patch + 1, 1, patch)[0] > 0
+        changed = view != swapped
+        assert changed.any()  # three swaps of noisy patches change voxels
+        assert not (changed & ~near_disc).any(), "a swap was placed in the air"
+        air_lifted += int((view[~near_disc] > 0.05).any())
+    assert air_lifted >= 4  # the threshold alone would have let swaps into the air
 
 
 def test_loss_is_both_terms_divided_by_what_learning_nothing_scores():

@@ -160,6 +160,7 @@ def context_restoration(
     generator: torch.Generator | None = None,
     *,
     foreground_threshold: float | None = None,
+    foreground: torch.Tensor | None = None,
     return_permutation: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +174,9 @@ def context_restoration(
             torch's default CPU generator, so `torch.manual_seed` makes runs reproducible.
         foreground_threshold: if given, a voxel is foreground when any channel exceeds it, and
             patches lying wholly in the background are avoided.
+        foreground: instead of a threshold, the foreground itself, (B, *spatial) bool: for
+            images whose intensities were shifted and noised (augmented views), where any
+            threshold would call the air foreground.
         return_permutation: also return the (B, N) voxel permutation (see `swap_permutation`).
         out: optional contiguous buffer of the same shape and dtype to write into; `images`
             itself swaps in place.
@@ -183,7 +187,8 @@ def context_restoration(
     _check_images(images)
     if generator is None:
         generator = torch.default_generator
-    foreground = None
+    if foreground is not None and foreground_threshold is not None:
+        raise CtxRestoreError("give the foreground or a foreground threshold, not both")
     if foreground_threshold is not None:
         foreground = (images > foreground_threshold).any(dim=1)
     plan = sample_swap_plan(

@@ -50,14 +50,29 @@ class ContextRestorationPretext:
         self, images: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """images: (B, C, *spatial) clean -> (corrupted input, clean target)."""
-        corrupted = context_restoration(
-            images,
-            self.num_swaps,
-            self.patch_size,
-            generator,
-            foreground_threshold=self.foreground_threshold,
+        return self.corrupt(images, generator), images
+
+    def corrupt(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator,
+        foreground: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """images (B, C, *spatial) with T patch pairs swapped, kept off the background: what
+        foreground_threshold calls it in `images`, or where `foreground` (B, *spatial) bool is
+        False (augmented views, whose shifted and noised air a threshold calls foreground)."""
+        if foreground is None:
+            foreground = self.foreground(images)
+        return context_restoration(
+            images, self.num_swaps, self.patch_size, generator, foreground=foreground
         )
-        return corrupted, images
+
+    def foreground(self, images: torch.Tensor) -> torch.Tensor | None:
+        """(B, *spatial) bool: where some channel of `images` exceeds foreground_threshold;
+        None without one."""
+        if self.foreground_threshold is None:
+            return None
+        return (images > self.foreground_threshold).any(dim=1)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return RESTORATION_LOSSES[self.restoration_loss](outputs, targets)
@@ -75,6 +90,12 @@ class ContextRestorationPretext:
         params = asdict(self)
         params.pop("name")
         return params
+
+
+def views_as_batch(foreground: torch.Tensor | None) -> torch.Tensor | None:
+    """Where the foreground lies in two views of each image, (B, 2, *S) -> (2B, *S): all first
+    views, then all second ones, as the views are batched for their swaps; None stays None."""
+    return None if foreground is None else torch.cat(foreground.unbind(dim=1))
 
 
 class ContextRestorationHybrid:

@@ -7,7 +7,9 @@ classification what restoration did not). Here one network does both on the same
 
 - each image is augmented twice, as SimCLR's views (`ContrastivePretext.augmentation`);
 - both views are corrupted by patch swaps (`context_restoration`) and restored by the
-  chosen --network, its loss against the clean views;
+  chosen --network, its loss against the clean views; the foreground threshold is read in
+  the image and its foreground moved into each view, since the views' shifted and noised air
+  lies above any threshold;
 - the encoder's pooled deepest features of the CLEAN views are projected
   (`models.contrastive.RestorationContrastiveNetwork`), and NT-Xent asks each view to find its
   partner among the 2B - 1 others. On the corrupted views instead, the contrastive term
@@ -30,7 +32,7 @@ from functools import cached_property
 import torch
 
 from ctxrestore.models import model_spec
-from ctxrestore.pretext.context_restoration import ContextRestorationHybrid
+from ctxrestore.pretext.context_restoration import ContextRestorationHybrid, views_as_batch
 from ctxrestore.pretext.contrastive import ContrastivePretext, partners_found
 from ctxrestore.pretext.registry import register_pretext
 from ctxrestore.pretext.restoration import restoration_metrics
@@ -76,10 +78,11 @@ class ContextRestorationContrastivePretext(ContextRestorationHybrid):
         """images (B, C, *S) -> (network input (B, 4C, *S): the two views corrupted, then the
         same two clean, each pair as the first view's channels, then the second's; targets
         (the clean views (B, 2C, *S), the corrupted ones: the restoration term's baseline))."""
-        views, _ = self.contrastive.make_batch(images, generator)
+        foreground = self.restoration.foreground(images)
+        views, foreground = self.contrastive.make_views(images, generator, foreground)
         # Both views as one batch, so every image draws its own swaps.
         batch = torch.cat(views.chunk(2, dim=1), dim=0)
-        corrupted = self.restoration.make_batch(batch, generator)[0]
+        corrupted = self.restoration.corrupt(batch, generator, views_as_batch(foreground))
         corrupted = torch.cat(corrupted.chunk(2, dim=0), dim=1)
         return torch.cat([corrupted, views], dim=1), (views, corrupted)
 

@@ -9,9 +9,10 @@ on the same batch, in one pass:
 
 - each image is augmented twice, as `dense_contrastive`'s views, and its points are followed
   into both views;
-- both views are corrupted by patch swaps (`context_restoration`, whose foreground threshold
-  also keeps the points on the body) and restored by the chosen --network, its loss against
-  the clean views;
+- both views are corrupted by patch swaps (`context_restoration`) and restored by the chosen
+  --network, its loss against the clean views; the foreground threshold keeps the points and
+  the swaps on the body, read in the image and moved into each view with its content (the
+  views' shifted and noised air lies above any threshold);
 - the decoder features that restore the corrupted views are read at the points, projected,
   and InfoNCE asks each point of view 1 to find its own point among all points of view 2 in
   the batch, and the other way round (`models.contrastive.DenseContrastiveNetwork` with
@@ -42,7 +43,7 @@ import torch
 
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import model_spec
-from ctxrestore.pretext.context_restoration import ContextRestorationHybrid
+from ctxrestore.pretext.context_restoration import ContextRestorationHybrid, views_as_batch
 from ctxrestore.pretext.dense_contrastive import DenseContrastivePretext, points_found
 from ctxrestore.pretext.registry import register_pretext
 from ctxrestore.pretext.restoration import restoration_metrics
@@ -116,14 +117,15 @@ class ContextRestorationDensePretext(ContextRestorationHybrid):
         apart]); targets: (the clean views (B, 2C, *S); the swapped views (B, 2C or C, *S),
         the restoration term's input and baseline; whether each point lies inside both views
         (B, M) bool))."""
-        (views, located), inside = self.dense.make_batch(images, generator)
+        (views, located), inside, foreground = self.dense.make_views(images, generator)
         if self.dense_views == "clean":
             channels = images.shape[1]
-            corrupted = self.restoration.make_batch(views[:, :channels], generator)[0]
+            first = None if foreground is None else foreground[:, 0]
+            corrupted = self.restoration.corrupt(views[:, :channels], generator, first)
             return (views, located, corrupted), (views, corrupted, inside)
         # Both views as one batch, so every view draws its own swaps.
         batch = torch.cat(views.chunk(2, dim=1), dim=0)
-        corrupted = self.restoration.make_batch(batch, generator)[0]
+        corrupted = self.restoration.corrupt(batch, generator, views_as_batch(foreground))
         corrupted = torch.cat(corrupted.chunk(2, dim=0), dim=1)
         return (corrupted, located), (views, corrupted, inside)
 

@@ -98,11 +98,25 @@ class ContrastivePretext:
         """images: (B, C, *spatial) -> (two views (B, 2C, *spatial): the first view's channels,
         then the second's; image indices (B,) int64, which say that view i of image b pairs
         with the other view of image b)."""
-        augmentation = self.augmentation
-        first = augmentation({"image": images}, generator)["image"]
-        second = augmentation({"image": images}, generator)["image"]
-        indices = torch.arange(len(images), device=images.device)
-        return torch.cat([first, second], dim=1), indices
+        views, _ = self.make_views(images, generator)
+        return views, torch.arange(len(images), device=images.device)
+
+    def make_views(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator,
+        foreground: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images (B, C, *S) -> (two views (B, 2C, *S), the first's channels then the
+        second's; where `foreground` (B, *S) bool lies in each view, (B, 2, *S), moved with the
+        view's content and False where the view shows what lay outside the image, or None
+        without a foreground)."""
+        batch = {"image": images} if foreground is None else {"image": images, "mask": foreground}
+        first, second = (self.augmentation(batch, generator) for _ in range(2))
+        views = torch.cat([first["image"], second["image"]], dim=1)
+        if foreground is None:
+            return views, None
+        return views, torch.stack([first["mask"], second["mask"]], dim=1)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """NT-Xent: outputs (B, 2, projection_dim) -> the mean over the 2B views of the cross

@@ -107,28 +107,48 @@ class DenseContrastivePretext:
         then the second's; where each of M points lies in each view (B, 2, M, D), in
         grid_sample's normalised coordinates and order); target: whether each point lies
         inside both views (B, M) bool)."""
+        network_input, inside, _ = self.make_views(images, generator)
+        return network_input, inside
+
+    def make_views(
+        self, images: torch.Tensor, generator: torch.Generator
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """`make_batch`'s network input and target, and where the foreground (some channel of
+        the image above foreground_threshold) lies in each view, (B, 2, *S) bool, moved with
+        the view's content; None without a threshold. Restoration in these views must keep
+        its swaps on it: the views' shifted and noised air lies above any threshold."""
         augmentation = self.views.augmentation
+        foreground = None
         batch = {"image": images}
+        if self.foreground_threshold is not None:
+            foreground = (images > self.foreground_threshold).any(dim=1)
+            batch["mask"] = foreground
         plans = [augmentation.plan(batch, generator) for _ in range(2)]
-        views = [apply_augmentation(batch, plan)["image"] for plan in plans]
-        points = self._draw_points(images, generator)
+        views = [apply_augmentation(batch, plan) for plan in plans]
+        points = self._draw_points(images, foreground, generator)
         spatial_shape = tuple(images.shape[2:])
         located = torch.stack(
             [view_positions(points, sampling_theta(plan, spatial_shape)) for plan in plans], dim=1
         )
         inside = (located.abs() < 1).all(dim=-1).all(dim=1)
-        return (torch.cat(views, dim=1), located), inside
+        network_input = (torch.cat([view["image"] for view in views], dim=1), located)
+        if foreground is None:
+            return network_input, inside, None
+        return network_input, inside, torch.stack([view["mask"] for view in views], dim=1)
 
-    def _draw_points(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _draw_points(
+        self, images: torch.Tensor, foreground: torch.Tensor | None, generator: torch.Generator
+    ) -> torch.Tensor:
         """(B, M, D) positions in the images, normalised and in grid_sample's order: voxels
-        drawn uniformly among the foreground ones (all voxels of an image without any), each
-        moved to a uniform place inside its voxel."""
+        drawn uniformly among the `foreground` ones (B, *S) bool (all voxels of an image
+        without any, or without a foreground), each moved to a uniform place inside its
+        voxel."""
         batch_size = len(images)
         spatial_shape = tuple(images.shape[2:])
-        if self.foreground_threshold is None:
+        if foreground is None:
             weights = torch.ones(batch_size, math.prod(spatial_shape), device=images.device)
         else:
-            foreground = (images > self.foreground_threshold).any(dim=1).flatten(1).float()
+            foreground = foreground.flatten(1).float()
             empty = foreground.sum(dim=1, keepdim=True) == 0
             weights = torch.where(empty, 1.0, foreground)
         voxel = torch.multinomial(

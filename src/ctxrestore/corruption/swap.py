@@ -153,6 +153,16 @@ def _check_images(images: torch.Tensor) -> None:
         )
 
 
+def threshold_foreground(
+    images: torch.Tensor, foreground_threshold: float | None
+) -> torch.Tensor | None:
+    """(B, C, *spatial) -> (B, *spatial) bool, where some channel exceeds the threshold; None
+    without one."""
+    if foreground_threshold is None:
+        return None
+    return (images > foreground_threshold).any(dim=1)
+
+
 def context_restoration(
     images: torch.Tensor,
     num_swaps: int | Sequence[int],
@@ -190,7 +200,7 @@ def context_restoration(
     if foreground is not None and foreground_threshold is not None:
         raise CtxRestoreError("give the foreground or a foreground threshold, not both")
     if foreground_threshold is not None:
-        foreground = (images > foreground_threshold).any(dim=1)
+        foreground = threshold_foreground(images, foreground_threshold)
     plan = sample_swap_plan(
         images.shape[2:],
         images.shape[0],

@@ -14,8 +14,8 @@ from functools import cached_property
 
 import torch
 
-from ctxrestore.corruption import context_restoration
 from ctxrestore.corruption.sampling import normalize_num_swaps
+from ctxrestore.corruption.swap import context_restoration, threshold_foreground
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.pretext.registry import register_pretext
 from ctxrestore.pretext.restoration import (
@@ -70,9 +70,7 @@ class ContextRestorationPretext:
     def foreground(self, images: torch.Tensor) -> torch.Tensor | None:
         """(B, *spatial) bool: where some channel of `images` exceeds foreground_threshold;
         None without one."""
-        if self.foreground_threshold is None:
-            return None
-        return (images > self.foreground_threshold).any(dim=1)
+        return threshold_foreground(images, self.foreground_threshold)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return RESTORATION_LOSSES[self.restoration_loss](outputs, targets)

@@ -27,6 +27,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from ctxrestore.corruption.swap import threshold_foreground
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import model_spec
 from ctxrestore.models.contrastive import PROJECTORS
@@ -118,11 +119,8 @@ class DenseContrastivePretext:
         the view's content; None without a threshold. Restoration in these views must keep
         its swaps on it: the views' shifted and noised air lies above any threshold."""
         augmentation = self.views.augmentation
-        foreground = None
-        batch = {"image": images}
-        if self.foreground_threshold is not None:
-            foreground = (images > self.foreground_threshold).any(dim=1)
-            batch["mask"] = foreground
+        foreground = threshold_foreground(images, self.foreground_threshold)
+        batch = {"image": images} if foreground is None else {"image": images, "mask": foreground}
         plans = [augmentation.plan(batch, generator) for _ in range(2)]
         views = [apply_augmentation(batch, plan) for plan in plans]
         points = self._draw_points(images, foreground, generator)

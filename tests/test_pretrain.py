@@ -11,6 +11,7 @@ from ctxrestore.engine.environment import ENVIRONMENT_FILE
 from ctxrestore.engine.loop import read_log
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import read_json, write_json
+from ctxrestore.pretext import training
 from ctxrestore.pretext.training import PretextTraining
 
 
@@ -171,3 +172,96 @@ def test_bad_options_fail_before_training(tmp_path, tiny_pretrain, change, messa
     with pytest.raises(CtxRestoreError, match=message):
         ctxrestore.pretrain(out=tmp_path / "run", **tiny_pretrain | change)
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("first_network", "second_network", "decoder_moves"),
+    [("unet", "unet", True), ("sononet", "sononet_unet", False)],
+)
+def test_a_second_pretext_starts_from_the_first_runs_weights(
+    tmp_path, tiny_pretrain, monkeypatch, first_network, second_network, decoder_moves
+):
+    ctxrestore.pretrain(out=tmp_path / "first", network=first_network, **tiny_pretrain)
+    first, _ = load_checkpoint(tmp_path / "first")
+    started = {}  # the weights the second run's training starts from
+    fit = training.fit
+
+    def recording_fit(*, model, **kwargs):
+        started.update({k: v.clone() for k, v in model.state_dict().items()})
+        return fit(model=model, **kwargs)
+
+    monkeypatch.setattr("ctxrestore.pretext.training.fit", recording_fit)
+    ctxrestore.pretrain(
+        out=tmp_path / "second", network=second_network, method="dense_contrastive",
+        init=tmp_path / "first", **tiny_pretrain,
+    )  # fmt: skip
+    moved = {"encoder"} | ({"decoder"} if decoder_moves else set())
+    for name, tensor in started.items():
+        part = name.split(".")[0]
+        assert (part in moved) == (name in first and torch.equal(tensor, first[name])), name
+    assert {name.split(".")[0] for name in started} >= moved | {"projection"}
+    init = load_checkpoint(tmp_path / "second")[1]["init"]
+    assert init["folder"] == str(tmp_path / "first")
+    assert set(init["transferred"]) == moved
+    assert init["reasons"]["projection"] == "task-specific"
+    if not decoder_moves:
+        assert init["reasons"]["decoder"] == "its architecture differs from the pretrained one"
+    report = (tmp_path / "second" / "report.md").read_text()
+    started_line = next(line for line in report.splitlines() if line.startswith("Started from"))
+    assert started_line.startswith(f"Started from `{tmp_path / 'first'}`: ")
+    moved_part = started_line.split("from its weights")[0]
+    assert "encoder (" in moved_part and ("decoder (" in moved_part) == decoder_moves
+
+
+def test_a_run_started_from_another_resumes_from_its_own_weights(
+    tmp_path, tiny_pretrain, monkeypatch
+):
+    ctxrestore.pretrain(out=tmp_path / "first", **tiny_pretrain)
+    settings = tiny_pretrain | dict(max_steps=6, checkpoint_every=2, init=tmp_path / "first")
+    straight = ctxrestore.pretrain(out=tmp_path / "straight", **settings)
+    original = PretextTraining.training_loss
+    calls = {"count": 0}
+
+    def crash_in_step_four(self, *args):
+        calls["count"] += 1
+        if calls["count"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args)
+
+    monkeypatch.setattr(PretextTraining, "training_loss", crash_in_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        ctxrestore.pretrain(out=tmp_path / "split", **settings)
+    monkeypatch.setattr(PretextTraining, "training_loss", original)
+    resumed = ctxrestore.pretrain(out=tmp_path / "split", resume=True, **settings)
+    assert resumed.resumed_from == 2 and resumed.final_loss == straight.final_loss
+    a, _ = load_checkpoint(tmp_path / "straight")
+    b, _ = load_checkpoint(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # --init is part of the run: resuming without it is a change, refused.
+    with pytest.raises(CtxRestoreError, match="init: "):
+        ctxrestore.pretrain(out=tmp_path / "split", resume=True, **settings | dict(init=None))
+
+
+def test_init_that_cannot_start_the_pretraining_is_refused_before_the_run_folder(
+    tmp_path, tiny_pretrain
+):
+    ctxrestore.pretrain(out=tmp_path / "first", **tiny_pretrain)
+    refused = {
+        "missing": (dict(init=tmp_path / "nowhere"), "checkpoint folder .*nowhere does not exist"),
+        "wider": (
+            dict(init=tmp_path / "first", width=8),
+            r"the encoder of --init .*first does not fit the pretraining network \(unet\)",
+        ),
+        "volumes": (
+            dict(init=tmp_path / "first", spatial_dims=3, image_size=16, num_images=4),
+            "was pretrained in 2D, but the pretraining data is 3D",
+        ),
+        "channels": (
+            dict(init=tmp_path / "first", in_channels=2),
+            "pretrained on 1 channel",
+        ),
+    }
+    for name, (options, message) in refused.items():
+        with pytest.raises(CtxRestoreError, match=message):
+            ctxrestore.pretrain(out=tmp_path / name, **tiny_pretrain | options)
+        assert not (tmp_path / name).exists(), name

@@ -225,6 +225,15 @@ def pretrain(
     cache: _Cache = True,
     cache_dir: _CacheDir = None,
     skip_bad: _SkipBad = False,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from another run's weights (a pretraining or fine-tuning folder): its "
+            "encoder, and its decoder where the network has the same one; the pretext's head "
+            "starts random. For a second pretext after a first, e.g. dense_contrastive after "
+            "context_restoration."
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
 ) -> PretrainResult:
     """Pretrain a network by context restoration on unlabelled images.

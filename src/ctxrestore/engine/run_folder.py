@@ -5,17 +5,20 @@ checks every stage makes."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from ctxrestore.engine.checkpoint import WEIGHTS_FILE
+from ctxrestore.engine.checkpoint import TRAINING_STATE_FILE, WEIGHTS_FILE
 from ctxrestore.engine.distributed import DEVICES
 from ctxrestore.engine.environment import record_environment
 from ctxrestore.engine.loop import PRECISIONS
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import read_json, write_json
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 # Written last by pretraining and fine-tuning alike: a folder holding it is a finished run;
@@ -30,6 +33,19 @@ RESUMABLE_CHANGES = frozenset(
 
 def is_finished(folder: Path) -> bool:
     return (Path(folder) / METRICS_FILE).is_file()
+
+
+def warn_if_unfinished(folder: Path) -> None:
+    """Before starting from `folder`'s weights: a run writes its checkpoint every few hundred
+    steps and metrics.json at the end, so a folder with a training state but no metrics.json
+    is still running, or was interrupted."""
+    folder = Path(folder)
+    if (folder / TRAINING_STATE_FILE).is_file() and not is_finished(folder):
+        logger.warning(
+            "%s holds an unfinished run (a checkpoint, no %s yet): starting from its last "
+            "checkpoint, not its final weights; finish it with --resume to use those",
+            folder, METRICS_FILE,
+        )  # fmt: skip
 
 
 def option_defaults(config_class: type) -> dict:

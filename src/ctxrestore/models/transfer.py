@@ -199,6 +199,7 @@ def transfer_weights(
     encoder_stages: int | None = None,
     fresh_decoder_levels: int = 0,
     source: str = "the checkpoint",
+    destination: str = "the task's network",
 ) -> TransferReport:
     """Copy the encoder (and a matching decoder) from `pretrained_state` into `model`.
 
@@ -241,7 +242,7 @@ def transfer_weights(
                 shapes_differ.remove(first)
             if names_differ or shapes_differ:
                 raise CtxRestoreError(
-                    f"the encoder of {source} does not fit the task's network: "
+                    f"the encoder of {source} does not fit {destination}: "
                     f"{_difference(tensors, pretrained, shapes_differ)}"
                 )
         elif names_differ or shapes_differ:

@@ -51,6 +51,7 @@ def write_pretraining_report(
         f"Data: {source}. Steps: {metrics['steps']}. Checkpoint: `{run_dir}` "
         "(`ctxrestore.load_pretrained` rebuilds it).",
         "",
+        *([f"{started}.", ""] if (started := _started_from(run_dir)) else []),
         *([environment, ""] if (environment := environment_summary(run_dir)) else []),
         "| setting | value |",
         "| --- | --- |",
@@ -82,6 +83,20 @@ def write_pretraining_report(
     ]
     text = "\n".join(lines)
     return atomic_write(report_path, lambda temporary: temporary.write_text(text))
+
+
+def describe_start(init: dict) -> str:
+    """What --init gave the network: spec["init"] (the folder and its transfer report)."""
+    moved = ", ".join(f"{part} ({count} tensors)" for part, count in init["transferred"].items())
+    fresh = ", ".join(f"{part} ({init['reasons'].get(part, '')})" for part in init["random"])
+    fresh = fresh or "nothing"
+    return f"Started from `{init['folder']}`: {moved} from its weights; random: {fresh}"
+
+
+def _started_from(run_dir: Path) -> str:
+    spec_path = run_dir / SPEC_FILE
+    init = read_json(spec_path).get("init") if spec_path.is_file() else None
+    return describe_start(init) if init else ""
 
 
 def _pretext_settings(run_dir: Path) -> list[tuple[str, object]]:

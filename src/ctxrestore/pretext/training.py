@@ -35,19 +35,20 @@ from ctxrestore.engine.run_folder import (
     check_stage_options,
     option_defaults,
     start_run_folder,
+    warn_if_unfinished,
 )
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
 from ctxrestore.files import atomic_write, write_json
 from ctxrestore.models import PRETRAINING_NETWORKS, build_model, pretraining_spec
-from ctxrestore.models.transfer import GENERIC_CHANNEL
+from ctxrestore.models.transfer import GENERIC_CHANNEL, check_compatible, transfer_weights
 from ctxrestore.pretext.registry import (
     Pretext,
     create_pretext,
     get_pretext_factory,
     list_pretexts,
 )
-from ctxrestore.pretext.report import write_pretraining_report
+from ctxrestore.pretext.report import describe_start, write_pretraining_report
 from ctxrestore.pretext.restoration import check_restoration_loss
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class PretrainConfig(FileOptions):
     checkpoint_every: int = 500
     preview_every: int = 0
     compile: bool = False
+    init: Path | None = None  # another run whose encoder (and matching decoder) start this one
     resume: bool = False
 
     def __post_init__(self) -> None:
@@ -354,6 +356,10 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         spec = build_spec(config, pretext, in_channels, getattr(dataset, "channel_names", None))
         # The patch must fit the images; fail now rather than at the first step.
         pretext.make_batch(torch.zeros(1, in_channels, *config.spatial_size), torch.Generator())
+        torch.manual_seed(config.seed)  # same initial weights on every rank and every run
+        model = build_model(spec["model"])
+        if config.init is not None:  # checked before the run folder is made; a resume then
+            spec["init"] = start_from(model, Path(config.init), spec)  # loads its own weights
         out = Path(config.out)
         if context.is_main:
             check_run_folder(
@@ -378,8 +384,6 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
             seed=config.seed,
             compile=config.compile,
         )
-        torch.manual_seed(config.seed)  # same initial weights on every rank and every run
-        model = build_model(spec["model"])
         result: FitResult = fit(
             model=model,
             dataset=dataset,
@@ -413,6 +417,38 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         return PretrainResult(out, result.steps, result.resumed_from, result.final_loss, metrics)
     finally:
         teardown_distributed(context)
+
+
+def start_from(model: nn.Module, folder: Path, spec: dict) -> dict:
+    """--init: `folder`'s encoder, and its decoder where the architecture is the same, into
+    the pretraining network; the pretext's own head and projection start random. For a
+    pretext that continues another's training (e.g. dense_contrastive after context
+    restoration). Returns what moved, for the spec and the report."""
+    state, init_spec = load_checkpoint(folder)
+    if "prefixes" not in init_spec.get("model", {}) or "spatial_dims" not in init_spec:
+        raise CtxRestoreError(f"{folder / SPEC_FILE} is not a ctxrestore spec")
+    warn_if_unfinished(folder)
+    source = f"--init {folder}"
+    check_compatible(
+        init_spec,
+        spatial_dims=spec["spatial_dims"],
+        in_channels=spec["in_channels"],
+        channel_names=spec["channel_names"],
+        adapt_channels=False,
+        source=source,
+        target="the pretraining data",
+    )
+    report = transfer_weights(
+        model,
+        state,
+        init_spec["model"]["prefixes"],
+        spec["model"]["prefixes"],
+        source=source,
+        destination=f"the pretraining network ({spec['model']['name']})",
+    )
+    init = {"folder": str(folder), **report.to_json()}
+    logger.info("%s", describe_start(init))
+    return init
 
 
 def load_pretrained(folder: Path | str, device: str | torch.device = "cpu") -> nn.Module:

@@ -23,7 +23,7 @@ from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import list_phantoms
 from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
-from ctxrestore.engine.checkpoint import TRAINING_STATE_FILE, WEIGHTS_FILE, load_checkpoint
+from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint
 from ctxrestore.engine.distributed import barrier, setup_distributed, teardown_distributed
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
@@ -32,9 +32,9 @@ from ctxrestore.engine.run_folder import (
     check_patience,
     check_run_folder,
     check_stage_options,
-    is_finished,
     option_defaults,
     start_run_folder,
+    warn_if_unfinished,
 )
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import write_json
@@ -212,17 +212,6 @@ def encoder_config(pretrained_model_spec: dict) -> dict:
     return model_spec(pretrained_model_spec["name"], **pretrained_model_spec["kwargs"])["encoder"]
 
 
-def _warn_if_unfinished(folder: Path) -> None:
-    """A run writes its checkpoint every few hundred steps and metrics.json at the end: a
-    folder with a training state but no metrics.json is still running, or was interrupted."""
-    if (folder / TRAINING_STATE_FILE).is_file() and not is_finished(folder):
-        logger.warning(
-            "%s holds an unfinished run (a checkpoint, no %s yet): fine-tuning from its last "
-            "checkpoint, not its final weights; finish it with --resume to use those",
-            folder, METRICS_FILE,
-        )  # fmt: skip
-
-
 def _check_init(
     config: FinetuneConfig, data: LabelledData, state: dict | None, spec: dict | None
 ) -> tuple[dict | None, dict | None]:
@@ -231,7 +220,7 @@ def _check_init(
         return None, None
     if "model" not in spec or "spatial_dims" not in spec or "in_channels" not in spec:
         raise CtxRestoreError(f"{Path(config.init) / 'spec.json'} is not a ctxrestore spec")
-    _warn_if_unfinished(Path(config.init))
+    warn_if_unfinished(Path(config.init))
     check_compatible(
         spec,
         spatial_dims=config.spatial_dims,

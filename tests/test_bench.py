@@ -21,7 +21,7 @@ from ctxrestore.bench.benchmark import (
     method_options,
     parse_methods,
 )
-from ctxrestore.bench.protocol import Arm, Protocol
+from ctxrestore.bench.protocol import LATER_OPTIONS, Arm, Protocol, check_settings
 from ctxrestore.bench.report import write_report
 from ctxrestore.bench.stats import higher_is_better
 from ctxrestore.bench.summary import class_metrics, extra_metrics, markdown_table, summarize
@@ -623,18 +623,27 @@ def test_the_restoration_loss_reaches_the_restoration_pretexts_only(tmp_path):
     assert protocol.settings["restoration_loss"] == "l1_gradient"
 
 
-def test_the_projector_reaches_the_dense_pretexts_only(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("projector", "none"), ("dense_views", "clean"), ("dense_level", 1),
+     ("contrastive_weight", 10.0)],
+)  # fmt: skip
+def test_a_pretext_specific_option_reaches_the_pretexts_that_take_it_only(tmp_path, option, value):
     settings = {key: value for key, value in TINY.items() if key != "methods"}
-    options = BenchmarkOptions(**{**settings, "image_size": 64, "projector": "none"},
-                               out=tmp_path)  # fmt: skip
+    options = BenchmarkOptions(**{**settings, "image_size": 64, option: value}, out=tmp_path)
     arms = tuple(Arm(m, {"method": m, **method_options(m, 64)}) for m in list_pretexts())
     protocol = build_protocol(options, "benchmark", arms, {})
-    projectors = {arm.name: protocol.pretrain_config(arm).projector for arm in arms}
-    dense = {"dense_contrastive", "context_restoration_dense"}
-    assert projectors == {m: "none" if m in dense else None for m in list_pretexts()}
-    assert protocol.settings["projector"] == "none"
-    default = build_protocol(dataclasses.replace(options, projector=None), "benchmark", arms, {})
-    assert default.pretrain_config(arms[-1]).projector is None  # the pretext's own default
+    given = {arm.name: getattr(protocol.pretrain_config(arm), option) for arm in arms}
+    taking = {
+        "projector": {"dense_contrastive", "context_restoration_dense"},
+        "dense_level": {"dense_contrastive", "context_restoration_dense"},
+        "dense_views": {"context_restoration_dense"},
+        "contrastive_weight": {"context_restoration_contrastive", "context_restoration_dense"},
+    }[option]
+    assert given == {m: value if m in taking else None for m in list_pretexts()}
+    assert protocol.settings[option] == value
+    default = build_protocol(dataclasses.replace(options, **{option: None}), "benchmark", arms, {})
+    assert all(getattr(default.pretrain_config(arm), option) is None for arm in arms)
 
 
 def test_a_pretraining_network_with_the_tasks_encoder_is_compared_with_random(tmp_path):
@@ -693,6 +702,18 @@ def test_the_unet_box_heads_pretrain_a_sononet_unet_by_default(tmp_path, box_hea
             {"projector": "none"},
             "projector is for context_restoration_dense, dense_contrastive, and --methods names "
             "none of them",
+        ),
+        (
+            {"dense_views": "clean"},
+            "dense_views is for context_restoration_dense, and --methods names none of them",
+        ),
+        (
+            {"methods": "random,context_restoration_dense", "dense_views": "blurred"},
+            r"dense_views must be one of \('corrupted', 'clean'\), got 'blurred'",
+        ),
+        (
+            {"methods": "random,dense_contrastive", "network": "sononet_unet", "dense_level": 9},
+            r"dense level 9 is out of range: this network's decoder has 4 levels",
         ),
     ],
 )
@@ -788,3 +809,16 @@ def test_every_arm_runs_the_whole_schedule_by_default(tmp_path, monkeypatch):
         assert json.loads((run / "config.json").read_text())["patience"] == 0
         metrics = json.loads((run / "metrics.json").read_text())
         assert (metrics["steps"], metrics["best_step"], metrics["stopped_early"]) == (60, 20, False)
+
+
+def test_a_benchmark_from_before_the_pretext_specific_options_continues_with_their_defaults(
+    tmp_path,
+):
+    settings = {"task": "classify", "seeds": 2, **LATER_OPTIONS}
+    new = ("projector", "dense_views", "dense_level", "contrastive_weight")
+    assert all(settings[key] is None for key in new)
+    older = {key: value for key, value in settings.items() if key not in new}
+    (tmp_path / "benchmark.json").write_text(json.dumps(older))
+    check_settings(tmp_path, settings)  # they ran with each pretext's default
+    with pytest.raises(CtxRestoreError, match=r"dense_level: None -> 1"):
+        check_settings(tmp_path, {**settings, "dense_level": 1})

@@ -53,6 +53,30 @@ _Projector = Annotated[
         "the ones a segmentation-style head reads)."
     ),
 ]
+_ContrastiveWeight = Annotated[
+    float | None,
+    typer.Option(
+        help="context_restoration_contrastive and context_restoration_dense: weight of the "
+        "contrastive term against the restoration term's 1, both normalised (default 1; 0: "
+        "restoration of augmented views only)."
+    ),
+]
+_DenseViews = Annotated[
+    str | None,
+    typer.Option(
+        help="context_restoration_dense: read the points in the swapped views (corrupted; "
+        "the default, one pass restores both views) or in the clean ones (clean; the first "
+        "view alone is swapped and restored, in the same pass)."
+    ),
+]
+_DenseLevel = Annotated[
+    int | None,
+    typer.Option(
+        help="dense_contrastive and context_restoration_dense: read the points at the "
+        "decoder's output (0, the default) or this many levels below it (1: half the "
+        "resolution; the restoration head then has the output's channels to itself)."
+    ),
+]
 _RestorationLoss = Annotated[
     RestorationLoss,
     typer.Option(
@@ -175,31 +199,10 @@ def pretrain(
         ),
     ] = None,
     restoration_loss: _RestorationLoss = "mse",
-    contrastive_weight: Annotated[
-        float | None,
-        typer.Option(
-            help="context_restoration_contrastive and context_restoration_dense: weight of the "
-            "contrastive term against the restoration term's 1, both normalised (default 1; 0: "
-            "restoration of augmented views only)."
-        ),
-    ] = None,
+    contrastive_weight: _ContrastiveWeight = None,
     projector: _Projector = None,
-    dense_views: Annotated[
-        str | None,
-        typer.Option(
-            help="context_restoration_dense: read the points in the swapped views (corrupted; "
-            "the default, one pass restores both views) or in the clean ones (clean; the first "
-            "view alone is swapped and restored, in the same pass)."
-        ),
-    ] = None,
-    dense_level: Annotated[
-        int | None,
-        typer.Option(
-            help="dense_contrastive and context_restoration_dense: read the points at the "
-            "decoder's output (0, the default) or this many levels below it (1: half the "
-            "resolution; the restoration head then has the output's channels to itself)."
-        ),
-    ] = None,
+    dense_views: _DenseViews = None,
+    dense_level: _DenseLevel = None,
     batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 32,
     epochs: Annotated[int, typer.Option(help="Passes over the data (unless --max-steps).")] = 10,
     max_steps: Annotated[
@@ -550,7 +553,10 @@ def benchmark(
         ),
     ] = None,
     restoration_loss: _RestorationLoss = "mse",
+    contrastive_weight: _ContrastiveWeight = None,
     projector: _Projector = None,
+    dense_views: _DenseViews = None,
+    dense_level: _DenseLevel = None,
     batch_size: _BenchBatch = 16,
     epochs: _BenchEpochs = 60,
     max_steps: _BenchMaxSteps = None,

@@ -40,6 +40,7 @@ from ctxrestore.models.contrastive import check_projector
 from ctxrestore.pretext import create_pretext, list_pretexts
 from ctxrestore.pretext.restoration import check_restoration_loss
 from ctxrestore.pretext.training import (
+    PRETEXT_SPECIFIC_OPTIONS,
     PretrainConfig,
     pretext_options,
     pretexts_taking,
@@ -114,7 +115,12 @@ class BenchmarkOptions(FileOptions):
     num_swaps: int = 20
     foreground_threshold: float | None = None
     restoration_loss: str = "mse"  # for the restoration pretexts; the others keep their own
-    projector: str | None = None  # for the dense pretexts; None: their default
+    # Options of some pretexts (PRETEXT_SPECIFIC_OPTIONS), passed to those that take them;
+    # None: each pretext's default.
+    contrastive_weight: float | None = None
+    projector: str | None = None
+    dense_views: str | None = None
+    dense_level: int | None = None
     batch_size: int = 16
     # 60 epochs of at least 20 steps: random weights at 5% labels need ~1,200 steps to converge
     # (30 left them 9 Dice points short, a gap pretraining filled; docs/experiments.md 17-18)
@@ -318,13 +324,14 @@ def build_protocol(
             f"of one architecture; use --network {own} (or one with its encoder) or leave out "
             "random"
         )
-    if options.projector is not None and not any(
-        arm.pretrain and takes_option(arm.pretrain["method"], "projector") for arm in arms
-    ):
-        raise CtxRestoreError(
-            f"projector is for {', '.join(pretexts_taking('projector'))}, and --methods names "
-            "none of them"
-        )
+    for option in PRETEXT_SPECIFIC_OPTIONS:
+        if getattr(options, option) is not None and not any(
+            arm.pretrain and takes_option(arm.pretrain["method"], option) for arm in arms
+        ):
+            raise CtxRestoreError(
+                f"{option} is for {', '.join(pretexts_taking(option))}, and --methods names "
+                "none of them"
+            )
     seeds = options.seeds or _default_seeds(options)
     if options.pretrain_seeds > seeds:
         raise CtxRestoreError(
@@ -339,7 +346,8 @@ def build_protocol(
         "num_images": options.pretrain_images, "network": network, "width": options.width,
         "image_size": options.image_size, "patch_size": options.patch_size,
         "num_swaps": options.num_swaps, "foreground_threshold": options.foreground_threshold,
-        "restoration_loss": options.restoration_loss, "projector": options.projector,
+        "restoration_loss": options.restoration_loss,
+        **{option: getattr(options, option) for option in PRETEXT_SPECIFIC_OPTIONS},
         "batch_size": options.pretrain_batch_size, "max_steps": options.pretrain_steps,
         "learning_rate": options.pretrain_learning_rate, "seed": 0, "device": options.device,
         "precision": options.precision, **files,

@@ -32,7 +32,12 @@ from ctxrestore.engine.environment import environment_fingerprint
 from ctxrestore.engine.run_folder import METRICS_FILE, is_finished
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import atomic_write, read_json, write_json
-from ctxrestore.pretext.training import PretrainConfig, run_pretraining, takes_option
+from ctxrestore.pretext.training import (
+    PRETEXT_SPECIFIC_OPTIONS,
+    PretrainConfig,
+    run_pretraining,
+    takes_option,
+)
 from ctxrestore.tasks.training import FinetuneConfig, run_finetuning
 
 logger = logging.getLogger(__name__)
@@ -47,7 +52,9 @@ NOT_COMPARED = ("device", "metric", "resume", "cache", "cache_dir")
 LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slice_axis": 0,
                  "skip_bad": False, "transfer_stages": None, "pretrain_seeds": 1,
                  "freeze_encoder": False, "head_only_steps": 0,
-                 "box_head": "regression", "fresh_decoder_levels": 0}  # fmt: skip
+                 "box_head": "regression", "fresh_decoder_levels": 0,
+                 "contrastive_weight": None, "projector": None, "dense_views": None,
+                 "dense_level": None}  # fmt: skip
 # Settings that only add runs when they grow: seeds (a count), methods, fractions and an
 # ablation's controls and pretraining lengths (lists of arm names).
 GRID_SETTINGS = ("seeds", "methods", "fractions", "controls", "pretrain_lengths")
@@ -118,8 +125,9 @@ class Protocol:
         method = options.get("method", PretrainConfig.method)
         if not takes_option(method, "restoration_loss"):
             options.pop("restoration_loss", None)  # RP and CE keep their own losses
-        if not takes_option(method, "projector"):
-            options.pop("projector", None)  # only the dense pretexts project points
+        for option in PRETEXT_SPECIFIC_OPTIONS:  # e.g. only the dense pretexts project points
+            if not takes_option(method, option):
+                options.pop(option, None)
         return PretrainConfig(
             out=self.pretrain_folder(arm, pretrain_seed), resume=resume, **options
         )

@@ -74,24 +74,29 @@ def test_the_restoration_loss_reaches_training_the_spec_and_the_report(tmp_path,
     assert 0 < first["mse"] < first["l1"]
 
 
+def _crash_in_step(step: int, monkeypatch, **options) -> None:
+    """Run ctxrestore.pretrain(**options) and kill it in `step`, as a crash would."""
+    original = PretextTraining.training_loss
+    calls = {"count": 0}
+
+    def crash(self, *args):
+        calls["count"] += 1
+        if calls["count"] == step:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args)
+
+    monkeypatch.setattr(PretextTraining, "training_loss", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ctxrestore.pretrain(**options)
+    monkeypatch.setattr(PretextTraining, "training_loss", original)
+
+
 def test_interrupted_run_resumes_exactly(tmp_path, tiny_pretrain, monkeypatch):
     settings = tiny_pretrain | dict(max_steps=6, checkpoint_every=2)
     straight = ctxrestore.pretrain(out=tmp_path / "straight", **settings)
 
     # Kill the second run in step 4; its last checkpoint is from step 2, so it resumes there.
-    original = PretextTraining.training_loss
-    calls = {"count": 0}
-
-    def crash_in_step_four(self, *args):
-        calls["count"] += 1
-        if calls["count"] == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, *args)
-
-    monkeypatch.setattr(PretextTraining, "training_loss", crash_in_step_four)
-    with pytest.raises(KeyboardInterrupt):
-        ctxrestore.pretrain(out=tmp_path / "split", **settings)
-    monkeypatch.setattr(PretextTraining, "training_loss", original)
+    _crash_in_step(4, monkeypatch, out=tmp_path / "split", **settings)
     assert [row["step"] for row in read_log(tmp_path / "split")] == [1, 2, 3]
 
     resumed = ctxrestore.pretrain(out=tmp_path / "split", resume=True, **settings)
@@ -219,19 +224,7 @@ def test_a_run_started_from_another_resumes_from_its_own_weights(
     ctxrestore.pretrain(out=tmp_path / "first", **tiny_pretrain)
     settings = tiny_pretrain | dict(max_steps=6, checkpoint_every=2, init=tmp_path / "first")
     straight = ctxrestore.pretrain(out=tmp_path / "straight", **settings)
-    original = PretextTraining.training_loss
-    calls = {"count": 0}
-
-    def crash_in_step_four(self, *args):
-        calls["count"] += 1
-        if calls["count"] == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, *args)
-
-    monkeypatch.setattr(PretextTraining, "training_loss", crash_in_step_four)
-    with pytest.raises(KeyboardInterrupt):
-        ctxrestore.pretrain(out=tmp_path / "split", **settings)
-    monkeypatch.setattr(PretextTraining, "training_loss", original)
+    _crash_in_step(4, monkeypatch, out=tmp_path / "split", **settings)
     resumed = ctxrestore.pretrain(out=tmp_path / "split", resume=True, **settings)
     assert resumed.resumed_from == 2 and resumed.final_loss == straight.final_loss
     a, _ = load_checkpoint(tmp_path / "straight")

@@ -241,6 +241,28 @@ def ctx_only(
     )
 
 
+def compare_placements(
+    case: str, images: torch.Tensor, args: argparse.Namespace, *, device: torch.device
+) -> tuple[Row, float]:
+    """Poisson-disc placement (every patch isolated, dart throwing) against the uniform one,
+    rounds interleaved: its row, and its time per call over the uniform one's (median of the
+    per-round ratios)."""
+    images = images.to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(placement: str) -> Callable[[], torch.Tensor]:
+        return lambda: context_restoration(images, NUM_SWAPS, PATCH, generator, placement=placement)
+
+    functions = {"uniform": run("uniform"), "poisson_disc": run("poisson_disc")}
+    changed = _changed_fraction(images, functions["poisson_disc"]())
+    times, calls = measure(functions, sync=sync, min_time=args.min_time, repeats=args.repeats)
+    row = _row(case, "ctx poisson_disc", device.type, "float32", images.shape[0], "img/s",
+               times["poisson_disc"], calls["poisson_disc"], changed)  # fmt: skip
+    cost = statistics.median(p / u for p, u in zip(times["poisson_disc"], times["uniform"]))
+    return row, cost
+
+
 def print_table(rows: list[Row], tio_rates: dict[str, float]) -> None:
     header = (
         f"{'case':<24} {'implementation':<16} {'device':<6} {'dtype':<8} {'batch':>5} "
@@ -331,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     fg_row.notes.append("foreground_threshold=0.0, disk foreground 38% of the image")
     rows.append(fg_row)
+    placement_costs = {}
+    pd_row, placement_costs["cpu"] = compare_placements(
+        case_2d, images_2d, args, device=torch.device("cpu")
+    )
+    rows.append(pd_row)
 
     gpu_rows: dict[str, Row] = {}
     if use_cuda:
@@ -344,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
             gpu_rows[key] = ctx_only(case, images, unit, args, device=cuda, dtype=dtype)
         gpu_rows["2d_fg"] = ctx_only(
             case_fg, images_fg, "img/s", args, device=cuda, foreground_threshold=0.0
+        )
+        gpu_rows["2d_pd"], placement_costs["cuda"] = compare_placements(
+            case_2d, images_2d, args, device=cuda
         )
         big = make_2d(GPU_LARGE_BATCH, size_2d, data_generator)
         gpu_rows["2d_large"] = ctx_only(
@@ -388,11 +418,21 @@ def main(argv: list[str] | None = None) -> int:
         "  - fg: foreground_threshold=0.0 on images that are 0 outside a centred disk (38% of "
         "the area); no TorchIO equivalent."
     )
+    print(
+        "  - ctx poisson_disc: placement='poisson_disc' (all 2T patches isolated, dart "
+        "throwing), timed in rounds interleaved with the uniform placement's."
+    )
     if gpu_rows:
         print("  - GPU rows: (Nx) compares with TorchIO on the CPU, one core-bound call per image.")
     print()
 
     goals: dict[str, dict[str, object]] = {}
+    for device_type, cost in placement_costs.items():
+        goals[f"poisson_disc_cost_{device_type}"] = {"ratio": cost}
+        print(
+            f"cost: poisson_disc placement on {device_type} takes {cost:.2f}x the time of the "
+            f"uniform one ({case_2d}, same rounds)"
+        )
     for key, case in (("2D", case_2d), ("3D", case_3d)):
         for impl, label in (
             ("ctxrestore", "new tensor"),

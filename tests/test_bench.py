@@ -626,7 +626,7 @@ def test_the_restoration_loss_reaches_the_restoration_pretexts_only(tmp_path):
 @pytest.mark.parametrize(
     ("option", "value"),
     [("projector", "none"), ("dense_views", "clean"), ("dense_level", 1),
-     ("contrastive_weight", 10.0)],
+     ("contrastive_weight", 10.0), ("placement", "poisson_disc")],
 )  # fmt: skip
 def test_a_pretext_specific_option_reaches_the_pretexts_that_take_it_only(tmp_path, option, value):
     settings = {key: value for key, value in TINY.items() if key != "methods"}
@@ -639,7 +639,9 @@ def test_a_pretext_specific_option_reaches_the_pretexts_that_take_it_only(tmp_pa
         "dense_level": {"dense_contrastive", "context_restoration_dense"},
         "dense_views": {"context_restoration_dense"},
         "contrastive_weight": {"context_restoration_contrastive", "context_restoration_dense"},
-    }[option]
+        "placement": {"context_restoration", "context_restoration_contrastive",
+                      "context_restoration_dense"},
+    }[option]  # fmt: skip
     assert given == {m: value if m in taking else None for m in list_pretexts()}
     assert protocol.settings[option] == value
     default = build_protocol(dataclasses.replace(options, **{option: None}), "benchmark", arms, {})
@@ -698,6 +700,7 @@ def test_the_unet_box_heads_pretrain_a_sononet_unet_by_default(tmp_path, box_hea
         ({"head_only_steps": 2}, "head_only_steps 2 is not shorter than max_steps 2"),
         ({"head_only_steps": -1}, "head_only_steps must be >= 0, got -1"),
         ({"projector": "linear"}, r"projector must be one of \('mlp', 'none'\), got 'linear'"),
+        ({"placement": "grid"}, "unknown placement 'grid'; placements: uniform, poisson_disc"),
         (
             {"projector": "none"},
             "projector is for context_restoration_dense, dense_contrastive, and --methods names "
@@ -727,18 +730,27 @@ def test_ablation_on_a_tiny_grid_writes_its_report(tmp_path):
     options = {key: value for key, value in TINY.items() if key not in
                ("methods", "patch_size", "num_swaps", "fractions", "seeds")}  # fmt: skip
     result = api.ablate(out=tmp_path / "ablation", patch_sizes="4", num_swaps="5",
-                        placements="uniform,foreground", fractions="0.5", seeds=1,
+                        placements="uniform,foreground,poisson_disc", fractions="0.5", seeds=1,
                         **options)  # fmt: skip
     assert [row["method"] for row in result.summary_rows] == [
         "random",
         "default",
         "placement_foreground",
+        "placement_poisson_disc",
     ]
-    spec = tmp_path / "ablation" / "pretrain" / "placement_foreground" / "config.json"
-    assert '"foreground_threshold": 0.0' in spec.read_text()
+    pretrained = tmp_path / "ablation" / "pretrain"
+    arms = ("default", "placement_foreground", "placement_poisson_disc")
+    configs = {arm: json.loads((pretrained / arm / "config.json").read_text()) for arm in arms}
+    assert {arm: (config["foreground_threshold"], config["placement"])
+            for arm, config in configs.items()} == {
+        "default": (None, None), "placement_foreground": (0.0, None),
+        "placement_poisson_disc": (None, "poisson_disc")}  # fmt: skip
+    spec = json.loads((pretrained / "placement_poisson_disc" / "spec.json").read_text())
+    assert spec["pretext"]["params"]["placement"] == "poisson_disc"
     report = result.report.read_text()
     for part in ("# Ablation of context restoration: classify",
                  "Each setting against the default:", "foreground placement vs default",
+                 "poisson_disc placement vs default",
                  "default (patch 4, T 5, uniform)", "too few paired runs to tell (1)",
                  "## Summary", "plot.png"):  # fmt: skip
         assert part in report, part
@@ -815,7 +827,7 @@ def test_a_benchmark_from_before_the_pretext_specific_options_continues_with_the
     tmp_path,
 ):
     settings = {"task": "classify", "seeds": 2, **LATER_OPTIONS}
-    new = ("projector", "dense_views", "dense_level", "contrastive_weight")
+    new = ("projector", "dense_views", "dense_level", "contrastive_weight", "placement")
     assert all(settings[key] is None for key in new)
     older = {key: value for key, value in settings.items() if key not in new}
     (tmp_path / "benchmark.json").write_text(json.dumps(older))

@@ -113,6 +113,96 @@ GOLDEN_A = [[[5, 11], [2, 9]]]
 GOLDEN_B = [[[8, 4], [8, 6]]]
 
 
+def _patches(plan, image, swap):
+    """The two patches of swap `swap` in image 0 of `image` (C, *spatial), as tensors."""
+    return [
+        image[(slice(None), *(slice(c, c + p) for c, p in zip(corner, plan.patch_size)))]
+        for corner in (plan.corners_a[0, swap].tolist(), plan.corners_b[0, swap].tolist())
+    ]
+
+
+def _all_patches_isolated(plan, image: int = 0) -> bool:
+    """Whether no two of the active patches of `image` share a voxel (pairs and swaps alike)."""
+    active = plan.active[image]
+    corners = torch.cat([plan.corners_a[image][active], plan.corners_b[image][active]])
+    apart = ((corners[:, None] - corners[None]).abs() >= torch.tensor(plan.patch_size)).any(-1)
+    return bool((apart | torch.eye(len(corners), dtype=torch.bool)).all())
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_poisson_disc_swaps_patches_that_no_other_swap_touches(spatial_dims, channels):
+    shape = {2: (40, 36), 3: (16, 18, 14)}[spatial_dims]
+    patch = PATCHES[spatial_dims]
+    images = distinct_images(4, channels, shape)
+    corrupted, permutation = context_restoration(
+        images, 6, patch, generator(), placement="poisson_disc", return_permutation=True
+    )
+    assert_is_permutation(images, corrupted)
+    assert_channels_moved_together(images, corrupted)
+    assert torch.equal(apply_permutation(images, permutation), corrupted)
+    plan = sample_swap_plan(shape, 4, 6, patch, generator=generator(), placement="poisson_disc")
+    assert bool(plan.active.all())  # 12 small patches fit easily
+    for image in range(4):
+        assert _all_patches_isolated(plan, image)
+    # No voxel is swapped twice: each patch holds exactly its partner's original content,
+    # which uniform placement (whose swaps may overlap) does not promise.
+    for swap in range(6):
+        original, swapped = _patches(plan, images[0], swap), _patches(plan, corrupted[0], swap)
+        assert torch.equal(swapped[0], original[1]) and torch.equal(swapped[1], original[0])
+    moved = (corrupted[0] != images[0]).any(dim=0).sum()
+    assert int(moved) == 12 * int(np.prod(patch))  # the patches and nothing else
+
+
+def test_uniform_placement_lets_swaps_overlap_and_poisson_disc_does_not():
+    # The difference the option makes, on a crowded image: 20 swaps of 6x6 in 32x32.
+    uniform = sample_swap_plan((32, 32), 16, 20, 6, generator=generator(1))
+    spread = sample_swap_plan((32, 32), 16, 20, 6, generator=generator(1), placement="poisson_disc")
+    assert not any(_all_patches_isolated(uniform, image) for image in range(16))
+    assert all(_all_patches_isolated(spread, image) for image in range(16))
+
+
+def test_poisson_disc_places_fewer_swaps_where_they_do_not_fit():
+    # Four 16x16 patches at most fit in 32x32 (exactly on a grid), so at most 2 swaps of 5;
+    # and at least 1: the first pair is drawn as a uniform one, so no image is left as it was.
+    plan = sample_swap_plan((32, 32), 64, 5, 16, generator=generator(), placement="poisson_disc")
+    placed = plan.num_swaps
+    assert int(placed.max()) <= 2 and int(placed.min()) >= 1
+    assert all(_all_patches_isolated(plan, image) for image in range(64))
+    # The placed swaps come first: a range of T leaves out swaps at the end, as uniformly.
+    assert torch.equal(plan.active, torch.arange(5)[None] < placed[:, None])
+    ranged = sample_swap_plan((64, 64), 32, (2, 6), 4, generator=generator(),
+                              placement="poisson_disc")  # fmt: skip
+    assert (
+        set(ranged.num_swaps.tolist()) <= {2, 3, 4, 5, 6}
+        and len(set(ranged.num_swaps.tolist())) > 1
+    )
+
+
+def test_poisson_disc_keeps_to_the_foreground_and_spreads_over_it():
+    foreground = torch.zeros(8, 64, 64, dtype=torch.bool)
+    foreground[:, 16:48, 8:56] = True
+    plan = sample_swap_plan((64, 64), 8, 8, 4, generator=generator(), foreground=foreground,
+                            placement="poisson_disc")  # fmt: skip
+    assert bool(plan.active.all())
+    for corners in (plan.corners_a, plan.corners_b):  # every patch touches the foreground
+        assert bool(((corners[..., 0] > 16 - 4) & (corners[..., 0] < 48)).all())
+        assert bool(((corners[..., 1] > 8 - 4) & (corners[..., 1] < 56)).all())
+    assert all(_all_patches_isolated(plan, image) for image in range(8))
+
+
+def test_golden_poisson_disc_plan_for_a_fixed_seed():
+    plan = sample_swap_plan((16, 16), 1, 2, 4, generator=generator(0), placement="poisson_disc")
+    assert plan.corners_a.tolist() == GOLDEN_POISSON_A
+    assert plan.corners_b.tolist() == GOLDEN_POISSON_B
+    again = sample_swap_plan((16, 16), 1, 2, 4, generator=generator(0), placement="poisson_disc")
+    assert torch.equal(again.corners_a, plan.corners_a)
+
+
+GOLDEN_POISSON_A = [[[5, 11], [0, 0]]]
+GOLDEN_POISSON_B = [[[1, 4], [11, 5]]]
+
+
 def test_swaps_are_sequential_and_undo_in_reverse():
     images = distinct_images(2, 3, (20, 20))
     plan = sample_swap_plan((20, 20), 2, 15, 6, generator=generator(3))
@@ -296,6 +386,10 @@ def test_swap_permutation_equals_apply_on_index_image():
         (dict(images=torch.rand(2, 1, 20, 20), num_swaps=0), "T must be >= 1"),
         (dict(images=torch.rand(2, 1, 20, 20), num_swaps=(5, 2)), "min <= max"),
         (dict(images=torch.rand(2, 1, 20, 20), num_swaps=(1, 2, 3)), "pair"),
+        (
+            dict(images=torch.rand(2, 1, 20, 20), placement="grid"),
+            "unknown placement 'grid'; placements: uniform, poisson_disc",
+        ),
     ],
 )
 def test_bad_arguments_raise_value_errors_that_say_what_is_allowed(kwargs, message):

@@ -63,6 +63,23 @@ def test_dictionary_form_rejects_mismatched_shapes():
         transform({"a": torch.rand(1, 16, 16), "b": torch.rand(1, 16, 12)})
 
 
+def test_poisson_disc_placement_swaps_each_voxel_at_most_once():
+    image = distinct_images(1, 2, (48, 48))[0]
+    for transform in (
+        ContextRestoration(num_swaps=6, patch_size=4, placement="poisson_disc"),
+        ContextRestorationd(keys="image", num_swaps=6, patch_size=4, placement="poisson_disc"),
+    ):
+        transform.set_random_state(0)
+        out = transform(image) if isinstance(transform, ContextRestoration) else transform(
+            {"image": image})["image"]  # fmt: skip
+        assert_is_permutation(image[None], out[None])
+        assert_channels_moved_together(image[None], out[None])
+        # 12 patches of 4x4 that no two swaps share: exactly their voxels moved.
+        assert int((out != image).any(dim=0).sum()) == 12 * 16
+
+
 def test_bad_configuration_fails_at_construction():
+    with pytest.raises(ValueError, match="unknown placement 'grid'"):
+        ContextRestorationd(keys="image", placement="grid")
     with pytest.raises(ValueError, match="T must be >= 1"):
         ContextRestoration(num_swaps=0)

@@ -56,6 +56,7 @@ def test_pretrain_writes_a_checkpoint_that_loads(
             "patch_size": tiny_pretrain["patch_size"],
             "foreground_threshold": None,
             "restoration_loss": "mse",
+            "placement": "uniform",
         },
     }
     for name, tensor in model.state_dict().items():
@@ -157,6 +158,17 @@ def test_pretrain_on_a_folder_of_png_and_npy(tmp_path, tiny_pretrain):
     assert spec["intensity"]["method"] == "robust_unit_range"
 
 
+def test_the_placement_reaches_the_swaps_the_spec_and_the_report(tmp_path, tiny_pretrain):
+    for placement in ("uniform", "poisson_disc"):
+        ctxrestore.pretrain(out=tmp_path / placement, placement=placement, **tiny_pretrain)
+        params = load_checkpoint(tmp_path / placement)[1]["pretext"]["params"]
+        assert params["placement"] == placement
+        assert f"| placement | {placement} |" in (tmp_path / placement / "report.md").read_text()
+    # Same seed, same weights and images: only where the swaps went differs.
+    first = {p: read_log(tmp_path / p)[0]["loss"] for p in ("uniform", "poisson_disc")}
+    assert first["uniform"] != first["poisson_disc"]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -170,6 +182,12 @@ def test_pretrain_on_a_folder_of_png_and_npy(tmp_path, tiny_pretrain):
         (
             dict(method="relative_position", restoration_loss="l1"),
             "restoration_loss 'l1' is for the restoration pretexts .*; relative_position has its",
+        ),
+        (dict(placement="grid"), "unknown placement 'grid'; placements: uniform, poisson_disc"),
+        (
+            dict(method="autoencoder", placement="poisson_disc"),
+            "placement is for context_restoration, context_restoration_contrastive, "
+            "context_restoration_dense; autoencoder swaps no patches",
         ),
     ],
 )

@@ -77,6 +77,15 @@ _DenseLevel = Annotated[
         "resolution; the restoration head then has the output's channels to itself)."
     ),
 ]
+_Placement = Annotated[
+    str | None,
+    typer.Option(
+        help="context_restoration and its hybrids: where the swapped patches go. uniform (the "
+        "paper's and the default: each pair isolated, swaps drawn independently) or "
+        "poisson_disc (all 2T patches isolated and spread over the image, as Dominic et al. "
+        "2023 found best with 32x32 patches; where they do not fit, fewer swaps)."
+    ),
+]
 _RestorationLoss = Annotated[
     RestorationLoss,
     typer.Option(
@@ -203,6 +212,7 @@ def pretrain(
     projector: _Projector = None,
     dense_views: _DenseViews = None,
     dense_level: _DenseLevel = None,
+    placement: _Placement = None,
     batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 32,
     epochs: Annotated[int, typer.Option(help="Passes over the data (unless --max-steps).")] = 10,
     max_steps: Annotated[
@@ -557,6 +567,7 @@ def benchmark(
     projector: _Projector = None,
     dense_views: _DenseViews = None,
     dense_level: _DenseLevel = None,
+    placement: _Placement = None,
     batch_size: _BenchBatch = 16,
     epochs: _BenchEpochs = 60,
     max_steps: _BenchMaxSteps = None,
@@ -608,7 +619,10 @@ def ablate(
     ] = "20,5,50",
     placements: Annotated[
         str,
-        typer.Option(help="uniform and/or foreground (avoid background patches); first: default."),
+        typer.Option(
+            help="uniform, foreground (avoid background patches) and/or poisson_disc (all "
+            "patches isolated and spread); the first is the default."
+        ),
     ] = "uniform,foreground",
     foreground_threshold: Annotated[
         float,

@@ -80,7 +80,9 @@ OPT_IN_PRETEXTS = (
     "context_restoration_dense",
 )  # fmt: skip
 
-PLACEMENTS = ("uniform", "foreground")
+# Where an ablation's swaps go: anywhere (the paper's), not wholly in the background, or all
+# 2T patches isolated and spread (Poisson-disc; corruption.sampling).
+ABLATION_PLACEMENTS = ("uniform", "foreground", "poisson_disc")
 CONTEXT_RESTORATION = "context_restoration"
 # random_x2, random_x4, ...: random weights fine-tuned for K times the schedule, a control for
 # head starts: a pretrained arm that beats random but not random_xK got there sooner, not to a
@@ -121,6 +123,7 @@ class BenchmarkOptions(FileOptions):
     projector: str | None = None
     dense_views: str | None = None
     dense_level: int | None = None
+    placement: str | None = None
     batch_size: int = 16
     # 60 epochs of at least 20 steps: random weights at 5% labels need ~1,200 steps to converge
     # (30 left them 9 Dice points short, a gap pretraining filled; docs/experiments.md 17-18)
@@ -474,17 +477,19 @@ def ablation_arms(
             "the default setting's length; give only the other lengths to compare with it"
         )
     where = _items(placements, "placements")
-    unknown = [placement for placement in where if placement not in PLACEMENTS]
+    unknown = [placement for placement in where if placement not in ABLATION_PLACEMENTS]
     if unknown:
         raise CtxRestoreError(
-            f"unknown placement(s) {', '.join(unknown)}; placements: {', '.join(PLACEMENTS)}"
+            f"unknown placement(s) {', '.join(unknown)}; placements: "
+            f"{', '.join(ABLATION_PLACEMENTS)}"
         )
 
-    def threshold(placement: str) -> float | None:
-        return foreground_threshold if placement == "foreground" else None
+    def placed(placement: str) -> dict:
+        return {"foreground_threshold": foreground_threshold if placement == "foreground" else None,
+                "placement": "poisson_disc" if placement == "poisson_disc" else None}  # fmt: skip
 
     default = {"method": CONTEXT_RESTORATION, "patch_size": sizes[0], "num_swaps": swaps[0],
-               "foreground_threshold": threshold(where[0])}  # fmt: skip
+               **placed(where[0])}  # fmt: skip
     label = f"default (patch {sizes[0]}, T {swaps[0]}, {where[0]})"
     arms = [Arm(RANDOM), *map(longer_random_arm, parse_controls(controls))]
     arms.append(Arm(DEFAULT_SETTING, default, label))
@@ -492,8 +497,8 @@ def ablation_arms(
              for size in sizes[1:]]  # fmt: skip
     arms += [Arm(f"num_swaps_{count}", {**default, "num_swaps": count}, f"T {count}")
              for count in swaps[1:]]  # fmt: skip
-    arms += [Arm(f"placement_{place}", {**default, "foreground_threshold": threshold(place)},
-                 f"{place} placement") for place in where[1:]]  # fmt: skip
+    arms += [Arm(f"placement_{place}", {**default, **placed(place)}, f"{place} placement")
+             for place in where[1:]]  # fmt: skip
     # The same pretext pretrained for longer (or shorter): does the transfer follow the
     # restoration? It did for segmentation, not classification (docs/experiments.md 15, 20, 22).
     arms += [Arm(f"pretrain_steps_{steps}", {**default, "max_steps": steps},

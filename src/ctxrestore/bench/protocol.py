@@ -54,7 +54,7 @@ LATER_OPTIONS = {"modality": None, "window": None, "target_spacing": None, "slic
                  "freeze_encoder": False, "head_only_steps": 0,
                  "box_head": "regression", "fresh_decoder_levels": 0,
                  "contrastive_weight": None, "projector": None, "dense_views": None,
-                 "dense_level": None}  # fmt: skip
+                 "dense_level": None, "placement": None}  # fmt: skip
 # Settings that only add runs when they grow: seeds (a count), methods, fractions and an
 # ablation's controls and pretraining lengths (lists of arm names).
 GRID_SETTINGS = ("seeds", "methods", "fractions", "controls", "pretrain_lengths")

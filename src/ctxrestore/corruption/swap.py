@@ -171,6 +171,7 @@ def context_restoration(
     *,
     foreground_threshold: float | None = None,
     foreground: torch.Tensor | None = None,
+    placement: str = "uniform",
     return_permutation: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +188,9 @@ def context_restoration(
         foreground: instead of a threshold, the foreground itself, (B, *spatial) bool: for
             images whose intensities were shifted and noised (augmented views), where any
             threshold would call the air foreground.
+        placement: "uniform" (the paper's: each pair isolated, swaps independent) or
+            "poisson_disc" (all 2T patches isolated and spread; fewer swaps where they do not
+            fit); see `sampling`.
         return_permutation: also return the (B, N) voxel permutation (see `swap_permutation`).
         out: optional contiguous buffer of the same shape and dtype to write into; `images`
             itself swaps in place.
@@ -208,6 +212,7 @@ def context_restoration(
         patch_size,
         generator=generator,
         foreground=foreground,
+        placement=placement,
     )
     corrupted = apply_swap_plan(images, plan, out=out)
     if return_permutation:

@@ -14,7 +14,12 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
-from ctxrestore.corruption.sampling import SwapPlan, normalize_num_swaps, sample_swap_plan
+from ctxrestore.corruption.sampling import (
+    SwapPlan,
+    check_placement,
+    normalize_num_swaps,
+    sample_swap_plan,
+)
 from ctxrestore.corruption.swap import apply_swap_plan
 from ctxrestore.errors import CtxRestoreError
 
@@ -27,11 +32,13 @@ class _SwapSampler(Randomizable):
         num_swaps: int | Sequence[int],
         patch_size: int | Sequence[int],
         foreground_threshold: float | None,
+        placement: str,
     ) -> None:
         normalize_num_swaps(num_swaps)  # fail at construction, not at the first image
         self.num_swaps = num_swaps
         self.patch_size = patch_size
         self.foreground_threshold = foreground_threshold
+        self.placement = check_placement(placement)
         self._seed = 0
 
     def randomize(self, data: object = None) -> None:
@@ -55,6 +62,7 @@ class _SwapSampler(Randomizable):
             self.patch_size,
             generator=generator,
             foreground=foreground,
+            placement=self.placement,
         )
 
 
@@ -71,6 +79,7 @@ class ContextRestoration(_SwapSampler, Transform):
         num_swaps: T, or a (min, max) range drawn per call.
         patch_size: one int or one per spatial axis.
         foreground_threshold: avoid patches lying wholly at or below this value in all channels.
+        placement: "uniform" (the paper's) or "poisson_disc" (all patches isolated and spread).
 
     Seed with `set_random_state(seed)` (or MONAI's `set_determinism`).
     """
@@ -82,8 +91,9 @@ class ContextRestoration(_SwapSampler, Transform):
         num_swaps: int | Sequence[int] = 20,
         patch_size: int | Sequence[int] = 16,
         foreground_threshold: float | None = None,
+        placement: str = "uniform",
     ) -> None:
-        _SwapSampler.__init__(self, num_swaps, patch_size, foreground_threshold)
+        _SwapSampler.__init__(self, num_swaps, patch_size, foreground_threshold, placement)
 
     def __call__(
         self, img: np.ndarray | torch.Tensor, randomize: bool = True
@@ -115,9 +125,10 @@ class ContextRestorationd(_SwapSampler, MapTransform):
         foreground_threshold: float | None = None,
         foreground_key: Hashable | None = None,
         allow_missing_keys: bool = False,
+        placement: str = "uniform",
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
-        _SwapSampler.__init__(self, num_swaps, patch_size, foreground_threshold)
+        _SwapSampler.__init__(self, num_swaps, patch_size, foreground_threshold, placement)
         self.foreground_key = foreground_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:

@@ -14,7 +14,7 @@ from functools import cached_property
 
 import torch
 
-from ctxrestore.corruption.sampling import normalize_num_swaps
+from ctxrestore.corruption.sampling import check_placement, normalize_num_swaps
 from ctxrestore.corruption.swap import context_restoration, threshold_foreground
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.pretext.registry import register_pretext
@@ -31,17 +31,21 @@ from ctxrestore.pretext.restoration import (
 class ContextRestorationPretext:
     """num_swaps: T (or a (min, max) range per image); patch_size: int or one per axis;
     foreground_threshold: avoid swapping pure-background patches (None: anywhere);
-    restoration_loss: a name in RESTORATION_LOSSES (the paper's is mse)."""
+    restoration_loss: a name in RESTORATION_LOSSES (the paper's is mse); placement: "uniform"
+    (the paper's) or "poisson_disc" (all 2T patches isolated and spread; see
+    `corruption.sampling`)."""
 
     num_swaps: int | Sequence[int] = 20
     patch_size: int | Sequence[int] = 16
     foreground_threshold: float | None = None
     restoration_loss: str = "mse"
+    placement: str = "uniform"
     name: str = "context_restoration"
 
     def __post_init__(self) -> None:
         normalize_num_swaps(self.num_swaps)
         check_restoration_loss(self.restoration_loss)
+        check_placement(self.placement)
 
     def network_spec(self, base: dict) -> dict:
         return base
@@ -64,7 +68,12 @@ class ContextRestorationPretext:
         if foreground is None:
             foreground = self.foreground(images)
         return context_restoration(
-            images, self.num_swaps, self.patch_size, generator, foreground=foreground
+            images,
+            self.num_swaps,
+            self.patch_size,
+            generator,
+            foreground=foreground,
+            placement=self.placement,
         )
 
     def foreground(self, images: torch.Tensor) -> torch.Tensor | None:
@@ -99,7 +108,8 @@ def views_as_batch(foreground: torch.Tensor | None) -> torch.Tensor | None:
 class ContextRestorationHybrid:
     """What the pretexts that add a contrastive term to context restoration share
     (`context_restoration_contrastive`, `context_restoration_dense`): their own dataclass fields
-    num_swaps, patch_size, foreground_threshold, restoration_loss and contrastive_weight, and a
+    num_swaps, patch_size, foreground_threshold, restoration_loss, placement and
+    contrastive_weight, and a
     loss that divides each term by what a network that learned nothing scores."""
 
     def _check_contrastive_weight(self) -> None:
@@ -123,6 +133,7 @@ class ContextRestorationHybrid:
             patch_size=self.patch_size,
             foreground_threshold=self.foreground_threshold,
             restoration_loss=self.restoration_loss,
+            placement=self.placement,
         )
 
     def relative_restoration_loss(

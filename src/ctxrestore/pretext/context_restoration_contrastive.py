@@ -41,15 +41,16 @@ from ctxrestore.pretext.restoration import restoration_metrics
 @register_pretext("context_restoration_contrastive")
 @dataclass(frozen=True)
 class ContextRestorationContrastivePretext(ContextRestorationHybrid):
-    """num_swaps, patch_size, foreground_threshold, restoration_loss: context restoration's;
-    temperature, projection_dim: the contrastive term's (its views are `ContrastivePretext`'s
-    strong augmentation); contrastive_weight: the contrastive term's weight against the
-    restoration term's 1, both normalised (see the module's docstring)."""
+    """num_swaps, patch_size, foreground_threshold, restoration_loss, placement: context
+    restoration's; temperature, projection_dim: the contrastive term's (its views are
+    `ContrastivePretext`'s strong augmentation); contrastive_weight: the contrastive term's
+    weight against the restoration term's 1, both normalised (see the module's docstring)."""
 
     num_swaps: int | Sequence[int] = 20
     patch_size: int | Sequence[int] = 16
     foreground_threshold: float | None = None
     restoration_loss: str = "mse"
+    placement: str = "uniform"
     contrastive_weight: float = 1.0
     temperature: float = 0.2
     projection_dim: int = 64

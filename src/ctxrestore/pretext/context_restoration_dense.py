@@ -54,18 +54,20 @@ DENSE_VIEWS = ("corrupted", "clean")
 @register_pretext("context_restoration_dense")
 @dataclass(frozen=True)
 class ContextRestorationDensePretext(ContextRestorationHybrid):
-    """num_swaps, patch_size, restoration_loss: context restoration's; foreground_threshold:
-    both parts' (no swaps of pure background, no points on it); points_per_image,
-    temperature, projection_dim, projector: `dense_contrastive`'s; contrastive_weight: the
-    dense term's weight against the restoration term's 1, both normalised; dense_views: where
-    the points are read, "corrupted" (both views swapped and restored) or "clean" (the first
-    view swapped and restored); dense_level: the decoder level they are read at, 0 the output
-    that the restoration head reads too, 1 the level below it; see the module's docstring."""
+    """num_swaps, patch_size, restoration_loss, placement: context restoration's;
+    foreground_threshold: both parts' (no swaps of pure background, no points on it);
+    points_per_image, temperature, projection_dim, projector: `dense_contrastive`'s;
+    contrastive_weight: the dense term's weight against the restoration term's 1, both
+    normalised; dense_views: where the points are read, "corrupted" (both views swapped and
+    restored) or "clean" (the first view swapped and restored); dense_level: the decoder level
+    they are read at, 0 the output that the restoration head reads too, 1 the level below it;
+    see the module's docstring."""
 
     num_swaps: int | Sequence[int] = 20
     patch_size: int | Sequence[int] = 16
     foreground_threshold: float | None = None
     restoration_loss: str = "mse"
+    placement: str = "uniform"
     contrastive_weight: float = 1.0
     points_per_image: int = 64
     temperature: float = 0.2

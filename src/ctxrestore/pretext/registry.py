@@ -27,7 +27,8 @@ class Pretext(Protocol):
 
     The factory takes only the options it uses among `num_swaps`, `patch_size`,
     `foreground_threshold`, `restoration_loss`, `contrastive_weight`, `projector`,
-    `dense_views` and `dense_level` (pretrain's options that pretexts share or name).
+    `dense_views`, `dense_level` and `placement` (pretrain's options that pretexts share or
+    name).
     """
 
     name: str

@@ -66,6 +66,7 @@ PRETEXT_SPECIFIC_OPTIONS = {
     "projector": "has no point projection to choose",
     "dense_views": "reads no points in swapped views",
     "dense_level": "reads no points in the decoder",
+    "placement": "swaps no patches",
 }
 
 
@@ -90,6 +91,7 @@ class PretrainConfig(FileOptions):
     projector: str | None = None  # None: the pretext's default
     dense_views: str | None = None  # None: the pretext's default
     dense_level: int | None = None  # None: the pretext's default
+    placement: str | None = None  # None: the pretext's default
     batch_size: int = 32
     epochs: int = 10
     max_steps: int | None = None

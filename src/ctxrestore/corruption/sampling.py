@@ -29,8 +29,8 @@ from ctxrestore.errors import CtxRestoreError
 
 PLACEMENTS = ("uniform", "poisson_disc")
 # Poisson-disc placement: candidate corners drawn per patch wanted. Where 2T patches do not
-# fit, 4 times as many place 1-8% more (32x32 at 128 px, T=5: 3.6 swaps against 3.3) at 2-10
-# times the cost per batch (measured for this choice, 64 images).
+# fit, 4 times as many place 1-9% more swaps (32x32 at 128 px, T=5: 3.6 against 3.3; 8x8 at
+# 64 px, T=20: 17.4 against 16.4) at 1.5-4 times the cost (batches of 64, one CPU thread).
 DARTS_PER_PATCH = 16
 
 # Foreground-aware placement: rejection rounds of CANDIDATES pairs drawn among foreground

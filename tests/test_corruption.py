@@ -114,7 +114,7 @@ GOLDEN_B = [[[8, 4], [8, 6]]]
 
 
 def _patches(plan, image, swap):
-    """The two patches of swap `swap` in image 0 of `image` (C, *spatial), as tensors."""
+    """The two patches of swap `swap` of the plan's first image, cut from `image` (C, *spatial)."""
     return [
         image[(slice(None), *(slice(c, c + p) for c, p in zip(corner, plan.patch_size)))]
         for corner in (plan.corners_a[0, swap].tolist(), plan.corners_b[0, swap].tolist())

@@ -29,6 +29,7 @@ from ctxrestore.bench.protocol import (
 )
 from ctxrestore.bench.report import DEFAULT_SETTING, write_report
 from ctxrestore.bench.summary import extra_metrics, summarize, write_summary
+from ctxrestore.corruption.sampling import PLACEMENTS as SWAP_PLACEMENTS
 from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import get_phantom
 from ctxrestore.data.splits import parse_fraction
@@ -80,9 +81,10 @@ OPT_IN_PRETEXTS = (
     "context_restoration_dense",
 )  # fmt: skip
 
-# Where an ablation's swaps go: anywhere (the paper's), not wholly in the background, or all
-# 2T patches isolated and spread (Poisson-disc; corruption.sampling).
-ABLATION_PLACEMENTS = ("uniform", "foreground", "poisson_disc")
+# Where an ablation's swaps go: the sampler's placements (uniform, the paper's, first), and
+# uniform ones kept off the background ("foreground", by the foreground threshold).
+UNIFORM = "uniform"
+ABLATION_PLACEMENTS = (UNIFORM, "foreground", *(p for p in SWAP_PLACEMENTS if p != UNIFORM))
 CONTEXT_RESTORATION = "context_restoration"
 # random_x2, random_x4, ...: random weights fine-tuned for K times the schedule, a control for
 # head starts: a pretrained arm that beats random but not random_xK got there sooner, not to a
@@ -485,8 +487,10 @@ def ablation_arms(
         )
 
     def placed(placement: str) -> dict:
-        return {"foreground_threshold": foreground_threshold if placement == "foreground" else None,
-                "placement": "poisson_disc" if placement == "poisson_disc" else None}  # fmt: skip
+        """The pretrain options of a placement (None: the default, uniform)."""
+        foreground = placement == "foreground"
+        return {"foreground_threshold": foreground_threshold if foreground else None,
+                "placement": None if foreground or placement == UNIFORM else placement}  # fmt: skip
 
     default = {"method": CONTEXT_RESTORATION, "patch_size": sizes[0], "num_swaps": swaps[0],
                **placed(where[0])}  # fmt: skip

@@ -310,7 +310,7 @@ def _place_poisson_disc(
         flat = _draw_weighted(counts, darts, generator)
     candidates = _unravel(flat, ranges).to(torch.int32)  # (B, darts, D); int32: faster
     reach = patch.to(torch.int32)
-    kept = torch.zeros(batch, wanted, len(ranges), dtype=torch.long, device=patch.device)
+    kept = torch.zeros(batch, wanted, len(ranges), dtype=torch.int32, device=patch.device)
     kept[:, 0], kept[:, 1] = first
     count = torch.full((batch,), 2, dtype=torch.long, device=patch.device)
     rows = torch.arange(batch, device=patch.device)
@@ -326,10 +326,11 @@ def _place_poisson_disc(
         if not bool(keep.any()):
             break
         dart = candidates[rows, alive.to(torch.uint8).argmax(dim=1)]  # (B, D)
-        kept[rows[keep], count[keep]] = dart[keep].long()
+        kept[rows[keep], count[keep]] = dart[keep]
         count += keep
         alive &= ~(overlapping(dart) & keep[:, None])
     placed = torch.arange(swaps, device=patch.device)[None] < (count // 2)[:, None]
+    kept = kept.long()  # corners are int64 everywhere else
     return kept[:, 0::2], kept[:, 1::2], placed
 
 

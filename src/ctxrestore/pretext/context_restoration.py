@@ -109,8 +109,8 @@ class ContextRestorationHybrid:
     """What the pretexts that add a contrastive term to context restoration share
     (`context_restoration_contrastive`, `context_restoration_dense`): their own dataclass fields
     num_swaps, patch_size, foreground_threshold, restoration_loss, placement and
-    contrastive_weight, and a
-    loss that divides each term by what a network that learned nothing scores."""
+    contrastive_weight, and a loss that divides each term by what a network that learned
+    nothing scores."""
 
     def _check_contrastive_weight(self) -> None:
         """contrastive_weight as a float >= 0, or a clear error (call from __post_init__)."""

@@ -184,6 +184,7 @@ def test_the_placement_reaches_the_swaps_the_spec_and_the_report(tmp_path, tiny_
             "restoration_loss 'l1' is for the restoration pretexts .*; relative_position has its",
         ),
         (dict(placement="grid"), "unknown placement 'grid'; placements: uniform, poisson_disc"),
+        (dict(freeze_encoder=True), "freeze_encoder keeps the encoder of --init fixed; give"),
         (
             dict(method="autoencoder", placement="poisson_disc"),
             "placement is for context_restoration, context_restoration_contrastive, "
@@ -236,11 +237,34 @@ def test_a_second_pretext_starts_from_the_first_runs_weights(
     assert "encoder (" in moved_part and ("decoder (" in moved_part) == decoder_moves
 
 
+def test_a_second_pretext_can_keep_the_first_runs_encoder_fixed(tmp_path, tiny_pretrain):
+    ctxrestore.pretrain(out=tmp_path / "first", **tiny_pretrain)
+    first, _ = load_checkpoint(tmp_path / "first")
+    second = dict(method="dense_contrastive", init=tmp_path / "first", **tiny_pretrain)
+    for frozen in (True, False):
+        ctxrestore.pretrain(out=tmp_path / str(frozen), freeze_encoder=frozen, **second)
+    kept, spec = load_checkpoint(tmp_path / "True")
+    trained, _ = load_checkpoint(tmp_path / "False")
+    encoder = [name for name in first if name.startswith("encoder.")]
+    # Weights and normalisation statistics (running means, batch counts) stay the first run's.
+    assert all(torch.equal(kept[name], first[name]) for name in encoder)
+    assert not all(torch.equal(trained[name], first[name]) for name in encoder)
+    decoder = [name for name in first if name.startswith("decoder.") and "weight" in name]
+    assert not all(torch.equal(kept[name], first[name]) for name in decoder)  # it trained
+    assert spec["init"]["frozen"] == ["encoder"]
+    report = (tmp_path / "True" / "report.md").read_text()
+    assert "; kept fixed: encoder" in report
+    assert "kept fixed" not in (tmp_path / "False" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("freeze_encoder", [False, True])
 def test_a_run_started_from_another_resumes_from_its_own_weights(
-    tmp_path, tiny_pretrain, monkeypatch
+    tmp_path, tiny_pretrain, monkeypatch, freeze_encoder
 ):
     ctxrestore.pretrain(out=tmp_path / "first", **tiny_pretrain)
-    settings = tiny_pretrain | dict(max_steps=6, checkpoint_every=2, init=tmp_path / "first")
+    settings = tiny_pretrain | dict(
+        max_steps=6, checkpoint_every=2, init=tmp_path / "first", freeze_encoder=freeze_encoder
+    )
     straight = ctxrestore.pretrain(out=tmp_path / "straight", **settings)
     _crash_in_step(4, monkeypatch, out=tmp_path / "split", **settings)
     resumed = ctxrestore.pretrain(out=tmp_path / "split", resume=True, **settings)
@@ -248,9 +272,10 @@ def test_a_run_started_from_another_resumes_from_its_own_weights(
     a, _ = load_checkpoint(tmp_path / "straight")
     b, _ = load_checkpoint(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # --init is part of the run: resuming without it is a change, refused.
-    with pytest.raises(CtxRestoreError, match="init: "):
-        ctxrestore.pretrain(out=tmp_path / "split", resume=True, **settings | dict(init=None))
+    # --init and --freeze-encoder are part of the run: resuming without them is a change, refused.
+    dropped = dict(freeze_encoder=False) if freeze_encoder else dict(init=None)
+    with pytest.raises(CtxRestoreError, match=f"{next(iter(dropped))}: "):
+        ctxrestore.pretrain(out=tmp_path / "split", resume=True, **settings | dropped)
 
 
 def test_init_that_cannot_start_the_pretraining_is_refused_before_the_run_folder(

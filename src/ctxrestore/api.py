@@ -247,6 +247,14 @@ def pretrain(
             "context_restoration."
         ),
     ] = None,
+    freeze_encoder: Annotated[
+        bool,
+        typer.Option(
+            help="With --init: keep its encoder fixed (weights and normalisation statistics) "
+            "and train only the decoder and the pretext's head, e.g. a dense decoder over "
+            "context restoration's encoder."
+        ),
+    ] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
 ) -> PretrainResult:
     """Pretrain a network by context restoration on unlabelled images.

@@ -90,7 +90,8 @@ def describe_start(init: dict) -> str:
     moved = ", ".join(f"{part} ({count} tensors)" for part, count in init["transferred"].items())
     fresh = ", ".join(f"{part} ({init['reasons'].get(part, '')})" for part in init["random"])
     fresh = fresh or "nothing"
-    return f"Started from `{init['folder']}`: {moved} from its weights; random: {fresh}"
+    frozen = f"; kept fixed: {', '.join(init['frozen'])}" if init.get("frozen") else ""
+    return f"Started from `{init['folder']}`: {moved} from its weights; random: {fresh}{frozen}"
 
 
 def _started_from(run_dir: Path) -> str:

@@ -41,7 +41,12 @@ from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
 from ctxrestore.files import atomic_write, write_json
 from ctxrestore.models import PRETRAINING_NETWORKS, build_model, pretraining_spec
-from ctxrestore.models.transfer import GENERIC_CHANNEL, check_compatible, transfer_weights
+from ctxrestore.models.transfer import (
+    GENERIC_CHANNEL,
+    check_compatible,
+    freeze,
+    transfer_weights,
+)
 from ctxrestore.pretext.registry import (
     Pretext,
     create_pretext,
@@ -107,6 +112,7 @@ class PretrainConfig(FileOptions):
     preview_every: int = 0
     compile: bool = False
     init: Path | None = None  # another run whose encoder (and matching decoder) start this one
+    freeze_encoder: bool = False  # with init: keep that encoder fixed, train what follows it
     resume: bool = False
 
     def __post_init__(self) -> None:
@@ -138,6 +144,11 @@ class PretrainConfig(FileOptions):
                 raise CtxRestoreError(
                     f"{option} is for {', '.join(pretexts_taking(option))}; {self.method} {lacking}"
                 )
+        if self.freeze_encoder and self.init is None:
+            raise CtxRestoreError(
+                "freeze_encoder keeps the encoder of --init fixed; give --init RUN (a random "
+                "encoder kept fixed would teach the pretext nothing)"
+            )
         if self.num_swaps_max is not None and self.num_swaps_max < self.num_swaps:
             raise CtxRestoreError(
                 f"num_swaps_max {self.num_swaps_max} must be >= num_swaps {self.num_swaps}"
@@ -362,6 +373,9 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         model = build_model(spec["model"])
         if config.init is not None:  # checked before the run folder is made; a resume then
             spec["init"] = start_from(model, Path(config.init), spec)  # loads its own weights
+            if config.freeze_encoder:  # a second pretext that trains only the decoder (and head)
+                freeze(model.get_submodule(spec["model"]["prefixes"]["encoder"].rstrip(".")))
+                spec["init"]["frozen"] = ["encoder"]
         out = Path(config.out)
         if context.is_main:
             check_run_folder(

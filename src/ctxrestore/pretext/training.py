@@ -372,10 +372,9 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         torch.manual_seed(config.seed)  # same initial weights on every rank and every run
         model = build_model(spec["model"])
         if config.init is not None:  # checked before the run folder is made; a resume then
-            spec["init"] = start_from(model, Path(config.init), spec)  # loads its own weights
-            if config.freeze_encoder:  # a second pretext that trains only the decoder (and head)
-                freeze(model.get_submodule(spec["model"]["prefixes"]["encoder"].rstrip(".")))
-                spec["init"]["frozen"] = ["encoder"]
+            spec["init"] = start_from(  # loads its own weights
+                model, Path(config.init), spec, freeze_encoder=config.freeze_encoder
+            )
         out = Path(config.out)
         if context.is_main:
             check_run_folder(
@@ -435,11 +434,12 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         teardown_distributed(context)
 
 
-def start_from(model: nn.Module, folder: Path, spec: dict) -> dict:
+def start_from(model: nn.Module, folder: Path, spec: dict, *, freeze_encoder: bool) -> dict:
     """--init: `folder`'s encoder, and its decoder where the architecture is the same, into
     the pretraining network; the pretext's own head and projection start random. For a
     pretext that continues another's training (e.g. dense_contrastive after context
-    restoration). Returns what moved, for the spec and the report."""
+    restoration); `freeze_encoder` keeps that encoder fixed, so the second pretext trains only
+    what follows it. Returns what moved (and what is fixed), for the spec and the report."""
     state, init_spec = load_checkpoint(folder)
     if "prefixes" not in init_spec.get("model", {}) or "spatial_dims" not in init_spec:
         raise CtxRestoreError(f"{folder / SPEC_FILE} is not a ctxrestore spec")
@@ -463,6 +463,9 @@ def start_from(model: nn.Module, folder: Path, spec: dict) -> dict:
         destination=f"the pretraining network ({spec['model']['name']})",
     )
     init = {"folder": str(folder), **report.to_json()}
+    if freeze_encoder:
+        freeze(model.get_submodule(spec["model"]["prefixes"]["encoder"].rstrip(".")))
+        init["frozen"] = ["encoder"]
     logger.info("%s", describe_start(init))
     return init
 

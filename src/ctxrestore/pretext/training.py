@@ -41,12 +41,7 @@ from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
 from ctxrestore.files import atomic_write, write_json
 from ctxrestore.models import PRETRAINING_NETWORKS, build_model, pretraining_spec
-from ctxrestore.models.transfer import (
-    GENERIC_CHANNEL,
-    check_compatible,
-    freeze,
-    transfer_weights,
-)
+from ctxrestore.models.transfer import GENERIC_CHANNEL, check_compatible, freeze, transfer_weights
 from ctxrestore.pretext.registry import (
     Pretext,
     create_pretext,

@@ -532,6 +532,63 @@ def test_each_seed_fine_tunes_from_its_own_pretraining_with_pretrain_seeds(tmp_p
         api.benchmark(out=tmp_path / "out", **{**options, "pretrain_seeds": 3})
 
 
+TWO_STAGES = "context_restoration_then_dense_contrastive"
+
+
+def test_two_stage_methods_come_after_their_first_stage_and_need_it():
+    assert parse_methods(f"{TWO_STAGES},dense_contrastive,random,context_restoration") == (
+        "random", "context_restoration", "dense_contrastive", TWO_STAGES)  # fmt: skip
+    with pytest.raises(CtxRestoreError, match=f"method {TWO_STAGES} continues "
+                       "context_restoration's pretraining; add context_restoration"):  # fmt: skip
+        parse_methods(f"random,{TWO_STAGES}")
+    for bad in ("random_then_dense_contrastive", "context_restoration_then_",
+                "context_restoration_then_dense_contrastive_then_autoencoder"):  # fmt: skip
+        with pytest.raises(CtxRestoreError, match=rf"unknown method\(s\) {bad}; .*FIRST_then"):
+            parse_methods(f"random,context_restoration,{bad}")
+
+
+def test_a_second_stage_with_nothing_after_the_encoder_is_refused_before_training(tmp_path):
+    methods = "random,context_restoration,context_restoration_then_relative_position"
+    with pytest.raises(
+        CtxRestoreError,
+        match="initialisation context_restoration, then "
+        r"relative_position \(encoder fixed\): freeze_encoder: relative_posi",
+    ):
+        api.benchmark(out=tmp_path / "out", **{**TINY, "methods": methods, "image_size": 64})
+    assert not (tmp_path / "out" / "pretrain").exists()
+
+
+def test_a_two_stage_arm_trains_the_second_pretext_over_each_first_stage_encoder(tmp_path):
+    options = {**TINY, "task": "segment", "fractions": "1.0", "seeds": 2, "pretrain_seeds": 2,
+               "methods": f"random,context_restoration,{TWO_STAGES}"}  # fmt: skip
+    result = api.benchmark(out=tmp_path / "out", **options)
+    assert (result.runs, result.trained) == (6, 6)
+    pretrain = tmp_path / "out" / "pretrain"
+    for seed in (0, 1):  # second-stage seed k starts from first-stage seed k
+        first = load_file(pretrain / "context_restoration" / f"seed_{seed}" / "model.safetensors")
+        second = load_file(pretrain / TWO_STAGES / f"seed_{seed}" / "model.safetensors")
+        spec = json.loads((pretrain / TWO_STAGES / f"seed_{seed}" / "spec.json").read_text())
+        assert spec["pretext"]["name"] == "dense_contrastive"
+        assert spec["init"]["folder"] == str(pretrain / "context_restoration" / f"seed_{seed}")
+        assert spec["init"]["frozen"] == ["encoder"]
+        encoder = [name for name in first if name.startswith("encoder.")]
+        assert encoder and all(torch.equal(first[name], second[name]) for name in encoder)
+        decoder = [name for name in first if name.startswith("decoder.") and "weight" in name]
+        assert not all(torch.equal(first[name], second[name]) for name in decoder)
+    run = tmp_path / "out" / "runs" / TWO_STAGES / "fraction_1.0" / "seed_1"
+    assert json.loads((run / "config.json").read_text())["init"] == str(pretrain / TWO_STAGES /
+                                                                        "seed_1")  # fmt: skip
+    report = result.report.read_text()
+    title = "context_restoration, then dense_contrastive (encoder fixed)"
+    assert f"- {title} vs random: " in report
+    assert ("Each two-stage initialisation against its first stage alone (what the second "
+            f"stage adds):\n\n- {title} vs context_restoration: ") in report  # fmt: skip
+    assert ("Two-stage initialisations had twice the pretraining budget (2 steps, then 2 more "
+            f"with the encoder fixed): {title} started from context_restoration's "
+            "pretraining.") in report  # fmt: skip
+    assert f"[{title}](pretrain/{TWO_STAGES}/seed_1/report.md) | 1 |" in report
+
+
 def test_one_pretraining_per_seed_is_said_to_cover_pretraining_variance(tmp_path):
     options = {**TINY, "fractions": "1.0", "seeds": 2, "pretrain_seeds": 2}
     report = api.benchmark(out=tmp_path / "out", **options).report.read_text()

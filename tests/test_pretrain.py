@@ -296,6 +296,19 @@ def test_init_that_cannot_start_the_pretraining_is_refused_before_the_run_folder
             dict(init=tmp_path / "first", in_channels=2),
             "pretrained on 1 channel",
         ),
+        # Relative position's network is the encoder and a classifier: with the encoder fixed,
+        # nothing that a task network takes would train.
+        "nothing after the encoder": (
+            dict(
+                init=tmp_path / "first",
+                freeze_encoder=True,
+                method="relative_position",
+                patch_size=16,
+                image_size=64,
+            ),
+            "freeze_encoder: relative_position on network 'unet' trains nothing after the "
+            r"encoder .*\(its network is encoder, head\)",
+        ),
     }
     for name, (options, message) in refused.items():
         with pytest.raises(CtxRestoreError, match=message):

@@ -540,9 +540,11 @@ def benchmark(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated initialisations: 'random', pretext names, and 'random_xK' "
+            help="Comma-separated initialisations: 'random', pretext names, 'random_xK' "
             "(random weights fine-tuned K times as long: if they catch up, a pretrained gain is "
-            "a head start); default: random and the paper's pretexts (every registered one but "
+            "a head start) and 'FIRST_then_SECOND' (two pretexts: SECOND pretrained over "
+            "FIRST's pretraining with its encoder fixed; FIRST must be named too); default: "
+            "random and the paper's pretexts (every registered one but "
             "contrastive, context_restoration_contrastive, dense_contrastive and "
             "context_restoration_dense, which run only when named)."
         ),

@@ -3,7 +3,8 @@ summary.csv, plot.png and report.md.
 
 A benchmark's initialisations are random weights and every registered pretext (read from the
 registry when the benchmark runs) but the opt-in ones (`OPT_IN_PRETEXTS`, run only when named
-in --methods); an ablation's are random weights and settings of context
+in --methods), and two-stage ones named FIRST_then_SECOND (SECOND pretrained over FIRST's
+encoder, kept fixed); an ablation's are random weights and settings of context
 restoration, varied one at a time around a default. Both go through the same protocol.
 """
 
@@ -43,6 +44,7 @@ from ctxrestore.pretext.restoration import check_restoration_loss
 from ctxrestore.pretext.training import (
     PRETEXT_SPECIFIC_OPTIONS,
     PretrainConfig,
+    check_frozen_encoder,
     pretext_options,
     pretexts_taking,
     takes_option,
@@ -90,6 +92,10 @@ CONTEXT_RESTORATION = "context_restoration"
 # head starts: a pretrained arm that beats random but not random_xK got there sooner, not to a
 # better place (docs/experiments.md, 17).
 LONGER_RANDOM = re.compile(r"random_x(\d+)")
+# FIRST_then_SECOND: SECOND pretrained over FIRST's pretraining with FIRST's encoder fixed, so
+# the second pretext trains only what follows the encoder (`pretrain --init --freeze-encoder`;
+# docs/experiments.md 44). FIRST must be an arm too: the two-stage arm is read against it.
+THEN = "_then_"
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,26 @@ def longer_random_arm(method: str) -> Arm:
     return Arm(method, label=f"random, {factor}x schedule", schedule_factor=factor)
 
 
+def two_stages(method: str) -> tuple[str, str] | None:
+    """(FIRST, SECOND) for 'FIRST_then_SECOND' with two registered pretexts, else None."""
+    stages = method.split(THEN)
+    if len(stages) == 2 and all(stage in list_pretexts() for stage in stages):
+        return stages[0], stages[1]
+    return None
+
+
+def two_stage_arm(method: str, image_size: int) -> Arm:
+    """The arm of 'FIRST_then_SECOND': SECOND's pretext, started from FIRST's pretraining with
+    its encoder kept fixed."""
+    first, second = two_stages(method)
+    return Arm(
+        method,
+        {"method": second, **method_options(second, image_size), "freeze_encoder": True},
+        label=f"{first}, then {second} (encoder fixed)",
+        first_stage=first,
+    )
+
+
 def parse_controls(text: str | None) -> tuple[str, ...]:
     """Ablation controls: random_xK names, checked, shortest schedule first."""
     if text is None:
@@ -256,23 +282,39 @@ def parse_controls(text: str | None) -> tuple[str, ...]:
 
 def parse_methods(text: str | None) -> tuple[str, ...]:
     """None: random and every registered pretext but the opt-in ones (OPT_IN_PRETEXTS); else
-    the named ones, checked, in the order random, its longer controls (random_xK), then the
-    pretexts as registered."""
+    the named ones, checked, in the order random, its longer controls (random_xK), the
+    pretexts as registered, then two-stage arms (FIRST_then_SECOND), each after its FIRST."""
     known = [RANDOM, *list_pretexts()]
     if text is None:
         return tuple(method for method in known if method not in OPT_IN_PRETEXTS)
     methods = _items(text, "methods")
-    unknown = [m for m in methods if m not in known and longer_random_factor(m) is None]
+    unknown = [
+        m for m in methods
+        if m not in known and longer_random_factor(m) is None and two_stages(m) is None
+    ]  # fmt: skip
     if unknown:
         raise CtxRestoreError(
-            f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(known)}, and "
-            "random_xK (K >= 2: random weights fine-tuned K times as long, a head-start control)"
+            f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(known)}, "
+            "random_xK (K >= 2: random weights fine-tuned K times as long, a head-start control) "
+            "and FIRST_then_SECOND (two pretexts: SECOND trained over FIRST's pretraining with "
+            "its encoder fixed)"
         )
+    for method in methods:
+        stages = two_stages(method)
+        if stages is not None and stages[0] not in methods:
+            raise CtxRestoreError(
+                f"method {method} continues {stages[0]}'s pretraining; add {stages[0]} to "
+                "--methods (its pretraining is the first stage, and its runs are what the "
+                "second stage is read against)"
+            )
 
-    def order(method: str) -> tuple[int, int]:
+    def order(method: str) -> tuple[int, ...]:
         factor = longer_random_factor(method)
         if factor is not None:
             return (1, factor)
+        stages = two_stages(method)
+        if stages is not None:
+            return (3, *(known.index(stage) for stage in stages))
         position = known.index(method)
         return (0 if position == 0 else 2, position)
 
@@ -397,11 +439,18 @@ def build_protocol(
 
 
 def _check_pretext(config: PretrainConfig, arm: Arm) -> None:
-    """Corrupt a blank batch: a patch that does not fit fails now, not after other arms."""
+    """Corrupt a blank batch (a patch that does not fit fails now, not after other arms), and
+    check that a second stage has something to train after the fixed encoder."""
     pretext = create_pretext(config.method, **pretext_options(config))
     channels = 1 if config.data is not None else len(get_phantom(config.phantom).channel_names)
     try:
         pretext.make_batch(torch.zeros(2, channels, *config.spatial_size), torch.Generator())
+        check_frozen_encoder(
+            config,
+            pretext.network_spec(
+                pretraining_spec(config.network, config.width, config.spatial_dims, channels)
+            ),
+        )
     except CtxRestoreError as error:
         raise CtxRestoreError(f"initialisation {arm.title}: {error}") from None
 
@@ -450,6 +499,8 @@ def run_benchmark(options: BenchmarkOptions, methods: str | None = None) -> Benc
             arms.append(Arm(RANDOM))
         elif longer_random_factor(method) is not None:
             arms.append(longer_random_arm(method))
+        elif two_stages(method) is not None:
+            arms.append(two_stage_arm(method, options.image_size))
         else:
             arms.append(
                 Arm(method, {"method": method, **method_options(method, options.image_size)})

@@ -72,12 +72,15 @@ class Arm:
     ones (method, patch_size, ...); None for random weights. `label`: what tables show.
     `schedule_factor`: this arm fine-tunes for that many times the shared schedule (epochs and
     max_steps): random weights trained longer tell whether a pretrained arm's gain is a head
-    start (docs/experiments.md, 17)."""
+    start (docs/experiments.md, 17). `first_stage`: the arm whose pretraining this one's
+    starts from (`pretrain --init`), with that encoder fixed (`pretrain` holds
+    freeze_encoder); its seed-k pretraining starts from the first stage's seed-k pretraining."""
 
     name: str
     pretrain: dict | None = None
     label: str = ""
     schedule_factor: int = 1
+    first_stage: str | None = None
 
     @property
     def title(self) -> str:
@@ -122,6 +125,8 @@ class Protocol:
         self, arm: Arm, pretrain_seed: int = 0, *, resume: bool = False
     ) -> PretrainConfig:
         options = {**self.pretrain_options, **(arm.pretrain or {}), "seed": pretrain_seed}
+        if arm.first_stage is not None:
+            options["init"] = self.pretrain_folder(self.arm(arm.first_stage), pretrain_seed)
         method = options.get("method", PretrainConfig.method)
         if not takes_option(method, "restoration_loss"):
             options.pop("restoration_loss", None)  # RP and CE keep their own losses

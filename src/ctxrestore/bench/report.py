@@ -268,6 +268,21 @@ def _pretraining_caveat(protocol: Protocol) -> str:
             "pretraining as well as that of fine-tuning")  # fmt: skip
 
 
+def _two_stage_caveat(protocol: Protocol) -> str:
+    """A two-stage arm pretrained for its first stage's budget and then its own again."""
+    staged = [arm for arm in protocol.arms if arm.first_stage is not None]
+    if not staged:
+        return ""
+    steps = protocol.pretrain_options.get("max_steps")
+    listed = "; ".join(
+        f"{arm.title} started from {protocol.arm(arm.first_stage).title}'s pretraining"
+        for arm in staged
+    )
+    return (f" Two-stage initialisations had twice the pretraining budget ({steps} steps, then "
+            f"{steps} more with the encoder fixed): {listed}. Read them against their first "
+            "stage: what the second stage adds is the difference.")  # fmt: skip
+
+
 def _environment_caveat(rows: Sequence[dict]) -> str:
     """A grid resumed on another machine mixes kernels: its pairs no longer share their noise."""
     counts = Counter(row.get("environment") or "not recorded" for row in rows)
@@ -416,6 +431,12 @@ def write_report(
     if focus in arms:
         lines += [f"{FOCUS_TITLES[protocol.kind]} ({protocol.arm(focus).title}):", "",
                   *focus_lines(protocol, rows, summary, focus), ""]  # fmt: skip
+    staged = [arm for arm in protocol.arms if arm.first_stage is not None]
+    if staged:
+        lines += ["Each two-stage initialisation against its first stage alone (what the "
+                  "second stage adds):", "",
+                  *(line for arm in staged for line in comparison_lines(
+                      protocol, rows, arm.first_stage, [arm.name])), ""]  # fmt: skip
     if protocol.kind == "ablation" and DEFAULT_SETTING in arms:
         variants = [arm.name for arm in protocol.arms  # the settings, not the controls
                     if arm.pretrain is not None and arm.name != DEFAULT_SETTING]  # fmt: skip
@@ -424,6 +445,7 @@ def write_report(
     lines += [
         f"Caveats: {_pretraining_caveat(protocol)}; with {len(protocol.seeds)} seeds an "
         "interval is wide, and 'no clear difference' is not evidence of no difference."
+        + _two_stage_caveat(protocol)
         + _environment_caveat(rows)
         + (
             " The data is a procedural phantom: the numbers describe the method on it, not on "

@@ -257,6 +257,26 @@ def _channel_names(config: PretrainConfig, in_channels: int, declared=None) -> l
     return [f"{GENERIC_CHANNEL}{index}" for index in range(in_channels)]
 
 
+# The parts of a pretraining network that a task network takes besides the encoder (the head
+# and a contrastive projection stay behind: models/spec.py PARTS).
+TRANSFERRED_AFTER_ENCODER = ("decoder", "neck")
+
+
+def check_frozen_encoder(config: PretrainConfig, network: dict) -> None:
+    """With the encoder fixed only what follows it trains; if none of that transfers (relative
+    position's network is the encoder and a classifier), the run would hand on its --init's
+    weights unchanged."""
+    if config.freeze_encoder and not any(
+        part in network["prefixes"] for part in TRANSFERRED_AFTER_ENCODER
+    ):
+        raise CtxRestoreError(
+            f"freeze_encoder: {config.method} on network '{config.network}' trains nothing "
+            "after the encoder that a task network takes (its network is "
+            f"{', '.join(part.rstrip('.') for part in network['prefixes'].values())}), so the "
+            "run would pass on the --init weights unchanged; use a pretext with a decoder"
+        )
+
+
 def build_spec(
     config: PretrainConfig,
     pretext: Pretext,
@@ -268,6 +288,7 @@ def build_spec(
     network = pretext.network_spec(
         pretraining_spec(config.network, config.width, config.spatial_dims, in_channels)
     )
+    check_frozen_encoder(config, network)
     factor = network["downsampling_factor"]
     if config.image_size % factor:
         raise CtxRestoreError(

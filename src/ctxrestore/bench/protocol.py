@@ -110,6 +110,10 @@ class Protocol:
     def arm(self, name: str) -> Arm:
         return next(arm for arm in self.arms if arm.name == name)
 
+    @property
+    def two_stage_arms(self) -> list[Arm]:
+        return [arm for arm in self.arms if arm.first_stage is not None]
+
     def pretrain_folder(self, arm: Arm, pretrain_seed: int = 0) -> Path:
         folder = self.out / "pretrain" / arm.name
         return folder if self.pretrain_seeds == 1 else folder / f"seed_{pretrain_seed}"

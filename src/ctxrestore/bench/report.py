@@ -270,7 +270,7 @@ def _pretraining_caveat(protocol: Protocol) -> str:
 
 def _two_stage_caveat(protocol: Protocol) -> str:
     """A two-stage arm pretrained for its first stage's budget and then its own again."""
-    staged = [arm for arm in protocol.arms if arm.first_stage is not None]
+    staged = protocol.two_stage_arms
     if not staged:
         return ""
     steps = protocol.pretrain_options.get("max_steps")
@@ -431,7 +431,7 @@ def write_report(
     if focus in arms:
         lines += [f"{FOCUS_TITLES[protocol.kind]} ({protocol.arm(focus).title}):", "",
                   *focus_lines(protocol, rows, summary, focus), ""]  # fmt: skip
-    staged = [arm for arm in protocol.arms if arm.first_stage is not None]
+    staged = protocol.two_stage_arms
     if staged:
         lines += ["Each two-stage initialisation against its first stage alone (what the "
                   "second stage adds):", "",

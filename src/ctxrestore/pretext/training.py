@@ -41,7 +41,13 @@ from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
 from ctxrestore.files import atomic_write, write_json
 from ctxrestore.models import PRETRAINING_NETWORKS, build_model, pretraining_spec
-from ctxrestore.models.transfer import GENERIC_CHANNEL, check_compatible, freeze, transfer_weights
+from ctxrestore.models.transfer import (
+    GENERIC_CHANNEL,
+    TRANSFERABLE_PARTS,
+    check_compatible,
+    freeze,
+    transfer_weights,
+)
 from ctxrestore.pretext.registry import (
     Pretext,
     create_pretext,
@@ -257,18 +263,12 @@ def _channel_names(config: PretrainConfig, in_channels: int, declared=None) -> l
     return [f"{GENERIC_CHANNEL}{index}" for index in range(in_channels)]
 
 
-# The parts of a pretraining network that a task network takes besides the encoder (the head
-# and a contrastive projection stay behind: models/spec.py PARTS).
-TRANSFERRED_AFTER_ENCODER = ("decoder", "neck")
-
-
 def check_frozen_encoder(config: PretrainConfig, network: dict) -> None:
     """With the encoder fixed only what follows it trains; if none of that transfers (relative
     position's network is the encoder and a classifier), the run would hand on its --init's
     weights unchanged."""
-    if config.freeze_encoder and not any(
-        part in network["prefixes"] for part in TRANSFERRED_AFTER_ENCODER
-    ):
+    after_encoder = [part for part in TRANSFERABLE_PARTS if part != "encoder"]
+    if config.freeze_encoder and not any(part in network["prefixes"] for part in after_encoder):
         raise CtxRestoreError(
             f"freeze_encoder: {config.method} on network '{config.network}' trains nothing "
             "after the encoder that a task network takes (its network is "

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -470,6 +471,123 @@ def test_benchmark_refuses_other_settings_in_the_same_out(benchmark_out):
         api.benchmark(out=benchmark_out, **{**TINY, "seeds": 1})
     result = runner.invoke(app, _arguments(benchmark_out, {**TINY, "fractions": "0.5,1.0"}))
     assert result.exit_code == 2 and "fractions" in result.output
+
+
+# ----------------------------------------------------------------------------- compare
+def _copied_runs(benchmark_out, tmp_path):
+    """The benchmark's run folders and tables as they are now, copied: tests edit them."""
+    copy = tmp_path / "bench"
+    shutil.copytree(benchmark_out / "runs", copy / "runs")
+    for name in ("results.csv", "summary.csv"):
+        shutil.copy(benchmark_out / name, copy / name)
+    return copy
+
+
+def _csv(path):
+    with Path(path).open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_compare_repeats_the_benchmark_from_its_run_folders(benchmark_out, tmp_path):
+    """The same runs named by hand give the benchmark's summary to the last digit."""
+    copy = _copied_runs(benchmark_out, tmp_path)
+    result = runner.invoke(app, [
+        "compare", "--arm", f"random={copy}/runs/random/*/*", "--arm",
+        f"context_restoration={copy}/runs/context_restoration/*/*", "--out", str(tmp_path / "c"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert _csv(tmp_path / "c" / "summary.csv") == _csv(copy / "summary.csv")
+    ours = {
+        (r["method"], r["fraction"], r["seed"]): r for r in _csv(tmp_path / "c" / "results.csv")
+    }
+    theirs = {(r["method"], r["fraction"], r["seed"]): r for r in _csv(copy / "results.csv")}
+    assert ours.keys() == theirs.keys()
+    for key, row in theirs.items():
+        assert {k: v for k, v in ours[key].items() if k != "pretrain_seed"} == {
+            k: v for k, v in row.items() if k != "pretrain_seed"}  # fmt: skip
+        # Which pretraining a run started from: its folder, not the benchmark's seed number.
+        assert ours[key]["pretrain_seed"] == ("" if key[0] == "random" else str(
+            (benchmark_out / "pretrain" / "context_restoration").resolve()))  # fmt: skip
+    report = (tmp_path / "c" / "report.md").read_text()
+    seeds = len(theirs) // 4
+    for part in ("# Comparison of fine-tuning runs: classify", "## What the numbers show",
+                 "context_restoration vs random:", f"random: random weights in all {2 * seeds}",
+                 f"context_restoration: all {2 * seeds} runs started from one pretraining",
+                 "only the starting weights differ", "## Summary", "(reference)",
+                 "![macro_f1 against label fraction](plot.png)", "## Per class: "
+                 "context_restoration", "## Lost classes", "## Runs", "../bench/runs/random/"
+                 "fraction_0.35/seed_0"):  # fmt: skip
+        assert part in report, part
+    assert "Caveat" not in report  # one machine
+    assert (tmp_path / "c" / "plot.png").stat().st_size > 5000
+
+
+def test_compare_names_what_else_differs_and_counts_pretrainings_once(benchmark_out, tmp_path):
+    copy = _copied_runs(benchmark_out, tmp_path) / "runs"
+    pretrained = sorted((copy / "context_restoration" / "fraction_0.35").iterdir())
+    # One run with another learning rate, one started from another pretraining.
+    config = json.loads((pretrained[0] / "config.json").read_text())
+    write_json(pretrained[0] / "config.json", {**config, "learning_rate": 0.5})
+    metrics = json.loads((pretrained[1] / "metrics.json").read_text())
+    write_json(pretrained[1] / "metrics.json", {**metrics, "init": str(tmp_path / "other")})
+    result = api.compare(arm=[f"cr={copy}/context_restoration/fraction_0.35/*",
+                              f"random={copy}/random/fraction_0.35/*"],
+                         reference="random", out=tmp_path / "c")  # fmt: skip
+    report = result.report.read_text()
+    assert "| setting | random | cr |" in report
+    assert "| learning_rate | 0.001 | 0.001, 0.5 |" in report
+    assert f"cr: {len(pretrained)} runs from 2 pretrainings" in report
+    assert "(1 degrees of freedom)" in report
+    # Each run's pretraining is its folder: the summary's intervals group pairs by it
+    # (summarize's grouping is tested above).
+    rows = _csv(result.results)
+    assert {r["pretrain_seed"] for r in rows if r["method"] == "cr"} == {
+        str((benchmark_out / "pretrain" / "context_restoration").resolve()),
+        str((tmp_path / "other").resolve())}  # fmt: skip
+    by_seed = {(r["method"], r["seed"]): r for r in rows}
+    seeds = sorted({seed for _, seed in by_seed}, key=int)
+    expected = paired_difference(
+        [float(by_seed["cr", s]["macro_f1"]) for s in seeds],
+        [float(by_seed["random", s]["macro_f1"]) for s in seeds],
+        groups=[by_seed["cr", s]["pretrain_seed"] for s in seeds])  # fmt: skip
+    entry = next(row for row in result.summary_rows if row["method"] == "cr")
+    assert (entry["diff_mean"], entry["diff_low"], entry["diff_high"]) == pytest.approx(
+        expected[:3], nan_ok=True)  # fmt: skip
+
+
+def _refused(tmp_path, arms, match, **options):
+    with pytest.raises(CtxRestoreError, match=match):
+        api.compare(arm=arms, out=tmp_path / "c", **options)
+    assert not (tmp_path / "c").exists()  # nothing written before the checks
+
+
+def test_compare_refuses_runs_it_cannot_pair(benchmark_out, tmp_path):
+    runs = _copied_runs(benchmark_out, tmp_path) / "runs"
+    random_runs, pretrained = runs / "random" / "fraction_0.35", runs / "context_restoration"
+    one, two = pretrained / "fraction_0.35" / "seed_0", pretrained / "fraction_0.35" / "seed_1"
+    arms = [f"random={random_runs}/*", f"cr={pretrained}/fraction_0.35/*"]
+    _refused(tmp_path, [f"random={tmp_path}/x", f"cr={one}"], r"/x is not a folder")
+    _refused(tmp_path, [f"random={random_runs}/*"], "at least two initialisations")
+    _refused(tmp_path, ["random"], "expected NAME=RUNS")
+    _refused(tmp_path, [f"a b={one}", f"c={two}"], "may hold only")
+    _refused(tmp_path, [arms[0], f"cr={runs}/nothing*"], "no folder matches")
+    _refused(tmp_path, [*arms, f"cr={one}"], r"seed_0 and .*seed_0 are both 'cr'")
+    _refused(tmp_path, arms, "--reference 'auto' is not among", reference="auto")
+    _refused(tmp_path, arms, r"'dice' is not among the test metrics.*macro_f1", metric="dice")
+    _refused(tmp_path, [arms[0], f"cr={benchmark_out / 'pretrain' / 'context_restoration'}"],
+             "is not a fine-tuning run")  # fmt: skip
+    split = json.loads((one / "split.json").read_text())
+    split["cases"]["test"] = split["cases"]["test"][1:]
+    write_json(one / "split.json", split)
+    _refused(tmp_path, arms, r"seed_0 and .*seed_0 pair at fraction 0.35, seed 0, but their splits")
+    metrics = json.loads((two / "metrics.json").read_text())
+    write_json(two / "metrics.json", {**metrics, "task": "segment"})
+    _refused(tmp_path, arms, r"2 tasks \(classify: .*segment: .*seed_1\)")
+    (two / "metrics.json").unlink()
+    _refused(tmp_path, arms, r"seed_1 is not a finished fine-tuning run: it has no metrics.json")
+    result = runner.invoke(app, ["compare", "--arm", arms[0], "--arm", arms[1], "--out",
+                                 str(tmp_path / "c")])  # fmt: skip
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
 
 
 def test_more_seeds_extend_a_finished_benchmark(benchmark_out):

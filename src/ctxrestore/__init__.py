@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from ctxrestore.api import (
     ablate,
     benchmark,
+    compare,
     demo,
     finetune,
     load_pretrained,
@@ -19,6 +20,7 @@ __all__ = [
     "__version__",
     "ablate",
     "benchmark",
+    "compare",
     "context_restoration",
     "demo",
     "finetune",

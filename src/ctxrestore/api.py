@@ -12,6 +12,7 @@ import torch
 import typer
 
 from ctxrestore.bench import BenchmarkOptions, BenchmarkResult, run_ablation, run_benchmark
+from ctxrestore.bench.comparison import compare_runs, parse_arm
 from ctxrestore.data import list_phantoms
 from ctxrestore.data.intensity import CT_WINDOWS, MODALITIES
 from ctxrestore.data.phantoms.export import export_phantom
@@ -700,6 +701,40 @@ def ablate(
                 ("patch_sizes", "num_swaps", "placements", "foreground_threshold",
                  "controls", "pretrain_lengths")}  # fmt: skip
     return run_ablation(BenchmarkOptions(**options), **ablation)
+
+
+def compare(
+    *,
+    arm: Annotated[
+        list[str],
+        typer.Option(
+            help="NAME=RUNS: an initialisation and its fine-tuning run folders (a folder or a "
+            "quoted glob pattern such as 'runs/random_s*'); give --arm once per "
+            "initialisation, or again with the same NAME to add runs."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Folder for results.csv, summary.csv, plot.png and report.md.")
+    ] = Path("runs/comparison"),
+    reference: Annotated[
+        str | None,
+        typer.Option(help="The initialisation the others are paired against; default: the first."),
+    ] = None,
+    metric: _Metric = None,
+) -> BenchmarkResult:
+    """Compare fine-tuning runs made one by one, with the benchmark's statistics.
+
+    Runs pair by label fraction and seed, as in `benchmark`; each pair must share its split.
+    Writes OUT/results.csv, summary.csv (mean and 95% interval per fraction x initialisation,
+    paired difference from the reference), plot.png and report.md, which also lists the
+    fine-tuning settings that differ between the initialisations and which runs share a
+    pretraining (their intervals are then over pretrainings).
+    """
+    arms: dict[str, list[str]] = {}
+    for text in arm:
+        name, runs = parse_arm(text)
+        arms.setdefault(name, []).append(runs)
+    return compare_runs(out, arms, reference=reference, metric=metric)
 
 
 def predict(

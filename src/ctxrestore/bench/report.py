@@ -283,7 +283,7 @@ def _two_stage_caveat(protocol: Protocol) -> str:
             "stage: what the second stage adds is the difference.")  # fmt: skip
 
 
-def _environment_caveat(rows: Sequence[dict]) -> str:
+def environment_caveat(rows: Sequence[dict]) -> str:
     """A grid resumed on another machine mixes kernels: its pairs no longer share their noise."""
     counts = Counter(row.get("environment") or "not recorded" for row in rows)
     if len(counts) < 2:
@@ -446,7 +446,7 @@ def write_report(
         f"Caveats: {_pretraining_caveat(protocol)}; with {len(protocol.seeds)} seeds an "
         "interval is wide, and 'no clear difference' is not evidence of no difference."
         + _two_stage_caveat(protocol)
-        + _environment_caveat(rows)
+        + environment_caveat(rows)
         + (
             " The data is a procedural phantom: the numbers describe the method on it, not on "
             "real scans."

@@ -1,0 +1,386 @@
+"""`compare`: the benchmark's statistics over fine-tuning runs made by hand.
+
+A user who ran `ctxrestore finetune` once per seed and initialisation (to try a recipe, or on
+a cluster, one job per run) names each initialisation's run folders; runs pair by label
+fraction and seed, as in a benchmark, and the same results.csv, summary.csv, plot.png and
+report.md come out. What a benchmark guarantees by construction is checked here instead:
+every run finished, one task, one run per initialisation x fraction x seed, and paired runs
+fine-tuned on the same split. Settings that differ between the initialisations beyond the
+starting weights are listed in the report, since they, too, are in each difference.
+
+Runs that started from the same pretraining folder share it: the intervals are then over
+pretrainings, as a benchmark's with --pretrain-seeds (bench/stats.py).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctxrestore.bench.benchmark import TASK_METRICS, BenchmarkResult
+from ctxrestore.bench.plots import fraction_axis, save_metric_plot
+from ctxrestore.bench.protocol import (
+    RANDOM,
+    RESULTS_FILE,
+    Arm,
+    Protocol,
+    check_metric,
+    write_results,
+)
+from ctxrestore.bench.report import (
+    best_per_fraction,
+    comparison_lines,
+    environment_caveat,
+    lost_class_lines,
+    per_class_lines,
+)
+from ctxrestore.bench.stats import higher_is_better
+from ctxrestore.bench.summary import (
+    extra_metrics,
+    markdown_table,
+    number,
+    summarize,
+    write_summary,
+)
+from ctxrestore.engine.environment import environment_fingerprint
+from ctxrestore.engine.run_folder import CONFIG_FILE, METRICS_FILE
+from ctxrestore.errors import CtxRestoreError
+from ctxrestore.files import atomic_write, read_json
+from ctxrestore.tasks.training import SPLIT_FILE
+
+logger = logging.getLogger(__name__)
+
+ARM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+# config.json entries that are bookkeeping or the grid itself, not the recipe.
+NOT_RECIPE = ("out", "init", "seed", "fraction", "resume", "figures", "cache", "cache_dir",
+              "num_workers", "log_every", "checkpoint_every", "preview_every")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ComparedRun:
+    """One finished fine-tuning run: the folder and what its files say."""
+
+    arm: str
+    folder: Path
+    config: dict
+    metrics: dict
+    split: dict
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return str(self.metrics["fraction"]), int(self.metrics["seed"])
+
+    @property
+    def pretraining(self) -> str:
+        """The folder the run started from ("" for random weights): runs that share one share
+        a draw of pretraining."""
+        init = str(self.metrics.get("init", RANDOM))
+        return "" if init == RANDOM else str(Path(init).resolve())
+
+
+def parse_arm(text: str) -> tuple[str, str]:
+    """'NAME=RUNS' -> (NAME, RUNS): RUNS is a run folder or a glob pattern of them."""
+    name, separator, runs = text.partition("=")
+    name, runs = name.strip(), runs.strip()
+    if not separator or not name or not runs:
+        raise CtxRestoreError(
+            f"--arm '{text}': expected NAME=RUNS, e.g. --arm random='runs/random_s*' (a run "
+            "folder or a quoted glob pattern of run folders; give an arm again to add more)"
+        )
+    if not ARM_NAME.match(name):
+        raise CtxRestoreError(
+            f"--arm '{text}': the name '{name}' may hold only letters, digits and _ . + -"
+        )
+    return name, runs
+
+
+def run_folders(pattern: str) -> list[Path]:
+    """The folders a pattern names: a folder itself, or the folders a glob matches (files it
+    also matches, such as the runs' log files beside them, are left out)."""
+    if not glob.has_magic(pattern):
+        folder = Path(pattern)
+        if not folder.is_dir():
+            raise CtxRestoreError(f"{folder} is not a folder (a fine-tuning run's OUT)")
+        return [folder]
+    folders = sorted(Path(match) for match in glob.glob(pattern) if Path(match).is_dir())
+    if not folders:
+        raise CtxRestoreError(f"no folder matches '{pattern}'")
+    return folders
+
+
+def load_run(arm: str, folder: Path) -> ComparedRun:
+    """A finished fine-tuning run, or an error that names the folder and what is missing."""
+    if not (folder / METRICS_FILE).is_file():
+        raise CtxRestoreError(
+            f"{folder} is not a finished fine-tuning run: it has no {METRICS_FILE} (still "
+            "running, interrupted - finish it with finetune --resume - or not a run at all)"
+        )
+    metrics = read_json(folder / METRICS_FILE)
+    if "task" not in metrics or "test" not in metrics:
+        raise CtxRestoreError(
+            f"{folder} is not a fine-tuning run: its {METRICS_FILE} has no task and test "
+            "metrics (a pretraining run's folder?)"
+        )
+    return ComparedRun(arm, folder, read_json(folder / CONFIG_FILE), metrics,
+                       read_json(folder / SPLIT_FILE))  # fmt: skip
+
+
+def collect_runs(arms: Mapping[str, Sequence[str | Path]]) -> list[ComparedRun]:
+    """Every arm's runs, checked: one task, one run per arm x fraction x seed, and one split
+    per fraction x seed across the arms."""
+    if len(arms) < 2:
+        raise CtxRestoreError(
+            f"compare needs at least two initialisations, got {len(arms)}: give --arm twice"
+        )
+    runs = [load_run(arm, folder) for arm, patterns in arms.items()
+            for pattern in patterns for folder in run_folders(str(pattern))]  # fmt: skip
+    tasks = defaultdict(list)
+    for run in runs:
+        tasks[run.metrics["task"]].append(run)
+    if len(tasks) > 1:
+        listed = "; ".join(f"{task}: {found[0].folder}" for task, found in tasks.items())
+        raise CtxRestoreError(f"the runs are of {len(tasks)} tasks ({listed}); compare one task")
+    seen: dict[tuple[str, str, int], ComparedRun] = {}
+    for run in runs:
+        other = seen.setdefault((run.arm, *run.key), run)
+        if other is not run:
+            raise CtxRestoreError(
+                f"{other.folder} and {run.folder} are both '{run.arm}' at fraction {run.key[0]}, "
+                f"seed {run.key[1]}: an initialisation needs one run per fraction and seed"
+            )
+    _check_splits(runs)
+    return runs
+
+
+def _check_splits(runs: Sequence[ComparedRun]) -> None:
+    """Runs paired by fraction and seed must have trained and been tested on the same cases;
+    otherwise their difference is the data's as much as the initialisation's."""
+    first: dict[tuple[str, int], ComparedRun] = {}
+    for run in runs:
+        pair = first.setdefault(run.key, run)
+        if pair.split.get("cases") != run.split.get("cases"):
+            raise CtxRestoreError(
+                f"{pair.folder} and {run.folder} pair at fraction {run.key[0]}, seed "
+                f"{run.key[1]}, but their splits ({SPLIT_FILE}) differ: they were fine-tuned "
+                "or tested on other cases, so their difference would not be the "
+                "initialisation's; compare runs made from the same data, --num-images and "
+                "split fractions"
+            )
+
+
+def _row(run: ComparedRun) -> dict:
+    """A results.csv row, as the benchmark writes one (bench/protocol.py, result_row)."""
+    row = {
+        "task": run.metrics["task"],
+        "method": run.arm,
+        "fraction": run.key[0],
+        "seed": run.key[1],
+        "pretrain_seed": run.pretraining,
+        "train_cases": run.metrics["split"]["train"]["cases"],
+        "steps": run.metrics["steps"],
+        "best_step": run.metrics["best_step"],
+        "environment": environment_fingerprint(run.folder),
+    }
+    return {**row, **run.metrics["test"]}
+
+
+def _fraction_order(fraction: str) -> tuple[int, float, str]:
+    try:
+        return 0, float(fraction), fraction
+    except ValueError:
+        return 1, 0.0, fraction
+
+
+def recipe_differences(runs: Sequence[ComparedRun]) -> dict[str, dict[str, list]]:
+    """setting -> arm -> the values its runs used, for the config.json settings (beyond the
+    starting weights and the grid) that are not the same in every run."""
+    arms = list(dict.fromkeys(run.arm for run in runs))
+    keys = sorted({key for run in runs for key in run.config} - set(NOT_RECIPE))
+    differences = {}
+    for key in keys:
+        values = {arm: sorted({repr(run.config.get(key)) for run in runs if run.arm == arm})
+                  for arm in arms}  # fmt: skip
+        if len({value for found in values.values() for value in found}) > 1:
+            differences[key] = values
+    return differences
+
+
+def _pretraining_lines(runs: Sequence[ComparedRun]) -> list[str]:
+    """Per arm: random weights, one shared pretraining, or K pretrainings (the intervals of
+    its differences are then over those K)."""
+    lines = []
+    for arm in dict.fromkeys(run.arm for run in runs):
+        own = [run for run in runs if run.arm == arm]
+        pretrainings = sorted({run.pretraining for run in own} - {""})
+        started = sorted({str(run.metrics.get("init", RANDOM)) for run in own})
+        if not pretrainings:
+            lines.append(f"- {arm}: random weights in all {len(own)} runs.")
+        elif len(pretrainings) == 1:
+            lines.append(
+                f"- {arm}: all {len(own)} runs started from one pretraining "
+                f"(`{started[0]}`), so its intervals cover fine-tuning's variation, not "
+                "pretraining's."
+            )
+        else:
+            lines.append(
+                f"- {arm}: {len(own)} runs from {len(pretrainings)} pretrainings "
+                f"({', '.join(f'`{name}`' for name in started)}); runs that share one count "
+                f"once, so its intervals are over the {len(pretrainings)} pretrainings "
+                f"({len(pretrainings) - 1} degrees of freedom) and cover pretraining's "
+                "variation too."
+            )
+    return lines
+
+
+def _recipe_lines(runs: Sequence[ComparedRun]) -> list[str]:
+    differences = recipe_differences(runs)
+    if not differences:
+        return ["- Every run used the same fine-tuning settings; only the starting weights "
+                "differ between the initialisations."]  # fmt: skip
+    arms = list(dict.fromkeys(run.arm for run in runs))
+    lines = [
+        "Settings that differ between runs (config.json); each difference between the "
+        "initialisations below is theirs as well as the starting weights':",
+        "",
+        "| setting | " + " | ".join(arms) + " |",
+        "|" + " --- |" * (len(arms) + 1),
+    ]
+    for key, values in differences.items():
+        lines.append(f"| {key} | " + " | ".join(", ".join(values[arm]) for arm in arms) + " |")
+    return lines
+
+
+def _runs_table(runs: Sequence[ComparedRun], out: Path, metric: str) -> list[str]:
+    lines = ["| initialisation | fraction | seed | run | started from | test " + metric + " |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for run in runs:
+        link = Path(os.path.relpath(run.folder.resolve(), out.resolve())).as_posix()
+        lines.append(
+            f"| {run.arm} | {run.key[0]} | {run.key[1]} | [{run.folder}]({link}) | "
+            f"{run.metrics.get('init', RANDOM)} | {number(run.metrics['test'].get(metric))} |"
+        )
+    return lines
+
+
+def compare_runs(
+    out: Path | str,
+    arms: Mapping[str, Sequence[str | Path]],
+    *,
+    reference: str | None = None,
+    metric: str | None = None,
+) -> BenchmarkResult:
+    """Summarise finished fine-tuning runs as a benchmark would: `arms` maps each
+    initialisation's name to its run folders or glob patterns; `reference` (default: the
+    first arm) is what the others are paired against. Writes OUT/results.csv, summary.csv,
+    plot.png and report.md."""
+    out = Path(out)
+    runs = collect_runs(arms)
+    names = list(arms)
+    reference = reference or names[0]
+    if reference not in names:
+        raise CtxRestoreError(
+            f"--reference '{reference}' is not among the initialisations ({', '.join(names)})"
+        )
+    task = runs[0].metrics["task"]
+    metric = metric or TASK_METRICS[task]
+    check_metric(metric, runs[0].metrics["test"], runs[0].folder)
+    fractions = tuple(sorted({run.key[0] for run in runs}, key=_fraction_order))
+    # The reference first: the tables and the plot read against it.
+    order = [reference, *(name for name in names if name != reference)]
+    protocol = Protocol(
+        kind="comparison",
+        task=task,
+        out=out,
+        arms=tuple(Arm(name, None if name == RANDOM else {}) for name in order),
+        fractions=fractions,
+        seeds=tuple(sorted({run.key[1] for run in runs})),
+        metric=metric,
+        pretrain_options={},
+        finetune_options={},
+        settings={},
+        reference=reference,
+    )
+    runs = sorted(runs, key=lambda run: (order.index(run.arm), _fraction_order(run.key[0]),
+                                         run.key[1]))  # fmt: skip
+    rows = [_row(run) for run in runs]
+    out.mkdir(parents=True, exist_ok=True)
+    results = write_results(out / RESULTS_FILE, rows)
+    extras = extra_metrics(task, metric, list(rows[0]))
+    table = summarize(rows, methods=order, fractions=fractions, metric=metric,
+                      reference=reference, extras=extras)  # fmt: skip
+    summary = write_summary(out / "summary.csv", table)
+    x_values, x_label = fraction_axis(fractions, rows)
+    plot = save_metric_plot(out / "plot.png", table, methods=order, fractions=fractions,
+                            x_values=x_values, x_label=x_label, metric=metric,
+                            title=f"{task}: test {metric} against labelled data")  # fmt: skip
+    report = _write_report(out / "report.md", protocol, runs, rows, table, plot)
+    logger.info("%d runs of %d initialisations compared; report: %s", len(rows), len(order),
+                report)  # fmt: skip
+    return BenchmarkResult(out, results, summary, plot, report, len(rows), 0, len(rows), table)
+
+
+def _write_report(
+    path: Path,
+    protocol: Protocol,
+    runs: Sequence[ComparedRun],
+    rows: Sequence[dict],
+    table: Sequence[dict],
+    plot: Path,
+) -> Path:
+    metric, reference = protocol.metric, protocol.reference
+    others = [arm.name for arm in protocol.arms if arm.name != reference]
+    direction = "higher" if higher_is_better(metric) else "lower"
+    lines = [
+        f"# Comparison of fine-tuning runs: {protocol.task}",
+        "",
+        f"{len(rows)} runs of {len(protocol.arms)} initialisations at {len(protocol.fractions)} "
+        f"label fraction(s). Test metric: `{metric}` ({direction} is better); intervals are 95% "
+        "Student-t intervals over seeds, differences are paired by fraction and seed (each pair "
+        "was checked to share its split).",
+        "",
+        "## What the numbers show",
+        "",
+        "Best initialisation at each fraction:",
+        "",
+        *best_per_fraction(protocol, rows, table),
+        "",
+        f"Each initialisation against {reference}:",
+        "",
+        *comparison_lines(protocol, rows, reference, others),
+        "",
+        "Where the runs started:",
+        "",
+        *_pretraining_lines(runs),
+        "",
+        *_recipe_lines(runs),
+        "",
+    ]
+    caveat = environment_caveat(rows).strip()
+    if caveat:
+        lines += [f"Caveat: {caveat}", ""]
+    lines += [
+        "## Summary",
+        "",
+        *markdown_table(table, metric=metric, reference=reference, labels={}),
+        "",
+        "The same in summary.csv; every run's test metrics in results.csv.",
+        "",
+        f"![{metric} against label fraction]({plot.name})",
+        "",
+    ]
+    for other in others:
+        classes = per_class_lines(protocol, rows, other, reference)
+        if classes:
+            lines += [f"## Per class: {other}", "", *classes, ""]
+    lost = lost_class_lines(protocol, rows)
+    if lost:
+        lines += ["## Lost classes", "", *lost, ""]
+    lines += ["## Runs", "", *_runs_table(runs, path.parent, metric), ""]
+    text = "\n".join(lines)
+    return atomic_write(path, lambda temporary: temporary.write_text(text))

@@ -297,7 +297,7 @@ def compare_runs(
         kind="comparison",
         task=task,
         out=out,
-        arms=tuple(Arm(name, None if name == RANDOM else {}) for name in order),
+        arms=tuple(Arm(name) for name in order),
         fractions=fractions,
         seeds=tuple(sorted({run.key[1] for run in runs})),
         metric=metric,

@@ -93,7 +93,7 @@ class Protocol:
     user's option names); the option dicts are the shared PretrainConfig / FinetuneConfig
     fields."""
 
-    kind: str  # "benchmark" or "ablation"
+    kind: str  # "benchmark", "ablation", or "comparison" (runs made by hand: bench/comparison.py)
     task: str
     out: Path
     arms: tuple[Arm, ...]

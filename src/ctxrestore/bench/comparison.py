@@ -39,11 +39,11 @@ from ctxrestore.bench.report import (
     environment_caveat,
     lost_class_lines,
     per_class_lines,
+    summary_section,
 )
 from ctxrestore.bench.stats import higher_is_better
 from ctxrestore.bench.summary import (
     extra_metrics,
-    markdown_table,
     number,
     summarize,
     write_summary,
@@ -364,16 +364,7 @@ def _write_report(
     caveat = environment_caveat(rows).strip()
     if caveat:
         lines += [f"Caveat: {caveat}", ""]
-    lines += [
-        "## Summary",
-        "",
-        *markdown_table(table, metric=metric, reference=reference, labels={}),
-        "",
-        "The same in summary.csv; every run's test metrics in results.csv.",
-        "",
-        f"![{metric} against label fraction]({plot.name})",
-        "",
-    ]
+    lines += summary_section(table, metric, reference, {}, plot)
     for other in others:
         classes = per_class_lines(protocol, rows, other, reference)
         if classes:

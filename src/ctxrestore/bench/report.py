@@ -390,6 +390,22 @@ def _settings_lines(settings: dict) -> list[str]:
     return lines + [f"| {key} | {value} |" for key, value in sorted(settings.items())]
 
 
+def summary_section(
+    summary: Sequence[dict], metric: str, reference: str | None, labels: dict, plot: Path
+) -> list[str]:
+    """The report's table of means and paired differences, and the plot."""
+    return [
+        "## Summary",
+        "",
+        *markdown_table(summary, metric=metric, reference=reference, labels=labels),
+        "",
+        "The same in summary.csv; every run's test metrics in results.csv.",
+        "",
+        f"![{metric} against label fraction]({plot.name})",
+        "",
+    ]
+
+
 def write_report(
     path: Path, protocol: Protocol, rows: Sequence[dict], summary: Sequence[dict], plot: Path
 ) -> Path:
@@ -454,14 +470,7 @@ def write_report(
             else ""
         ),
         "",
-        "## Summary",
-        "",
-        *markdown_table(summary, metric=metric, reference=reference, labels=labels),
-        "",
-        "The same in summary.csv; every run's test metrics in results.csv.",
-        "",
-        f"![{metric} against label fraction]({plot.name})",
-        "",
+        *summary_section(summary, metric, reference, labels, plot),
     ]
     classes = (
         per_class_lines(protocol, rows, focus, reference) if focus in arms and reference else []

@@ -572,6 +572,7 @@ def test_compare_refuses_runs_it_cannot_pair(benchmark_out, tmp_path):
     _refused(tmp_path, [f"a b={one}", f"c={two}"], "may hold only")
     _refused(tmp_path, [arms[0], f"cr={runs}/nothing*"], "no folder matches")
     _refused(tmp_path, [*arms, f"cr={one}"], r"seed_0 and .*seed_0 are both 'cr'")
+    _refused(tmp_path, [*arms, f"other={one}"], r"seed_0 is named by two initialisations, 'cr'")
     _refused(tmp_path, arms, "--reference 'auto' is not among", reference="auto")
     _refused(tmp_path, arms, r"'dice' is not among the test metrics.*macro_f1", metric="dice")
     _refused(tmp_path, [arms[0], f"cr={benchmark_out / 'pretrain' / 'context_restoration'}"],

@@ -22,7 +22,8 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize(
-    "name", ["pretrain", "finetune", "benchmark", "ablate", "compare", "predict", "demo", "phantoms"]
+    "name",
+    ["pretrain", "finetune", "benchmark", "ablate", "compare", "predict", "demo", "phantoms"],
 )
 def test_cli_and_api_share_options_and_defaults(name):
     command = get_command(app).commands[name]

@@ -146,6 +146,14 @@ def collect_runs(arms: Mapping[str, Sequence[str | Path]]) -> list[ComparedRun]:
     if len(tasks) > 1:
         listed = "; ".join(f"{task}: {found[0].folder}" for task, found in tasks.items())
         raise CtxRestoreError(f"the runs are of {len(tasks)} tasks ({listed}); compare one task")
+    owners: dict[Path, ComparedRun] = {}
+    for run in runs:
+        owner = owners.setdefault(run.folder.resolve(), run)
+        if owner.arm != run.arm:
+            raise CtxRestoreError(
+                f"{run.folder} is named by two initialisations, '{owner.arm}' and '{run.arm}': "
+                "a run started from one set of weights"
+            )
     seen: dict[tuple[str, str, int], ComparedRun] = {}
     for run in runs:
         other = seen.setdefault((run.arm, *run.key), run)

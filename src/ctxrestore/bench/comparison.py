@@ -34,7 +34,7 @@ from ctxrestore.bench.protocol import (
     write_results,
 )
 from ctxrestore.bench.report import (
-    best_per_fraction,
+    best_section,
     comparison_lines,
     environment_caveat,
     lost_class_lines,
@@ -48,6 +48,7 @@ from ctxrestore.bench.summary import (
     summarize,
     write_summary,
 )
+from ctxrestore.data.splits import parse_fraction
 from ctxrestore.engine.environment import environment_fingerprint
 from ctxrestore.engine.run_folder import CONFIG_FILE, METRICS_FILE
 from ctxrestore.errors import CtxRestoreError
@@ -198,13 +199,6 @@ def _row(run: ComparedRun) -> dict:
     return {**row, **run.metrics["test"]}
 
 
-def _fraction_order(fraction: str) -> tuple[int, float, str]:
-    try:
-        return 0, float(fraction), fraction
-    except ValueError:
-        return 1, 0.0, fraction
-
-
 def recipe_differences(runs: Sequence[ComparedRun]) -> dict[str, dict[str, list]]:
     """setting -> arm -> the values its runs used, for the config.json settings (beyond the
     starting weights and the grid) that are not the same in every run."""
@@ -298,7 +292,7 @@ def compare_runs(
     task = runs[0].metrics["task"]
     metric = metric or TASK_METRICS[task]
     check_metric(metric, runs[0].metrics["test"], runs[0].folder)
-    fractions = tuple(sorted({run.key[0] for run in runs}, key=_fraction_order))
+    fractions = tuple(sorted({run.key[0] for run in runs}, key=parse_fraction))
     # The reference first: the tables and the plot read against it.
     order = [reference, *(name for name in names if name != reference)]
     protocol = Protocol(
@@ -314,7 +308,7 @@ def compare_runs(
         settings={},
         reference=reference,
     )
-    runs = sorted(runs, key=lambda run: (order.index(run.arm), _fraction_order(run.key[0]),
+    runs = sorted(runs, key=lambda run: (order.index(run.arm), parse_fraction(run.key[0]),
                                          run.key[1]))  # fmt: skip
     rows = [_row(run) for run in runs]
     out.mkdir(parents=True, exist_ok=True)
@@ -352,12 +346,7 @@ def _write_report(
         "Student-t intervals over seeds, differences are paired by fraction and seed (each pair "
         "was checked to share its split).",
         "",
-        "## What the numbers show",
-        "",
-        "Best initialisation at each fraction:",
-        "",
-        *best_per_fraction(protocol, rows, table),
-        "",
+        *best_section(protocol, rows, table),
         f"Each initialisation against {reference}:",
         "",
         *comparison_lines(protocol, rows, reference, others),

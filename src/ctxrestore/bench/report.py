@@ -83,6 +83,12 @@ def best_per_fraction(
     return lines
 
 
+def best_section(protocol: Protocol, rows: Sequence[dict], summary: Sequence[dict]) -> list[str]:
+    """The report's opening: the best initialisation at each fraction, against the next."""
+    return ["## What the numbers show", "", "Best initialisation at each fraction:", "",
+            *best_per_fraction(protocol, rows, summary), ""]  # fmt: skip
+
+
 def against(
     protocol: Protocol, rows: Sequence[dict], method: str, reference: str
 ) -> dict[str, tuple[str, PairedDifference]]:
@@ -432,12 +438,7 @@ def write_report(
             else ""
         ),
         "",
-        "## What the numbers show",
-        "",
-        "Best initialisation at each fraction:",
-        "",
-        *best_per_fraction(protocol, rows, summary),
-        "",
+        *best_section(protocol, rows, summary),
     ]
     if reference is not None:
         others = [name for name in arms if name != reference]

@@ -27,6 +27,7 @@ from ctxrestore.bench.report import write_report
 from ctxrestore.bench.stats import higher_is_better
 from ctxrestore.bench.summary import class_metrics, extra_metrics, markdown_table, summarize
 from ctxrestore.cli import app
+from ctxrestore.engine.checkpoint import load_checkpoint, weights_fingerprint
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import write_json
 from ctxrestore.models import build_model
@@ -505,9 +506,9 @@ def test_compare_repeats_the_benchmark_from_its_run_folders(benchmark_out, tmp_p
     for key, row in theirs.items():
         assert {k: v for k, v in ours[key].items() if k != "pretrain_seed"} == {
             k: v for k, v in row.items() if k != "pretrain_seed"}  # fmt: skip
-        # Which pretraining a run started from: its folder, not the benchmark's seed number.
-        assert ours[key]["pretrain_seed"] == ("" if key[0] == "random" else str(
-            (benchmark_out / "pretrain" / "context_restoration").resolve()))  # fmt: skip
+        # Which pretraining a run started from: its weights, not the benchmark's seed number.
+        assert ours[key]["pretrain_seed"] == ("" if key[0] == "random" else _weights(
+            benchmark_out / "pretrain" / "context_restoration"))  # fmt: skip
     report = (tmp_path / "c" / "report.md").read_text()
     seeds = len(theirs) // 4
     for part in ("# Comparison of fine-tuning runs: classify", "## What the numbers show",
@@ -522,28 +523,43 @@ def test_compare_repeats_the_benchmark_from_its_run_folders(benchmark_out, tmp_p
     assert (tmp_path / "c" / "plot.png").stat().st_size > 5000
 
 
+def _weights(folder):
+    return weights_fingerprint(load_checkpoint(folder)[0])
+
+
 def test_compare_names_what_else_differs_and_counts_pretrainings_once(benchmark_out, tmp_path):
     copy = _copied_runs(benchmark_out, tmp_path) / "runs"
     pretrained = sorted((copy / "context_restoration" / "fraction_0.35").iterdir())
-    # One run with another learning rate, one started from another pretraining.
+    arms = [f"cr={copy}/context_restoration/fraction_0.35/*",
+            f"random={copy}/random/fraction_0.35/*"]  # fmt: skip
+    # One run with another learning rate, one whose --init names the same weights from
+    # another directory: still one pretraining.
     config = json.loads((pretrained[0] / "config.json").read_text())
     write_json(pretrained[0] / "config.json", {**config, "learning_rate": 0.5})
     metrics = json.loads((pretrained[1] / "metrics.json").read_text())
-    write_json(pretrained[1] / "metrics.json", {**metrics, "init": str(tmp_path / "other")})
-    result = api.compare(arm=[f"cr={copy}/context_restoration/fraction_0.35/*",
-                              f"random={copy}/random/fraction_0.35/*"],
-                         reference="random", out=tmp_path / "c")  # fmt: skip
+    write_json(pretrained[1] / "metrics.json", {**metrics, "init": "../elsewhere/pre"})
+    report = api.compare(arm=arms, reference="random", out=tmp_path / "c1").report.read_text()
+    assert f"cr: all {len(pretrained)} runs started from one pretraining" in report
+    assert f"`../elsewhere/pre (weights {metrics['init_weights']})`" in report
+    # The same folder name with other weights (pretrained again): a second pretraining.
+    write_json(pretrained[1] / "metrics.json", {**metrics, "init_weights": "0" * 16})
+    result = api.compare(arm=arms, reference="random", out=tmp_path / "c")
     report = result.report.read_text()
     assert "| setting | random | cr |" in report
     assert "| learning_rate | 0.001 | 0.001, 0.5 |" in report
     assert f"cr: {len(pretrained)} runs from 2 pretrainings" in report
     assert "(1 degrees of freedom)" in report
-    # Each run's pretraining is its folder: the summary's intervals group pairs by it
+    # Each run's pretraining is its weights: the summary's intervals group pairs by them
     # (summarize's grouping is tested above).
     rows = _csv(result.results)
     assert {r["pretrain_seed"] for r in rows if r["method"] == "cr"} == {
-        str((benchmark_out / "pretrain" / "context_restoration").resolve()),
-        str((tmp_path / "other").resolve())}  # fmt: skip
+        _weights(benchmark_out / "pretrain" / "context_restoration"), "0" * 16}  # fmt: skip
+    # Runs that predate the fingerprint are grouped by their resolved --init folder.
+    write_json(pretrained[1] / "metrics.json",
+               {**{k: v for k, v in metrics.items() if k != "init_weights"},
+                "init": str(tmp_path / "other")})  # fmt: skip
+    older = _csv(api.compare(arm=arms, reference="random", out=tmp_path / "c2").results)
+    assert str((tmp_path / "other").resolve()) in {r["pretrain_seed"] for r in older}
     by_seed = {(r["method"], r["seed"]): r for r in rows}
     seeds = sorted({seed for _, seed in by_seed}, key=int)
     expected = paired_difference(

@@ -11,6 +11,7 @@ from ctxrestore.engine.checkpoint import (
     load_training_state,
     save_checkpoint,
     save_training_state,
+    weights_fingerprint,
 )
 from ctxrestore.engine.loop import LoopConfig
 from ctxrestore.engine.sampler import EpochSampler
@@ -37,6 +38,28 @@ def test_checkpoint_round_trip(tmp_path):
     loaded, spec = load_checkpoint(tmp_path)
     assert spec == {"format": 1, "name": "x"}
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert weights_fingerprint(loaded) == weights_fingerprint(state)
+
+
+def test_the_weights_fingerprint_changes_with_any_value_name_dtype_or_shape():
+    state = {"encoder.weight": torch.randn(3, 2), "steps": torch.tensor(7)}
+    fingerprint = weights_fingerprint(state)
+    assert len(fingerprint) == 16
+    assert fingerprint == weights_fingerprint(dict(reversed(state.items())))  # order-free
+    nudged = state["encoder.weight"].clone()
+    nudged[2, 1] = torch.nextafter(nudged[2, 1], torch.tensor(math.inf))  # one ulp
+    others = [
+        {**state, "encoder.weight": nudged},
+        {**state, "steps": torch.tensor(8)},
+        {"decoder.weight": state["encoder.weight"], "steps": state["steps"]},
+        {**state, "encoder.weight": state["encoder.weight"].double()},
+        {**state, "encoder.weight": state["encoder.weight"].reshape(2, 3)},
+    ]
+    assert len({fingerprint, *(weights_fingerprint(other) for other in others)}) == 1 + len(others)
+    # The values count, not their memory layout.
+    transposed = state["encoder.weight"].t()
+    assert weights_fingerprint({"w": transposed}) == weights_fingerprint(
+        {"w": transposed.contiguous()})  # fmt: skip
 
 
 @pytest.mark.parametrize(

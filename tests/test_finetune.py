@@ -18,7 +18,7 @@ from ctxrestore.cli import app
 from ctxrestore.data.layouts import read_boxes_csv
 from ctxrestore.data.nifti import read_nifti
 from ctxrestore.data.splits import read_split
-from ctxrestore.engine.checkpoint import load_checkpoint
+from ctxrestore.engine.checkpoint import load_checkpoint, weights_fingerprint
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models.transfer import adapt_input_channels
 from ctxrestore.tasks.localize import LocalizationTask
@@ -70,6 +70,12 @@ def test_finetune_end_to_end_through_the_cli(tmp_path, pretrained, task, init):
     assert encoder_row.endswith(f"| {expected} |")
     for name in ("best/model.safetensors", "split.json", "validation.csv", "test_predictions.png"):
         assert (out / name).is_file(), name
+    # Which weights it started from, by their fingerprint: `compare` groups runs by it.
+    started = (
+        weights_fingerprint(load_checkpoint(pretrained[task])[0]) if init != "random" else None
+    )
+    assert summary["init_weights"] == load_checkpoint(out)[1]["init"]["weights"] == started
+    assert (f"(weights {started})" in report) == (init != "random")
     if task == "classify":
         assert (out / "confusion.png").is_file()
 

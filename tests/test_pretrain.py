@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import ctxrestore
-from ctxrestore.engine.checkpoint import load_checkpoint
+from ctxrestore.engine.checkpoint import load_checkpoint, weights_fingerprint
 from ctxrestore.engine.environment import ENVIRONMENT_FILE
 from ctxrestore.engine.loop import read_log
 from ctxrestore.errors import CtxRestoreError
@@ -226,6 +226,7 @@ def test_a_second_pretext_starts_from_the_first_runs_weights(
     assert {name.split(".")[0] for name in started} >= moved | {"projection"}
     init = load_checkpoint(tmp_path / "second")[1]["init"]
     assert init["folder"] == str(tmp_path / "first")
+    assert init["weights"] == weights_fingerprint(first)  # the first stage's draw, by its weights
     assert set(init["transferred"]) == moved
     assert init["reasons"]["projection"] == "task-specific"
     if not decoder_moves:

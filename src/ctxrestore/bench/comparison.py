@@ -79,10 +79,21 @@ class ComparedRun:
 
     @property
     def pretraining(self) -> str:
-        """The folder the run started from ("" for random weights): runs that share one share
-        a draw of pretraining."""
+        """Which pretraining the run started from ("" for random weights): runs that share one
+        share a draw of pretraining. The weights' fingerprint where the run recorded it (a
+        relative --init names different folders from different directories, and one folder
+        pretrained again is another draw); the resolved folder for older runs."""
         init = str(self.metrics.get("init", RANDOM))
-        return "" if init == RANDOM else str(Path(init).resolve())
+        if init == RANDOM:
+            return ""
+        return self.metrics.get("init_weights") or str(Path(init).resolve())
+
+    @property
+    def started_from(self) -> str:
+        """--init as given, with the weights' fingerprint where the run recorded it."""
+        init = str(self.metrics.get("init", RANDOM))
+        weights = self.metrics.get("init_weights")
+        return f"{init} (weights {weights})" if weights else init
 
 
 def parse_arm(text: str) -> tuple[str, str]:
@@ -220,19 +231,18 @@ def _pretraining_lines(runs: Sequence[ComparedRun]) -> list[str]:
     for arm in dict.fromkeys(run.arm for run in runs):
         own = [run for run in runs if run.arm == arm]
         pretrainings = sorted({run.pretraining for run in own} - {""})
-        started = sorted({str(run.metrics.get("init", RANDOM)) for run in own})
+        started = ", ".join(f"`{name}`" for name in sorted({run.started_from for run in own}))
         if not pretrainings:
             lines.append(f"- {arm}: random weights in all {len(own)} runs.")
         elif len(pretrainings) == 1:
             lines.append(
                 f"- {arm}: all {len(own)} runs started from one pretraining "
-                f"(`{started[0]}`), so its intervals cover fine-tuning's variation, not "
-                "pretraining's."
+                f"({started}), so its intervals cover fine-tuning's variation, not pretraining's."
             )
         else:
             lines.append(
                 f"- {arm}: {len(own)} runs from {len(pretrainings)} pretrainings "
-                f"({', '.join(f'`{name}`' for name in started)}); runs that share one count "
+                f"({started}); runs that share one count "
                 f"once, so its intervals are over the {len(pretrainings)} pretrainings "
                 f"({len(pretrainings) - 1} degrees of freedom) and cover pretraining's "
                 "variation too."
@@ -265,7 +275,7 @@ def _runs_table(runs: Sequence[ComparedRun], out: Path, metric: str) -> list[str
         link = Path(os.path.relpath(run.folder.resolve(), out.resolve())).as_posix()
         lines.append(
             f"| {run.arm} | {run.key[0]} | {run.key[1]} | [{run.folder}]({link}) | "
-            f"{run.metrics.get('init', RANDOM)} | {number(run.metrics['test'].get(metric))} |"
+            f"{run.started_from} | {number(run.metrics['test'].get(metric))} |"
         )
     return lines
 

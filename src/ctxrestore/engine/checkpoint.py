@@ -8,6 +8,7 @@ rebuild and adapt the network; see DESIGN.md). Exact resume additionally needs
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -48,6 +49,17 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError) as error:
         raise CtxRestoreError(f"{weights} cannot be read as safetensors: {error}") from None
     return state_dict, spec
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short hash of the weights themselves (names, dtypes, shapes, values): which pretraining
+    a fine-tuning run started from, whatever the folder was called or later became."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def save_training_state(folder: Path, state: dict) -> Path:

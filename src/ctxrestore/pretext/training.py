@@ -22,7 +22,12 @@ from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import get_phantom, list_phantoms, phantom_dataset
 from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.unlabelled import UnlabelledDataset
-from ctxrestore.engine.checkpoint import SPEC_FILE, WEIGHTS_FILE, load_checkpoint
+from ctxrestore.engine.checkpoint import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    weights_fingerprint,
+)
 from ctxrestore.engine.distributed import (
     barrier,
     setup_distributed,
@@ -478,7 +483,7 @@ def start_from(model: nn.Module, folder: Path, spec: dict, *, freeze_encoder: bo
         source=source,
         destination=f"the pretraining network ({spec['model']['name']})",
     )
-    init = {"folder": str(folder), **report.to_json()}
+    init = {"folder": str(folder), "weights": weights_fingerprint(state), **report.to_json()}
     if freeze_encoder:
         freeze(model.get_submodule(spec["model"]["prefixes"]["encoder"].rstrip(".")))
         init["frozen"] = ["encoder"]

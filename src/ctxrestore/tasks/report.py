@@ -125,10 +125,13 @@ def write_finetuning_report(
     transfer = summary["transfer"]
     parts = sorted(set(transfer["transferred"]) | set(transfer["random"]))
     counts = summary["split"]
+    # The pretrained weights' fingerprint names the pretraining even after its folder moves.
+    weights = f" (weights {summary['init_weights']})" if summary.get("init_weights") else ""
     lines = [
         f"# Fine-tuning: {task.name}",
         "",
-        f"Data: {data.source}. Initialisation: `{config['init']}`. Labelled training fraction: "
+        f"Data: {data.source}. Initialisation: `{config['init']}`{weights}. Labelled "
+        "training fraction: "
         f"{config['fraction']} ({counts['train']['cases']} cases). Steps: {summary['steps']}"
         f"{' (stopped early)' if summary['stopped_early'] else ''}; best validation "
         f"{task.metric} {_number(summary['best_validation'][task.metric])} at step "

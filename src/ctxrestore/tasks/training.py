@@ -23,7 +23,7 @@ from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import list_phantoms
 from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
-from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint
+from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint, weights_fingerprint
 from ctxrestore.engine.distributed import barrier, setup_distributed, teardown_distributed
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
@@ -401,9 +401,10 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
                 may_change=("patience",),
                 defaults=option_defaults(FinetuneConfig),
             )
-        state, init_spec = None, None
+        state, init_spec, init_weights = None, None, None
         if config.init != "random":  # read once: its intensity scaling, then its weights
             state, init_spec = load_checkpoint(Path(config.init))
+            init_weights = weights_fingerprint(state)
         data = load_data(config, init_spec)
         pretrained = _check_init(config, data, state, init_spec)
         split = split_data(config, data)
@@ -435,7 +436,11 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
                 else {}
             ),
             "task": task.to_json(),
-            "init": {"source": config.init, "transfer": transfer.to_json()},
+            "init": {
+                "source": config.init,
+                "weights": init_weights,
+                "transfer": transfer.to_json(),
+            },
             "data": {"source": data.source, "split_seed": config.seed},
         }
         if context.is_main:
@@ -509,6 +514,7 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             summary = {
                 "task": config.task,
                 "init": config.init,
+                "init_weights": init_weights,
                 "fraction": config.fraction,
                 "seed": config.seed,
                 "split": {

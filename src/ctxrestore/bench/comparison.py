@@ -8,8 +8,9 @@ every run finished, one task, one run per initialisation x fraction x seed, and 
 fine-tuned on the same split. Settings that differ between the initialisations beyond the
 starting weights are listed in the report, since they, too, are in each difference.
 
-Runs that started from the same pretraining folder share it: the intervals are then over
-pretrainings, as a benchmark's with --pretrain-seeds (bench/stats.py).
+Runs that started from the same pretrained weights (the fingerprint each run records) share a
+draw of pretraining: the intervals are then over pretrainings, as a benchmark's with
+--pretrain-seeds (bench/stats.py).
 """
 
 from __future__ import annotations

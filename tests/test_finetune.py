@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_PRETRAIN
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import ctxrestore
@@ -405,6 +406,22 @@ def test_fraction_counts_and_resume(tmp_path):
     assert resumed.steps == 6
     with pytest.raises(CtxRestoreError, match="fraction: '9' -> '10'"):
         ctxrestore.finetune("classify", out=out, fraction="10", resume=True, **TINY_FINETUNE)
+
+
+def test_a_resume_refuses_an_init_folder_pretrained_again_since(tmp_path, pretrained):
+    folder = tmp_path / "pre"
+    shutil.copytree(pretrained["classify"], folder)
+    out = tmp_path / "run"
+    options = {**TINY_FINETUNE, "init": str(folder), "fraction": "9"}
+    ctxrestore.finetune("classify", out=out, checkpoint_every=3, **{**options, "max_steps": 3})
+    weights = folder / "model.safetensors"
+    original = weights.read_bytes()
+    state, _ = load_checkpoint(folder)
+    save_file({name: tensor + 1 for name, tensor in state.items()}, str(weights))
+    with pytest.raises(CtxRestoreError, match=rf"{out} started from weights .* but {folder} now"):
+        ctxrestore.finetune("classify", out=out, resume=True, **options)
+    weights.write_bytes(original)  # the same weights again: the run continues
+    assert ctxrestore.finetune("classify", out=out, resume=True, **options).steps == 6
 
 
 def test_localize_in_3d_regresses_one_box_per_organ(tmp_path):

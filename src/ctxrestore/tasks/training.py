@@ -23,7 +23,12 @@ from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import list_phantoms
 from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
-from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint, weights_fingerprint
+from ctxrestore.engine.checkpoint import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    weights_fingerprint,
+)
 from ctxrestore.engine.distributed import barrier, setup_distributed, teardown_distributed
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
@@ -37,7 +42,7 @@ from ctxrestore.engine.run_folder import (
     warn_if_unfinished,
 )
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.files import write_json
+from ctxrestore.files import read_json, write_json
 from ctxrestore.models import build_model
 from ctxrestore.models.spec import model_spec
 from ctxrestore.models.transfer import (
@@ -238,6 +243,18 @@ def _check_init(
     return state, spec
 
 
+def _check_same_start(out: Path, init: Path, init_weights: str) -> None:
+    """A resumed run continues from the weights it started from: refuse an --init folder
+    pretrained again in between (its metrics would mix two pretrainings)."""
+    spec_path = out / SPEC_FILE
+    started = read_json(spec_path).get("init", {}).get("weights") if spec_path.is_file() else None
+    if started and started != init_weights:
+        raise CtxRestoreError(
+            f"{out} started from weights {started}, but {init} now holds {init_weights} (it "
+            "was pretrained again since): fine-tune into a new --out"
+        )
+
+
 def build_network(
     config: FinetuneConfig, task, data: LabelledData, pretrained: tuple[dict | None, dict | None]
 ) -> tuple[nn.Module, dict, TransferReport]:
@@ -405,6 +422,8 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
         if config.init != "random":  # read once: its intensity scaling, then its weights
             state, init_spec = load_checkpoint(Path(config.init))
             init_weights = weights_fingerprint(state)
+            if config.resume:
+                _check_same_start(out, Path(config.init), init_weights)
         data = load_data(config, init_spec)
         pretrained = _check_init(config, data, state, init_spec)
         split = split_data(config, data)

@@ -243,10 +243,9 @@ def _pretraining_lines(runs: Sequence[ComparedRun]) -> list[str]:
         else:
             lines.append(
                 f"- {arm}: {len(own)} runs from {len(pretrainings)} pretrainings "
-                f"({started}); runs that share one count "
-                f"once, so its intervals are over the {len(pretrainings)} pretrainings "
-                f"({len(pretrainings) - 1} degrees of freedom) and cover pretraining's "
-                "variation too."
+                f"({started}); runs that share one count once, so its intervals are over the "
+                f"{len(pretrainings)} pretrainings ({len(pretrainings) - 1} degrees of freedom) "
+                "and cover pretraining's variation too."
             )
     return lines
 

@@ -130,9 +130,9 @@ def write_finetuning_report(
     lines = [
         f"# Fine-tuning: {task.name}",
         "",
-        f"Data: {data.source}. Initialisation: `{config['init']}`{weights}. Labelled "
-        "training fraction: "
-        f"{config['fraction']} ({counts['train']['cases']} cases). Steps: {summary['steps']}"
+        f"Data: {data.source}. Initialisation: `{config['init']}`{weights}. "
+        f"Labelled training fraction: {config['fraction']} ({counts['train']['cases']} cases). "
+        f"Steps: {summary['steps']}"
         f"{' (stopped early)' if summary['stopped_early'] else ''}; best validation "
         f"{task.metric} {_number(summary['best_validation'][task.metric])} at step "
         f"{summary['best_step']}, whose weights are in `best/` and were tested.",

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import ctxrestore
 from ctxrestore.engine.checkpoint import load_checkpoint, weights_fingerprint
@@ -268,7 +269,18 @@ def test_a_run_started_from_another_resumes_from_its_own_weights(
     )
     straight = ctxrestore.pretrain(out=tmp_path / "straight", **settings)
     _crash_in_step(4, monkeypatch, out=tmp_path / "split", **settings)
+    # The first stage pretrained again since: its record would name weights the run never had.
+    weights = tmp_path / "first" / "model.safetensors"
+    original = weights.read_bytes()
+    state, _ = load_checkpoint(tmp_path / "first")
+    save_file({name: tensor + 1 for name, tensor in state.items()}, str(weights))
+    with pytest.raises(CtxRestoreError, match=r"split started from weights .* but .*first now"):
+        ctxrestore.pretrain(out=tmp_path / "split", resume=True, **settings)
+    weights.write_bytes(original)  # the same weights again: the run continues
     resumed = ctxrestore.pretrain(out=tmp_path / "split", resume=True, **settings)
+    assert read_json(tmp_path / "split" / "spec.json")["init"]["weights"] == weights_fingerprint(
+        state
+    )
     assert resumed.resumed_from == 2 and resumed.final_loss == straight.final_loss
     a, _ = load_checkpoint(tmp_path / "straight")
     b, _ = load_checkpoint(tmp_path / "split")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ctxrestore.engine.checkpoint import TRAINING_STATE_FILE, WEIGHTS_FILE
+from ctxrestore.engine.checkpoint import SPEC_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE
 from ctxrestore.engine.distributed import DEVICES
 from ctxrestore.engine.environment import record_environment
 from ctxrestore.engine.loop import PRECISIONS
@@ -100,6 +100,19 @@ def check_run_folder(
             raise CtxRestoreError(
                 f"--resume with options that differ from the run in {out}: {details}"
             )
+
+
+def check_same_start(out: Path, init: Path, init_weights: str) -> None:
+    """A resumed run continues from the weights it started from: refuse an --init folder
+    pretrained again in between (its metrics, and its record of where it started, would mix
+    two pretrainings)."""
+    spec_path = Path(out) / SPEC_FILE
+    started = read_json(spec_path).get("init", {}).get("weights") if spec_path.is_file() else None
+    if started and started != init_weights:
+        raise CtxRestoreError(
+            f"{out} started from weights {started}, but {init} now holds {init_weights} (it "
+            "was pretrained again since): start a new --out"
+        )
 
 
 def start_run_folder(

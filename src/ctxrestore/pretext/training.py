@@ -37,6 +37,7 @@ from ctxrestore.engine.loop import FitResult, LoopConfig, fit
 from ctxrestore.engine.run_folder import (
     METRICS_FILE,
     check_run_folder,
+    check_same_start,
     check_stage_options,
     option_defaults,
     start_run_folder,
@@ -392,11 +393,13 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         pretext.make_batch(torch.zeros(1, in_channels, *config.spatial_size), torch.Generator())
         torch.manual_seed(config.seed)  # same initial weights on every rank and every run
         model = build_model(spec["model"])
+        out = Path(config.out)
         if config.init is not None:  # checked before the run folder is made; a resume then
             spec["init"] = start_from(  # loads its own weights
                 model, Path(config.init), spec, freeze_encoder=config.freeze_encoder
             )
-        out = Path(config.out)
+            if config.resume:
+                check_same_start(out, Path(config.init), spec["init"]["weights"])
         if context.is_main:
             check_run_folder(
                 out, config.to_json(), config.resume, defaults=option_defaults(PretrainConfig)

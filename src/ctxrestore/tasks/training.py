@@ -24,7 +24,6 @@ from ctxrestore.data.phantoms import list_phantoms
 from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
 from ctxrestore.engine.checkpoint import (
-    SPEC_FILE,
     WEIGHTS_FILE,
     load_checkpoint,
     weights_fingerprint,
@@ -36,13 +35,14 @@ from ctxrestore.engine.run_folder import (
     check_head_only_steps,
     check_patience,
     check_run_folder,
+    check_same_start,
     check_stage_options,
     option_defaults,
     start_run_folder,
     warn_if_unfinished,
 )
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.files import read_json, write_json
+from ctxrestore.files import write_json
 from ctxrestore.models import build_model
 from ctxrestore.models.spec import model_spec
 from ctxrestore.models.transfer import (
@@ -243,18 +243,6 @@ def _check_init(
     return state, spec
 
 
-def _check_same_start(out: Path, init: Path, init_weights: str) -> None:
-    """A resumed run continues from the weights it started from: refuse an --init folder
-    pretrained again in between (its metrics would mix two pretrainings)."""
-    spec_path = out / SPEC_FILE
-    started = read_json(spec_path).get("init", {}).get("weights") if spec_path.is_file() else None
-    if started and started != init_weights:
-        raise CtxRestoreError(
-            f"{out} started from weights {started}, but {init} now holds {init_weights} (it "
-            "was pretrained again since): fine-tune into a new --out"
-        )
-
-
 def build_network(
     config: FinetuneConfig, task, data: LabelledData, pretrained: tuple[dict | None, dict | None]
 ) -> tuple[nn.Module, dict, TransferReport]:
@@ -423,7 +411,7 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             state, init_spec = load_checkpoint(Path(config.init))
             init_weights = weights_fingerprint(state)
             if config.resume:
-                _check_same_start(out, Path(config.init), init_weights)
+                check_same_start(out, Path(config.init), init_weights)
         data = load_data(config, init_spec)
         pretrained = _check_init(config, data, state, init_spec)
         split = split_data(config, data)

@@ -540,7 +540,7 @@ def test_compare_names_what_else_differs_and_counts_pretrainings_once(benchmark_
     write_json(pretrained[1] / "metrics.json", {**metrics, "init": "../elsewhere/pre"})
     report = api.compare(arm=arms, reference="random", out=tmp_path / "c1").report.read_text()
     assert f"cr: all {len(pretrained)} runs started from one pretraining" in report
-    assert f"`../elsewhere/pre (weights {metrics['init_weights']})`" in report
+    assert f"`../elsewhere/pre` (weights {metrics['init_weights']})" in report
     # The same folder name with other weights (pretrained again): a second pretraining.
     write_json(pretrained[1] / "metrics.json", {**metrics, "init_weights": "0" * 16})
     result = api.compare(arm=arms, reference="random", out=tmp_path / "c")

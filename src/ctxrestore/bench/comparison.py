@@ -91,8 +91,9 @@ class ComparedRun:
 
     @property
     def started_from(self) -> str:
-        """--init as given, with the weights' fingerprint where the run recorded it."""
-        init = str(self.metrics.get("init", RANDOM))
+        """--init as given (Markdown code), with the weights' fingerprint where the run
+        recorded it."""
+        init = f"`{self.metrics.get('init', RANDOM)}`"
         weights = self.metrics.get("init_weights")
         return f"{init} (weights {weights})" if weights else init
 
@@ -232,7 +233,7 @@ def _pretraining_lines(runs: Sequence[ComparedRun]) -> list[str]:
     for arm in dict.fromkeys(run.arm for run in runs):
         own = [run for run in runs if run.arm == arm]
         pretrainings = sorted({run.pretraining for run in own} - {""})
-        started = ", ".join(f"`{name}`" for name in sorted({run.started_from for run in own}))
+        started = ", ".join(sorted({run.started_from for run in own}))
         if not pretrainings:
             lines.append(f"- {arm}: random weights in all {len(own)} runs.")
         elif len(pretrainings) == 1:

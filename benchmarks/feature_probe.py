@@ -3,7 +3,8 @@
 For the mask box head's localisation set-up on an abdomen phantom (`--phantom`), the network
 is built exactly as `ctxrestore finetune` builds it (weights transferred, head random) and not
 trained. Three linear probes (logistic regression, L-BFGS, features standardised on the training
-pixels) are fitted on the labelled training slices of the split and scored on the test slices,
+pixels) are fitted on the labelled training slices of the split and scored on the test slices
+(`--score-on val`: the validation slices, by which a user may choose between pretrainings),
 as balanced accuracy:
 
 - `organs`: the features the head sees (the decoder's output), one class per organ plus the
@@ -172,6 +173,10 @@ def main() -> None:
         help="also train a fresh linear head on the head input as it is, for these Adam steps",
     )  # fmt: skip
     parser.add_argument(
+        "--score-on", default="test", choices=["test", "val"],
+        help="the split the probes are scored on; 'val' is what a user can choose a pretraining by",
+    )  # fmt: skip
+    parser.add_argument(
         "--batch-statistics", action="store_true",
         help="batch-norm with batch statistics, as fine-tuning's steps (default: running ones)",
     )  # fmt: skip
@@ -194,7 +199,9 @@ def main() -> None:
     kidneys = (values[names.index("kidney_left")], values[names.index("kidney_right")])
     split = split_data(config, data)
     train_items = [data.items[i] for i in split.train]
-    test_items = [data.items[i] for i in split.test]
+    # The probes are scored on these slices: the test split, or the validation split (the labels a
+    # user holds out, by which a pretraining may be chosen without touching the test set).
+    test_items = [data.items[i] for i in getattr(split, args.score_on)]
     runs = [("random", seed) for seed in args.seeds if "random" in args.init]
     runs += [(init, args.split_seed) for init in args.init if init != "random"]
     for init, seed in runs:
@@ -214,6 +221,7 @@ def main() -> None:
         row = {
             "init": init,
             "seed": seed,
+            "scored_on": args.score_on,
             "fresh_decoder_levels": fresh,
             "organs": linear_probe(
                 train["head"], train["organ"], test["head"], test["organ"], len(values) + 1

@@ -571,6 +571,49 @@ def test_compare_names_what_else_differs_and_counts_pretrainings_once(benchmark_
         expected[:3], nan_ok=True)  # fmt: skip
 
 
+def test_compare_averages_several_pretrainings_within_each_seed(benchmark_out, tmp_path):
+    """Every seed fine-tuned from each of two pretrainings, named as one initialisation: the
+    statistics pair random with each seed's average of the two; results.csv keeps every run."""
+    runs = _copied_runs(benchmark_out, tmp_path) / "runs"
+    first = runs / "context_restoration" / "fraction_0.35"
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    for run in sorted(second.iterdir()):  # a second pretraining: other weights, other scores
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["init_weights"] = "1" * 16
+        metrics["test"]["macro_f1"] = metrics["test"]["macro_f1"] / 2 + 0.3
+        write_json(run / "metrics.json", metrics)
+    arms = [f"random={runs}/random/fraction_0.35/*", f"cr={first}/*", f"cr={second}/*"]
+    result = api.compare(arm=arms, reference="random", out=tmp_path / "averaged")
+
+    def scores(folder):
+        return {int(run.name.split("_")[1]): json.loads((run / "metrics.json").read_text())
+                ["test"]["macro_f1"] for run in sorted(folder.iterdir())}  # fmt: skip
+
+    a, b, random = scores(first), scores(second), scores(runs / "random" / "fraction_0.35")
+    seeds = sorted(random)
+    averaged = [(a[s] + b[s]) / 2 for s in seeds]
+    expected = paired_difference(averaged, [random[s] for s in seeds])
+    entry = next(row for row in result.summary_rows if row["method"] == "cr")
+    assert entry["n"] == len(seeds) and entry["pairs"] == len(seeds)
+    assert entry["mean"] == pytest.approx(sum(averaged) / len(seeds))
+    assert (entry["diff_mean"], entry["diff_low"], entry["diff_high"]) == pytest.approx(
+        expected[:3], nan_ok=True)  # fmt: skip
+    rows = _csv(result.results)
+    assert len([r for r in rows if r["method"] == "cr"]) == 2 * len(seeds)  # every run
+    report = result.report.read_text()
+    assert f"cr: {2 * len(seeds)} runs, every seed fine-tuned from each of 2 pretrainings" in report
+    assert f"{3 * len(seeds)} runs of 2 initialisations" in report
+    # A seed without a run from one of the pretrainings: its average would be of another thing.
+    shutil.rmtree(second / f"seed_{seeds[-1]}")
+    missing = rf"seed {seeds[-1]} has none from `.*context_restoration` \(weights 1{{16}}\)"
+    _refused(tmp_path, arms, missing)
+    # Two runs of one seed from the same weights are one run twice, not two pretrainings.
+    shutil.rmtree(second)
+    shutil.copytree(first, second)
+    _refused(tmp_path, arms, r"both 'cr' at fraction 0.35, seed 0, from the same starting weights")
+
+
 def _refused(tmp_path, arms, match, **options):
     with pytest.raises(CtxRestoreError, match=match):
         api.compare(arm=arms, out=tmp_path / "c", **options)

@@ -710,7 +710,8 @@ def compare(
         typer.Option(
             help="NAME=RUNS: an initialisation and its fine-tuning run folders (a folder or a "
             "quoted glob pattern such as 'runs/random_s*'); give --arm once per "
-            "initialisation, or again with the same NAME to add runs."
+            "initialisation, or again with the same NAME to add runs (runs of one seed from "
+            "several pretrainings are averaged within the seed)."
         ),
     ],
     out: Annotated[

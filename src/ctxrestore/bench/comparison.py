@@ -10,7 +10,9 @@ starting weights are listed in the report, since they, too, are in each differen
 
 Runs that started from the same pretrained weights (the fingerprint each run records) share a
 draw of pretraining: the intervals are then over pretrainings, as a benchmark's with
---pretrain-seeds (bench/stats.py).
+--pretrain-seeds (bench/stats.py). An initialisation with runs of every seed from each of
+several pretrainings (a crossed design) is averaged within each seed instead: its intervals
+are over seeds, with those pretrainings held fixed.
 """
 
 from __future__ import annotations
@@ -168,16 +170,42 @@ def collect_runs(arms: Mapping[str, Sequence[str | Path]]) -> list[ComparedRun]:
                 f"{run.folder} is named by two initialisations, '{owner.arm}' and '{run.arm}': "
                 "a run started from one set of weights"
             )
-    seen: dict[tuple[str, str, int], ComparedRun] = {}
+    cells: dict[tuple[str, str, int], list[ComparedRun]] = defaultdict(list)
     for run in runs:
-        other = seen.setdefault((run.arm, *run.key), run)
-        if other is not run:
+        cell = cells[(run.arm, *run.key)]
+        other = next((o for o in cell if o.pretraining == run.pretraining), None)
+        if other is not None:
             raise CtxRestoreError(
                 f"{other.folder} and {run.folder} are both '{run.arm}' at fraction {run.key[0]}, "
-                f"seed {run.key[1]}: an initialisation needs one run per fraction and seed"
+                f"seed {run.key[1]}, from the same starting weights: an initialisation needs one "
+                "run per fraction and seed (or per pretraining, when several are averaged)"
             )
+        cell.append(run)
+    _check_crossed(cells)
     _check_splits(runs)
     return runs
+
+
+def _check_crossed(cells: Mapping[tuple[str, str, int], Sequence[ComparedRun]]) -> None:
+    """An arm with runs from several pretrainings at one seed is averaged within each seed:
+    every seed must then have a run from each of them, or the averages are of different
+    things."""
+    started: dict[tuple[str, str], dict[int, dict[str, ComparedRun]]] = defaultdict(dict)
+    for (arm, fraction, seed), cell in cells.items():
+        started[arm, fraction][seed] = {run.pretraining: run for run in cell}
+    for (arm, fraction), seeds in started.items():
+        if all(len(found) == 1 for found in seeds.values()):
+            continue  # one run per seed: the usual design
+        every = {name: run for found in seeds.values() for name, run in found.items()}
+        for seed, found in sorted(seeds.items()):
+            missing = [every[name].started_from for name in every if name not in found]
+            if missing:
+                raise CtxRestoreError(
+                    f"'{arm}' at fraction {fraction} has runs from {len(every)} pretrainings, "
+                    f"averaged within each seed, but seed {seed} has none from "
+                    f"{', '.join(sorted(missing))}: fine-tune each seed from each pretraining, "
+                    "or compare them as separate initialisations"
+                )
 
 
 def _check_splits(runs: Sequence[ComparedRun]) -> None:
@@ -212,6 +240,24 @@ def _row(run: ComparedRun) -> dict:
     return {**row, **run.metrics["test"]}
 
 
+def _seed_row(cell: Sequence[ComparedRun]) -> dict:
+    """The row an initialisation contributes at one fraction and seed: its run's, or, with runs
+    from several pretrainings, their average (each test metric's mean; `pretrain_seed` names
+    them all, the same label at every seed, so the pairs are over seeds)."""
+    rows = [_row(run) for run in cell]
+    if len(rows) == 1:
+        return rows[0]
+    averaged = dict(rows[0])
+    for key in cell[0].metrics["test"]:
+        values = [row.get(key) for row in rows]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        averaged[key] = sum(values) / len(values) if numbers else None
+    for key in ("pretrain_seed", "environment"):
+        averaged[key] = "+".join(sorted({str(row[key]) for row in rows}))
+    averaged["best_step"] = round(sum(row["best_step"] for row in rows) / len(rows))
+    return averaged
+
+
 def recipe_differences(runs: Sequence[ComparedRun]) -> dict[str, dict[str, list]]:
     """setting -> arm -> the values its runs used, for the config.json settings (beyond the
     starting weights and the grid) that are not the same in every run."""
@@ -234,8 +280,16 @@ def _pretraining_lines(runs: Sequence[ComparedRun]) -> list[str]:
         own = [run for run in runs if run.arm == arm]
         pretrainings = sorted({run.pretraining for run in own} - {""})
         started = ", ".join(sorted({run.started_from for run in own}))
+        crossed = len(own) > len({run.key for run in own})
         if not pretrainings:
             lines.append(f"- {arm}: random weights in all {len(own)} runs.")
+        elif crossed:
+            lines.append(
+                f"- {arm}: {len(own)} runs, every seed fine-tuned from each of "
+                f"{len(pretrainings)} pretrainings ({started}) and the {len(pretrainings)} "
+                "averaged within the seed; its intervals are over seeds and hold these "
+                "pretrainings fixed, so a further pretraining may differ by more than they say."
+            )
         elif len(pretrainings) == 1:
             lines.append(
                 f"- {arm}: all {len(own)} runs started from one pretraining "
@@ -321,9 +375,14 @@ def compare_runs(
     )
     runs = sorted(runs, key=lambda run: (order.index(run.arm), parse_fraction(run.key[0]),
                                          run.key[1]))  # fmt: skip
-    rows = [_row(run) for run in runs]
+    # results.csv: one row per run; the statistics: one per initialisation x fraction x seed
+    # (runs from several pretrainings at a seed averaged).
+    cells: dict[tuple[str, str, int], list[ComparedRun]] = defaultdict(list)
+    for run in runs:
+        cells[(run.arm, *run.key)].append(run)
+    rows = [_seed_row(cell) for cell in cells.values()]
     out.mkdir(parents=True, exist_ok=True)
-    results = write_results(out / RESULTS_FILE, rows)
+    results = write_results(out / RESULTS_FILE, [_row(run) for run in runs])
     extras = extra_metrics(task, metric, list(rows[0]))
     table = summarize(rows, methods=order, fractions=fractions, metric=metric,
                       reference=reference, extras=extras)  # fmt: skip
@@ -333,9 +392,9 @@ def compare_runs(
                             x_values=x_values, x_label=x_label, metric=metric,
                             title=f"{task}: test {metric} against labelled data")  # fmt: skip
     report = _write_report(out / "report.md", protocol, runs, rows, table, plot)
-    logger.info("%d runs of %d initialisations compared; report: %s", len(rows), len(order),
+    logger.info("%d runs of %d initialisations compared; report: %s", len(runs), len(order),
                 report)  # fmt: skip
-    return BenchmarkResult(out, results, summary, plot, report, len(rows), 0, len(rows), table)
+    return BenchmarkResult(out, results, summary, plot, report, len(runs), 0, len(runs), table)
 
 
 def _write_report(
@@ -352,7 +411,7 @@ def _write_report(
     lines = [
         f"# Comparison of fine-tuning runs: {protocol.task}",
         "",
-        f"{len(rows)} runs of {len(protocol.arms)} initialisations at {len(protocol.fractions)} "
+        f"{len(runs)} runs of {len(protocol.arms)} initialisations at {len(protocol.fractions)} "
         f"label fraction(s). Test metric: `{metric}` ({direction} is better); intervals are 95% "
         "Student-t intervals over seeds, differences are paired by fraction and seed (each pair "
         "was checked to share its split).",
@@ -369,7 +428,8 @@ def _write_report(
         *_recipe_lines(runs),
         "",
     ]
-    caveat = environment_caveat(rows).strip()
+    run_rows = [_row(run) for run in runs]  # per run, not per seed: a lost class, a machine
+    caveat = environment_caveat(run_rows).strip()
     if caveat:
         lines += [f"Caveat: {caveat}", ""]
     lines += summary_section(table, metric, reference, {}, plot)
@@ -377,7 +437,7 @@ def _write_report(
         classes = per_class_lines(protocol, rows, other, reference)
         if classes:
             lines += [f"## Per class: {other}", "", *classes, ""]
-    lost = lost_class_lines(protocol, rows)
+    lost = lost_class_lines(protocol, run_rows)
     if lost:
         lines += ["## Lost classes", "", *lost, ""]
     lines += ["## Runs", "", *_runs_table(runs, path.parent, metric), ""]

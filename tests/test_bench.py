@@ -437,7 +437,7 @@ def test_benchmark_writes_results_summary_plot_and_report(benchmark_out):
     for part in ("# Label-efficiency benchmark: classify", "## What the numbers show",
                  "Best initialisation at each fraction", "context_restoration vs random:",
                  "Context restoration, the paper's method", "With all labels (fraction 1.0)",
-                 "## Summary", "| fraction | initialisation | runs | macro_f1 (95% CI) |",
+                 "## Summary", "| fraction | initialisation | seeds | macro_f1 (95% CI) |",
                  "![macro_f1 against label fraction](plot.png)", "## Pretraining",
                  "## Settings", "Caveats", "## Per class", "per class (`f1/<class>`",
                  "| class | 0.35 | 1.0 |", "| head |"):  # fmt: skip

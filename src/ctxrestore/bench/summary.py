@@ -192,7 +192,7 @@ def markdown_table(
     """The summary as Markdown lines; `labels`: method name -> what the table shows."""
     lower = not higher_is_better(metric)
     extras = [key[: -len(" mean")] for key in summary[0] if key.endswith(" mean")]
-    header = ["fraction", "initialisation", "runs", f"{metric} (95% CI)"]
+    header = ["fraction", "initialisation", "seeds", f"{metric} (95% CI)"]
     if reference is not None:
         header += [f"difference from {reference} (95% CI)", "better in"]
         if lower:

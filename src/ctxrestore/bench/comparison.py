@@ -240,15 +240,15 @@ def _row(run: ComparedRun) -> dict:
     return {**row, **run.metrics["test"]}
 
 
-def _seed_row(cell: Sequence[ComparedRun]) -> dict:
-    """The row an initialisation contributes at one fraction and seed: its run's, or, with runs
-    from several pretrainings, their average (each test metric's mean; `pretrain_seed` names
-    them all, the same label at every seed, so the pairs are over seeds)."""
-    rows = [_row(run) for run in cell]
+def _seed_row(rows: Sequence[dict], test_metrics: Sequence[str]) -> dict:
+    """The row an initialisation contributes at one fraction and seed: its run's row, or, with
+    runs from several pretrainings, their average (each of `test_metrics`' mean;
+    `pretrain_seed` names them all, the same label at every seed, so the pairs are over
+    seeds)."""
     if len(rows) == 1:
         return rows[0]
     averaged = dict(rows[0])
-    for key in cell[0].metrics["test"]:
+    for key in test_metrics:
         values = [row.get(key) for row in rows]
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         averaged[key] = sum(values) / len(values) if numbers else None
@@ -377,12 +377,13 @@ def compare_runs(
                                          run.key[1]))  # fmt: skip
     # results.csv: one row per run; the statistics: one per initialisation x fraction x seed
     # (runs from several pretrainings at a seed averaged).
-    cells: dict[tuple[str, str, int], list[ComparedRun]] = defaultdict(list)
-    for run in runs:
-        cells[(run.arm, *run.key)].append(run)
-    rows = [_seed_row(cell) for cell in cells.values()]
+    run_rows = [_row(run) for run in runs]
+    cells: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
+    for run, row in zip(runs, run_rows):
+        cells[(run.arm, *run.key)].append(row)
+    rows = [_seed_row(cell, list(runs[0].metrics["test"])) for cell in cells.values()]
     out.mkdir(parents=True, exist_ok=True)
-    results = write_results(out / RESULTS_FILE, [_row(run) for run in runs])
+    results = write_results(out / RESULTS_FILE, run_rows)
     extras = extra_metrics(task, metric, list(rows[0]))
     table = summarize(rows, methods=order, fractions=fractions, metric=metric,
                       reference=reference, extras=extras)  # fmt: skip
@@ -391,7 +392,7 @@ def compare_runs(
     plot = save_metric_plot(out / "plot.png", table, methods=order, fractions=fractions,
                             x_values=x_values, x_label=x_label, metric=metric,
                             title=f"{task}: test {metric} against labelled data")  # fmt: skip
-    report = _write_report(out / "report.md", protocol, runs, rows, table, plot)
+    report = _write_report(out / "report.md", protocol, runs, run_rows, rows, table, plot)
     logger.info("%d runs of %d initialisations compared; report: %s", len(runs), len(order),
                 report)  # fmt: skip
     return BenchmarkResult(out, results, summary, plot, report, len(runs), 0, len(runs), table)
@@ -401,10 +402,13 @@ def _write_report(
     path: Path,
     protocol: Protocol,
     runs: Sequence[ComparedRun],
+    run_rows: Sequence[dict],
     rows: Sequence[dict],
     table: Sequence[dict],
     plot: Path,
 ) -> Path:
+    """report.md; `run_rows`: one per run (a lost class, a machine belong to runs), `rows`:
+    one per initialisation x fraction x seed (the statistics)."""
     metric, reference = protocol.metric, protocol.reference
     others = [arm.name for arm in protocol.arms if arm.name != reference]
     direction = "higher" if higher_is_better(metric) else "lower"
@@ -428,7 +432,6 @@ def _write_report(
         *_recipe_lines(runs),
         "",
     ]
-    run_rows = [_row(run) for run in runs]  # per run, not per seed: a lost class, a machine
     caveat = environment_caveat(run_rows).strip()
     if caveat:
         lines += [f"Caveat: {caveat}", ""]

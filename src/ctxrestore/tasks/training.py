@@ -23,11 +23,7 @@ from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import list_phantoms
 from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
-from ctxrestore.engine.checkpoint import (
-    WEIGHTS_FILE,
-    load_checkpoint,
-    weights_fingerprint,
-)
+from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint, weights_fingerprint
 from ctxrestore.engine.distributed import barrier, setup_distributed, teardown_distributed
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (

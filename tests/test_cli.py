@@ -16,6 +16,7 @@ import ctxrestore
 from ctxrestore import api
 from ctxrestore.cli import app
 from ctxrestore.pretext.training import PretrainConfig
+from ctxrestore.tasks.probe import ProbeConfig
 from ctxrestore.tasks.training import FinetuneConfig
 
 runner = CliRunner()
@@ -23,8 +24,9 @@ runner = CliRunner()
 
 @pytest.mark.parametrize(
     "name",
-    ["pretrain", "finetune", "benchmark", "ablate", "compare", "predict", "demo", "phantoms"],
-)
+    ["pretrain", "finetune", "benchmark", "ablate", "compare", "probe", "predict", "demo",
+     "phantoms"],
+)  # fmt: skip
 def test_cli_and_api_share_options_and_defaults(name):
     command = get_command(app).commands[name]
     cli = {param.name: param.default for param in command.params}
@@ -40,7 +42,8 @@ def test_cli_and_api_share_options_and_defaults(name):
 
 
 @pytest.mark.parametrize(
-    ("function", "config"), [(api.pretrain, PretrainConfig), (api.finetune, FinetuneConfig)]
+    ("function", "config"),
+    [(api.pretrain, PretrainConfig), (api.finetune, FinetuneConfig), (api.probe, ProbeConfig)],
 )
 def test_api_options_are_the_config_fields(function, config):
     fields = {f.name: f.default for f in config.__dataclass_fields__.values()}
@@ -49,7 +52,7 @@ def test_api_options_are_the_config_fields(function, config):
     for key, parameter in signature.items():
         default = parameter.default
         default = default.value if hasattr(default, "value") else default
-        if key not in ("out", "task"):
+        if key not in ("out", "task") and default is not inspect.Parameter.empty:
             assert fields[key] == default, key
 
 

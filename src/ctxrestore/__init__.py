@@ -11,6 +11,7 @@ from ctxrestore.api import (
     load_pretrained,
     predict,
     pretrain,
+    probe,
 )
 from ctxrestore.corruption import ContextRestoration, ContextRestorationd, context_restoration
 
@@ -27,4 +28,5 @@ __all__ = [
     "load_pretrained",
     "predict",
     "pretrain",
+    "probe",
 ]

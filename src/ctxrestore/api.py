@@ -25,6 +25,7 @@ from ctxrestore.pretext.training import PretrainConfig, PretrainResult, run_pret
 from ctxrestore.pretext.training import load_pretrained as _load_pretrained
 from ctxrestore.tasks.localize import BOX_HEADS
 from ctxrestore.tasks.predict import PredictResult, run_prediction
+from ctxrestore.tasks.probe import ProbeConfig, ProbeResult, run_probe
 from ctxrestore.tasks.training import TASK_NAMES, FinetuneConfig, FinetuneResult, run_finetuning
 
 logger = logging.getLogger(__name__)
@@ -736,6 +737,98 @@ def compare(
         name, runs = parse_arm(text)
         arms.setdefault(name, []).append(runs)
     return compare_runs(out, arms, reference=reference, metric=metric)
+
+
+def probe(
+    task: Annotated[Task, typer.Argument(help="classify, localize or segment.")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(help="Labelled data, as for finetune; omit it for the task's phantom."),
+    ] = None,
+    *,
+    init: Annotated[
+        list[str],
+        typer.Option(
+            help="A pretraining run folder, or 'random'; give --init once per initialisation "
+            "to compare (for example several pretrainings of one recipe)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for probe.csv, probe.json and report.md.")] = (
+        Path("runs/probe")
+    ),
+    fraction: Annotated[
+        str,
+        typer.Option(
+            help="Labelled training cases the probe is fitted on, as finetune's --fraction (the "
+            "same seed and fraction give the same split)."
+        ),
+    ] = "1.0",
+    seed: Annotated[
+        int, typer.Option(help="Seed of the split (and of random weights), as finetune's.")
+    ] = 0,
+    score_on: Annotated[
+        str,
+        typer.Option(
+            help="Split the probe is scored on: val (choose a pretraining without touching the "
+            "test split) or test."
+        ),
+    ] = "val",
+    max_samples_per_class: Annotated[
+        int,
+        typer.Option(help="Samples (voxels, or images for classify) kept per class and split."),
+    ] = 20_000,
+    phantom: Annotated[
+        Phantom | None,
+        typer.Option(help="Phantom used when DATA is omitted (default: the task's)."),
+    ] = None,
+    num_images: Annotated[int, typer.Option(help="Phantom images (cases) in all splits.")] = 1000,
+    spatial_dims: Annotated[int, typer.Option(help="2 for images, 3 for volumes.")] = 2,
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="As finetune's: default 128 for localize, 64 for the others."),
+    ] = None,
+    width: Annotated[
+        int, typer.Option(help="First-stage channels of a randomly initialised network.")
+    ] = 16,
+    test_fraction: Annotated[float, typer.Option(help="Cases held out for the test.")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Cases held out for validation.")] = 0.1,
+    box_head: _BoxHead = "regression",
+    transfer_stages: Annotated[
+        int | None,
+        typer.Option(help="As finetune's: transfer only the first N encoder stages."),
+    ] = None,
+    fresh_decoder_levels: Annotated[
+        int, typer.Option(help="As finetune's: the last N decoder levels start random.")
+    ] = 0,
+    adapt_channels: Annotated[
+        bool,
+        typer.Option(help="Repeat / average the first pretrained layer over other channel counts."),
+    ] = False,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
+    modality: _Modality = None,
+    window: _Window = None,
+    target_spacing: _TargetSpacing = None,
+    slice_axis: _SliceAxis = 0,
+    cache: _Cache = True,
+    cache_dir: _CacheDir = None,
+    skip_bad: _SkipBad = False,
+) -> ProbeResult:
+    """Rank initialisations by a linear probe of their untrained features, in minutes.
+
+    Builds each network as `finetune` with the same options would start it, fits a
+    class-weighted logistic regression on the features its new head would read (per voxel for
+    segment and localize, per image for classify) over the labelled training split, and scores
+    it on the validation split as balanced accuracy. Writes OUT/probe.csv, probe.json and
+    report.md. Use it to choose between pretrainings of one recipe, then fine-tune the best.
+    """
+    options = {key: _value(value) for key, value in locals().items()}
+    result = run_probe(ProbeConfig(**options))
+    best = result.best()
+    logger.info(
+        "best: %s (balanced accuracy %.3f on %s); report in %s",
+        best["init"], best["balanced_accuracy"], best["scored_on"], result.out / "report.md",
+    )  # fmt: skip
+    return result
 
 
 def predict(

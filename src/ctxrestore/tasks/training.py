@@ -213,7 +213,7 @@ def encoder_config(pretrained_model_spec: dict) -> dict:
     return model_spec(pretrained_model_spec["name"], **pretrained_model_spec["kwargs"])["encoder"]
 
 
-def _check_init(
+def check_init(
     config: FinetuneConfig, data: LabelledData, state: dict | None, spec: dict | None
 ) -> tuple[dict | None, dict | None]:
     """(pretrained state, pretrained spec), checked against the data before any training."""
@@ -409,7 +409,7 @@ def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
             if config.resume:
                 check_same_start(out, Path(config.init), init_weights)
         data = load_data(config, init_spec)
-        pretrained = _check_init(config, data, state, init_spec)
+        pretrained = check_init(config, data, state, init_spec)
         split = split_data(config, data)
         train_items = [data.items[i] for i in split.train]
         check_every_class_trained(data.task, train_items, config.fraction, split)

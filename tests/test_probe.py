@@ -18,10 +18,12 @@ from ctxrestore.tasks.localize import LocalizationTask
 from ctxrestore.tasks.probe import (
     IGNORED,
     ProbeConfig,
+    _batches,
     balanced_accuracy,
     box_labels,
     class_recalls,
     collect,
+    estimate_statistics,
     fit_linear_probe,
     keep_rates,
     predict_linear_probe,
@@ -233,3 +235,43 @@ def test_pretrainings_on_differently_scaled_files_are_refused(tmp_path, blind_pr
     result = ctxrestore.probe(task="segment", data=data, init=folders, out=tmp_path / "p",
                               modality="generic", **TINY)  # fmt: skip
     assert len(result.rows) == 2
+
+
+def test_a_glob_pattern_stands_for_the_pretrainings_it_matches(tmp_path, blind_pretraining):
+    state, spec = load_checkpoint(blind_pretraining)
+    for draw in (1, 0):
+        save_checkpoint(tmp_path / f"pre_s{draw}", state, spec)
+    (tmp_path / "pre_s0.log").write_text("the log beside a run is not a pretraining")
+    config = ProbeConfig(
+        task="segment", out=tmp_path / "p", init=["random", str(tmp_path / "pre_s*")]
+    )
+    assert config.init == ("random", str(tmp_path / "pre_s0"), str(tmp_path / "pre_s1"))
+    with pytest.raises(CtxRestoreError, match="no folder matches"):
+        ProbeConfig(task="segment", out=tmp_path / "p", init=[str(tmp_path / "other_*")])
+
+
+def test_volumes_are_probed_per_voxel(tmp_path):
+    result = ctxrestore.probe(task="segment", init=["random"], out=tmp_path, spatial_dims=3,
+                              **{**TINY, "image_size": 16, "num_images": 12})  # fmt: skip
+    row = result.rows[0]
+    assert row["features"] == "decoder" and row["channels"] == TINY["width"]
+    # every voxel of the one validation volume up to the cap: 16**3 = 4,096
+    assert row["scored_samples"] == 16**3
+    assert 0.0 <= row["balanced_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_chunks_hold_at_least_two_items_and_every_item_once(spatial_dims):
+    shape = (1,) + (4,) * spatial_dims
+    for count in range(2, 41):
+        items = [{"image": torch.full(shape, float(index))} for index in range(count)]
+        chunks = [batch["image"][:, 0].flatten(1)[:, 0].tolist() for batch in _batches(items)]
+        assert all(len(chunk) >= 2 for chunk in chunks), (count, chunks)
+        assert [index for chunk in chunks for index in chunk] == list(range(count))
+
+
+def test_one_training_image_is_refused_by_name():
+    model = build_model(unet_spec(2, 1, 2, {"stage_channels": [4, 8], "convs_per_stage": [1, 1],
+                                           "norm": "batch"}))  # fmt: skip
+    with pytest.raises(CtxRestoreError, match="one labelled training image"):
+        estimate_statistics(model, [{"image": torch.zeros(1, 16, 16)}], torch.device("cpu"))

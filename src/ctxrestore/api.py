@@ -749,8 +749,9 @@ def probe(
     init: Annotated[
         list[str],
         typer.Option(
-            help="A pretraining run folder, or 'random'; give --init once per initialisation "
-            "to compare (for example several pretrainings of one recipe)."
+            help="A pretraining run folder, a quoted glob pattern of them (several "
+            "pretrainings of one recipe: 'runs/pre_s*'), or 'random'; give --init once per "
+            "initialisation or pattern."
         ),
     ],
     out: Annotated[Path, typer.Option(help="Folder for probe.csv, probe.json and report.md.")] = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -46,3 +47,18 @@ def read_json(path: Path | str) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CtxRestoreError(f"{path} is not valid JSON: {error}") from None
+
+
+def matching_folders(pattern: str, what: str) -> list[Path]:
+    """The folders a pattern names: a folder itself, or the folders a glob matches, sorted
+    (files it also matches, such as the log files beside runs, are left out). `what` names
+    the folders the user meant, for the error."""
+    if not glob.has_magic(pattern):
+        folder = Path(pattern)
+        if not folder.is_dir():
+            raise CtxRestoreError(f"{folder} is not a folder ({what})")
+        return [folder]
+    folders = sorted(Path(match) for match in glob.glob(pattern) if Path(match).is_dir())
+    if not folders:
+        raise CtxRestoreError(f"no folder matches '{pattern}' ({what})")
+    return folders

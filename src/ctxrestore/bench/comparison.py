@@ -17,7 +17,6 @@ are over seeds, with those pretrainings held fixed.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import re
@@ -55,7 +54,7 @@ from ctxrestore.data.splits import parse_fraction
 from ctxrestore.engine.environment import environment_fingerprint
 from ctxrestore.engine.run_folder import CONFIG_FILE, METRICS_FILE
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.files import atomic_write, read_json
+from ctxrestore.files import atomic_write, matching_folders, read_json
 from ctxrestore.tasks.training import SPLIT_FILE
 
 logger = logging.getLogger(__name__)
@@ -117,17 +116,8 @@ def parse_arm(text: str) -> tuple[str, str]:
 
 
 def run_folders(pattern: str) -> list[Path]:
-    """The folders a pattern names: a folder itself, or the folders a glob matches (files it
-    also matches, such as the runs' log files beside them, are left out)."""
-    if not glob.has_magic(pattern):
-        folder = Path(pattern)
-        if not folder.is_dir():
-            raise CtxRestoreError(f"{folder} is not a folder (a fine-tuning run's OUT)")
-        return [folder]
-    folders = sorted(Path(match) for match in glob.glob(pattern) if Path(match).is_dir())
-    if not folders:
-        raise CtxRestoreError(f"no folder matches '{pattern}'")
-    return folders
+    """The fine-tuning run folders a folder name or glob pattern names."""
+    return matching_folders(pattern, "a fine-tuning run's OUT")
 
 
 def load_run(arm: str, folder: Path) -> ComparedRun:

@@ -142,21 +142,24 @@ def _stay_in_eval_mode(module: nn.Module, inputs) -> None:
     module.training = False
 
 
-def estimate_missing_statistics(module: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+def estimate_missing_statistics(
+    module: nn.Module, batches: Iterable[torch.Tensor], every_layer: bool = False
+) -> int:
     """Running statistics for the BatchNorm layers of `module` that never saw data (random
     weights), from one pass over `batches`; returns how many layers were estimated.
 
     A fresh BatchNorm's statistics (mean 0, variance 1) do not describe its input, so in eval
     mode it does not normalise: through a random SonoNet encoder the features shrank 10^5-fold
     and a frozen random encoder scored as a constant guess (docs/experiments.md, 23). Layers
-    with statistics (a pretrained encoder's) are left as they are.
+    with statistics (a pretrained encoder's) are left as they are, unless `every_layer`: then
+    all are estimated again on these batches (the images a new task normalises by).
     """
     fresh = [
         part
         for part in module.modules()
         if isinstance(part, nn.modules.batchnorm._BatchNorm)
         and part.track_running_stats
-        and int(part.num_batches_tracked) == 0
+        and (every_layer or int(part.num_batches_tracked) == 0)
     ]
     if not fresh:
         return 0

@@ -12,7 +12,8 @@ would read are collected on the labelled training split:
   regression head's neck starts random for every initialisation, so its output would probe
   random layers), with the same per-voxel organ targets.
 
-Normalisation layers use each chunk's batch statistics, as fine-tuning's training steps do.
+Normalisation layers use statistics estimated on the labelled training images (the average
+of their batch statistics, which fine-tuning's first steps normalise by).
 
 A class-weighted multinomial logistic regression (L-BFGS, features standardised on the
 training samples) is fitted on them and scored on the validation split (or the test split)
@@ -29,6 +30,8 @@ all and gained 1%; experiment 38), so the report says to compare draws of one re
 from __future__ import annotations
 
 import csv
+import glob
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -43,10 +46,11 @@ from ctxrestore.data.loading import FileOptions
 from ctxrestore.engine.checkpoint import load_checkpoint, weights_fingerprint
 from ctxrestore.engine.distributed import resolve_device
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.files import atomic_write, write_json
+from ctxrestore.files import atomic_write, matching_folders, write_json
 from ctxrestore.models.classifier import Classifier
 from ctxrestore.models.localizer import Localizer
 from ctxrestore.models.network import EncoderDecoder
+from ctxrestore.models.transfer import estimate_missing_statistics
 from ctxrestore.tasks.localize import box_masks, organ_labels
 from ctxrestore.tasks.training import (
     FinetuneConfig,
@@ -104,7 +108,15 @@ class ProbeConfig(FileOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        inits = tuple(self.init)
+        # a glob pattern stands for the pretraining folders it matches (K draws of a recipe)
+        inits = tuple(
+            str(folder)
+            for init in self.init
+            for folder in (
+                [init] if init == "random" or not glob.has_magic(init)
+                else matching_folders(init, "pretraining run folders")
+            )
+        )  # fmt: skip
         if not inits:
             raise CtxRestoreError("give at least one --init (a pretraining folder or 'random')")
         repeated = sorted({init for init in inits if inits.count(init) > 1})
@@ -223,9 +235,15 @@ def probe_class_names(task) -> tuple[str, ...]:
 
 
 def _batches(items: Sequence[dict]):
-    size = CHUNK[items[0]["image"].ndim - 1] if items else 1
-    for start in range(0, len(items), size):
-        chunk = items[start : start + size]
+    """The items in chunks of near-equal size (never one item beside larger chunks: batch
+    statistics of one image at a one-voxel stage do not exist)."""
+    if not items:
+        return
+    count = math.ceil(len(items) / CHUNK[items[0]["image"].ndim - 1])
+    count = max(1, min(count, len(items) // 2))  # chunks of at least two items
+    bounds = [round(index * len(items) / count) for index in range(count + 1)]
+    for start, stop in itertools.pairwise(bounds):
+        chunk = items[start:stop]
         yield {key: torch.stack([item[key] for item in chunk]) for key in chunk[0]
                if isinstance(chunk[0][key], torch.Tensor)}  # fmt: skip
 
@@ -239,15 +257,27 @@ def keep_rates(task, items: Sequence[dict], num_classes: int, cap: int) -> torch
     return (cap / counts.clamp_min(1)).clamp(max=1.0)
 
 
+def estimate_statistics(model: nn.Module, items: Sequence[dict], device: torch.device) -> None:
+    """Every normalisation layer's statistics from the labelled training images: the average
+    of their batch statistics, which fine-tuning's first steps normalise by (random weights'
+    running statistics are their initial 0 and 1, and a pretraining's describe its own
+    images). Train and scored splits are then normalised alike, whatever their chunking."""
+    if len(items) < 2:
+        raise CtxRestoreError(
+            "one labelled training image: normalisation statistics need at least two; use a "
+            "larger --fraction"
+        )
+    batches = (batch["image"].to(device) for batch in _batches(items))
+    estimate_missing_statistics(model.to(device), batches, every_layer=True)
+
+
 def collect(
     model: nn.Module, task, items: Sequence[dict], rates: torch.Tensor, device: torch.device,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(samples, F) features and (samples,) classes: each class's samples kept at its rate."""
     features, targets = [], []
-    # Batch statistics, as fine-tuning's steps normalise (random weights' running statistics
-    # are their initial 0 and 1, which no step uses); the probed copy is thrown away after.
-    model.to(device).train()
+    model.to(device).eval()
     with torch.no_grad():
         for batch in _batches(items):
             target = probe_targets(task, batch)
@@ -360,6 +390,7 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
         state, spec = checkpoints[init]
         pretrained = check_init(finetune, data, state, spec)
         model, _, transfer = build_network(finetune, task, data, pretrained)
+        estimate_statistics(model, train_items, device)
         generator = torch.Generator().manual_seed(0)  # the same samples for every init
         train_x, train_y = collect(model, task, train_items, train_rates, device, generator)
         score_x, score_y = collect(model, task, score_items, score_rates, device, generator)

@@ -189,7 +189,7 @@ def pretrain(
     width: Annotated[
         int, typer.Option(help="Channels of the first stage (doubled per stage in a U-Net).")
     ] = 16,
-    spatial_dims: Annotated[int, typer.Option(help="2 for images, 3 for volumes.")] = 2,
+    spatial_dims: _SpatialDims = 2,
     image_size: Annotated[
         int, typer.Option(help="Images are resized to this size along every axis.")
     ] = 64,
@@ -277,6 +277,24 @@ def load_pretrained(folder: Path | str, device: str = "cpu") -> torch.nn.Module:
     return _load_pretrained(folder, device)
 
 
+# Options that `finetune` and `probe` share (the probed network is the fine-tuning's).
+_TaskPhantom = Annotated[
+    Phantom | None,
+    typer.Option(help="Phantom used when DATA is omitted (default: the task's)."),
+]
+_NumImages = Annotated[int, typer.Option(help="Phantom images (cases) in all splits.")]
+_SpatialDims = Annotated[int, typer.Option(help="2 for images, 3 for volumes.")]
+_RandomWidth = Annotated[
+    int, typer.Option(help="First-stage channels of a randomly initialised network.")
+]
+_TestFraction = Annotated[float, typer.Option(help="Cases held out for the test.")]
+_ValFraction = Annotated[float, typer.Option(help="Cases held out for validation.")]
+_AdaptChannels = Annotated[
+    bool,
+    typer.Option(help="Repeat / average the first pretrained layer over other channel counts."),
+]
+
+
 def finetune(
     task: Annotated[Task, typer.Argument(help="classify, localize or segment.")],
     data: Annotated[
@@ -302,12 +320,9 @@ def finetune(
             "count ('25')."
         ),
     ] = "1.0",
-    phantom: Annotated[
-        Phantom | None,
-        typer.Option(help="Phantom used when DATA is omitted (default: the task's)."),
-    ] = None,
-    num_images: Annotated[int, typer.Option(help="Phantom images (cases) in all splits.")] = 1000,
-    spatial_dims: Annotated[int, typer.Option(help="2 for images, 3 for volumes.")] = 2,
+    phantom: _TaskPhantom = None,
+    num_images: _NumImages = 1000,
+    spatial_dims: _SpatialDims = 2,
     image_size: Annotated[
         int | None,
         typer.Option(
@@ -315,11 +330,9 @@ def finetune(
             "64 for the others."
         ),
     ] = None,
-    width: Annotated[
-        int, typer.Option(help="First-stage channels of a randomly initialised network.")
-    ] = 16,
-    test_fraction: Annotated[float, typer.Option(help="Cases held out for the test.")] = 0.2,
-    val_fraction: Annotated[float, typer.Option(help="Cases held out for validation.")] = 0.1,
+    width: _RandomWidth = 16,
+    test_fraction: _TestFraction = 0.2,
+    val_fraction: _ValFraction = 0.1,
     batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 16,
     epochs: Annotated[
         int, typer.Option(help="Epochs (at least 20 steps each) unless stopped early.")
@@ -372,10 +385,7 @@ def finetune(
         bool, typer.Option(help="Affine + intensity augmentation (never left-right flips).")
     ] = True,
     balance: Annotated[bool, typer.Option(help="Weight the loss against class imbalance.")] = True,
-    adapt_channels: Annotated[
-        bool,
-        typer.Option(help="Repeat / average the first pretrained layer over other channel counts."),
-    ] = False,
+    adapt_channels: _AdaptChannels = False,
     seed: Annotated[
         int, typer.Option(help="Seed of the split, the new weights and the order.")
     ] = 0,
@@ -778,21 +788,16 @@ def probe(
         int,
         typer.Option(help="Samples (voxels, or images for classify) kept per class and split."),
     ] = 20_000,
-    phantom: Annotated[
-        Phantom | None,
-        typer.Option(help="Phantom used when DATA is omitted (default: the task's)."),
-    ] = None,
-    num_images: Annotated[int, typer.Option(help="Phantom images (cases) in all splits.")] = 1000,
-    spatial_dims: Annotated[int, typer.Option(help="2 for images, 3 for volumes.")] = 2,
+    phantom: _TaskPhantom = None,
+    num_images: _NumImages = 1000,
+    spatial_dims: _SpatialDims = 2,
     image_size: Annotated[
         int | None,
         typer.Option(help="As finetune's: default 128 for localize, 64 for the others."),
     ] = None,
-    width: Annotated[
-        int, typer.Option(help="First-stage channels of a randomly initialised network.")
-    ] = 16,
-    test_fraction: Annotated[float, typer.Option(help="Cases held out for the test.")] = 0.2,
-    val_fraction: Annotated[float, typer.Option(help="Cases held out for validation.")] = 0.1,
+    width: _RandomWidth = 16,
+    test_fraction: _TestFraction = 0.2,
+    val_fraction: _ValFraction = 0.1,
     box_head: _BoxHead = "regression",
     transfer_stages: Annotated[
         int | None,
@@ -801,10 +806,7 @@ def probe(
     fresh_decoder_levels: Annotated[
         int, typer.Option(help="As finetune's: the last N decoder levels start random.")
     ] = 0,
-    adapt_channels: Annotated[
-        bool,
-        typer.Option(help="Repeat / average the first pretrained layer over other channel counts."),
-    ] = False,
+    adapt_channels: _AdaptChannels = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
     modality: _Modality = None,
     window: _Window = None,

@@ -463,12 +463,13 @@ def probe_report(config: ProbeConfig, rows: list[dict], split, source: str) -> s
     lines += [
         "",
         "How to read it: the probe tells what a linear head could read from the starting "
-        "features before any fine-tuning step, in minutes. Between pretrainings of one recipe "
-        "(seeds, machines) it ranked four draws in the order of their fine-tuned box error "
-        "(docs/experiments.md 48): pretrain more than once and fine-tune the draw it reads "
-        "best. Between different pretexts it does not predict transfer (a dense contrastive "
-        "pretext probed best of all and gained 1%; experiment 38), and it is no substitute "
-        "for fine-tuning the one you keep. Scored on the validation split it uses no test "
-        "image.",
+        "features before any fine-tuning step, in seconds to minutes. Between pretrainings of "
+        "one recipe (seeds, machines) it told the weak draws from the strong ones in the order "
+        "of their fine-tuned box error, on every split tried (docs/experiments.md 48-49): "
+        "pretrain more than once and fine-tune the draw it reads best; differences of a few "
+        "thousandths are not a ranking. Between different pretexts it does not predict "
+        "transfer (a dense contrastive pretext probed best of all and gained 1%; experiment "
+        "38), and it is no substitute for fine-tuning the one you keep. Scored on the "
+        "validation split it uses no test image.",
     ]
     return "\n".join(lines) + "\n"

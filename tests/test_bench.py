@@ -424,6 +424,7 @@ def test_benchmark_writes_results_summary_plot_and_report(benchmark_out):
     for column in ("task", "train_cases", "steps", "best_step", "macro_f1", "accuracy"):
         assert column in rows[0], column
     assert {r["train_cases"] for r in rows if r["fraction"] == "0.35"} == {"10"}
+    assert not (benchmark_out / "probe").exists()  # one pretraining each: no draws to compare
     # Every run in one environment, named: what its numbers were computed on.
     capability = torch.backends.cpu.get_cpu_capability()
     assert {r["environment"] for r in rows} == {
@@ -705,6 +706,17 @@ def test_each_seed_fine_tunes_from_its_own_pretraining_with_pretrain_seeds(tmp_p
     assert "the paired intervals are over the 2 pretrainings" in report
     assert "](pretrain/context_restoration/seed_1/report.md) | 1 |" in report
     assert "| 1.0: " in report and "(2 runs) |" in report and "(1 run) |" in report
+    # Each pretraining's linear probe, on seed 0's split, beside its transfer.
+    with (tmp_path / "out" / "probe" / "context_restoration" / "probe.csv").open() as handle:
+        probed = list(csv.DictReader(handle))
+    assert [Path(row["init"]).name for row in probed] == ["seed_0", "seed_1"]
+    assert "| linear probe before fine-tuning | its fine-tunes against random" in report
+    for draw, row in enumerate(probed):
+        cells = next(line for line in report.splitlines()
+                     if f"seed_{draw}/report.md) | {draw} |" in line).split(" | ")  # fmt: skip
+        assert cells[-2] == f"{float(row['balanced_accuracy']):.3g}"
+    assert "on the split of seed 0 at fraction 1.0, scored on its validation images" in report
+    assert not (tmp_path / "out" / "probe" / "random").exists()  # nothing pretrained to probe
     # The pairing of finished runs depends on it: another count in the same OUT is refused.
     with pytest.raises(CtxRestoreError, match=r"pretrain_seeds: 2 -> 3"):
         api.benchmark(out=tmp_path / "out", **{**options, "pretrain_seeds": 3})

@@ -51,6 +51,7 @@ from ctxrestore.pretext.training import (
 )
 from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS, boxes_only
 from ctxrestore.tasks.localize import BOXES_ONLY_MESSAGE, DECODER_BOX_HEADS, check_box_head
+from ctxrestore.tasks.probe import ProbeConfig, run_probe
 from ctxrestore.tasks.training import DEFAULT_IMAGE_SIZES, TASK_NAMES, check_fresh_decoder_levels
 
 logger = logging.getLogger(__name__)
@@ -455,6 +456,31 @@ def _check_pretext(config: PretrainConfig, arm: Arm) -> None:
         raise CtxRestoreError(f"initialisation {arm.title}: {error}") from None
 
 
+def probe_pretrainings(protocol: Protocol) -> dict[tuple[str, int], float]:
+    """With several pretrainings per initialisation, each one's linear probe (`ctxrestore
+    probe`, into OUT/probe/<arm>/) on the split of the first seed and fraction, scored on its
+    validation split: (arm, pretraining seed) -> balanced accuracy. Pretrainings of one recipe
+    differ by up to the whole gain, and the probe told the weak draws from the strong ones
+    before fine-tuning (docs/experiments.md 48-49); the report puts it beside each draw's
+    transfer, so every such benchmark tests that again."""
+    if protocol.pretrain_seeds == 1:
+        return {}
+    fraction, seed = protocol.fractions[0], protocol.seeds[0]
+    scores = {}
+    for arm in protocol.arms:
+        if arm.pretrain is None:
+            continue
+        draws = range(protocol.pretrain_seeds)
+        folders = [str(protocol.pretrain_folder(arm, draw)) for draw in draws]
+        finetune = protocol.finetune_config(arm, fraction, seed)
+        probed = run_probe(
+            ProbeConfig.for_finetuning(finetune, folders, protocol.out / "probe" / arm.name)
+        )
+        for draw, row in zip(draws, probed.rows):
+            scores[arm.name, draw] = row["balanced_accuracy"]
+    return scores
+
+
 def run_protocol(protocol: Protocol) -> BenchmarkResult:
     """Run the grid (resuming), then write results.csv, summary.csv, plot.png, report.md."""
     grid = run_grid(protocol)
@@ -483,7 +509,8 @@ def run_protocol(protocol: Protocol) -> BenchmarkResult:
         labels={arm.name: arm.title for arm in protocol.arms},
         title=f"{protocol.task}: test {metric} against labelled data",
     )
-    report = write_report(out / "report.md", protocol, rows, table, plot)
+    report = write_report(out / "report.md", protocol, rows, table, plot,
+                          probes=probe_pretrainings(protocol))  # fmt: skip
     logger.info("%d runs (%d trained now, %d finished before); report: %s",
                 len(rows), grid.trained, grid.skipped, report)  # fmt: skip
     return BenchmarkResult(out, results, summary, plot, report, len(rows), grid.trained,

@@ -230,15 +230,22 @@ def _transfer_of(
 
 
 def pretraining_lines(
-    protocol: Protocol, rows: Sequence[dict] = (), reference: str | None = None
+    protocol: Protocol,
+    rows: Sequence[dict] = (),
+    reference: str | None = None,
+    probes: dict[tuple[str, int], float] | None = None,
 ) -> list[str]:
     """The pretraining runs; with several per initialisation, each one's transfer (its
-    fine-tunes against `reference`): restoring as well does not mean transferring as well."""
+    fine-tunes against `reference`): restoring as well does not mean transferring as well;
+    and with `probes`, each one's linear probe (benchmark.probe_pretrainings)."""
     transfer = protocol.pretrain_seeds > 1 and reference is not None
     header = (
         "| initialisation | seed | steps | final loss | what the pretext's held-out metrics show |"
     )
     rule = "| --- | --- | --- | --- | --- |"
+    if probes:
+        header += " linear probe before fine-tuning |"
+        rule += " --- |"
     if transfer:
         header += f" its fine-tunes against {reference} (mean paired difference) |"
         rule += " --- |"
@@ -251,9 +258,21 @@ def pretraining_lines(
             f"| [{arm.title}]({link}/report.md) | {seed} | {metrics.get('steps')} | "
             f"{number(metrics.get('final_loss'))} | {metrics.get('summary', '')} |"
         )
+        if probes:
+            line += f" {number(probes.get((arm.name, seed)))} |"
         if transfer:
             line += f" {_transfer_of(protocol, rows, arm.name, seed, reference)} |"
         lines.append(line)
+    if probes:
+        fraction, seed = protocol.fractions[0], protocol.seeds[0]
+        lines += ["", (
+            "Linear probe: balanced accuracy of a linear probe of the features the new head "
+            f"reads, on the split of seed {seed} at fraction {fraction}, scored on its "
+            "validation images, before any fine-tuning (`ctxrestore probe`; OUT/probe/). Read "
+            "it within one initialisation: pretrainings of one recipe differ by up to the whole "
+            "gain, and a draw the probe reads clearly worse transferred worse in "
+            "docs/experiments.md 48-49; between pretexts it does not predict transfer."
+        )]  # fmt: skip
     return lines
 
 
@@ -413,7 +432,12 @@ def summary_section(
 
 
 def write_report(
-    path: Path, protocol: Protocol, rows: Sequence[dict], summary: Sequence[dict], plot: Path
+    path: Path,
+    protocol: Protocol,
+    rows: Sequence[dict],
+    summary: Sequence[dict],
+    plot: Path,
+    probes: dict[tuple[str, int], float] | None = None,
 ) -> Path:
     metric = protocol.metric
     direction = "higher" if higher_is_better(metric) else "lower"
@@ -484,7 +508,7 @@ def write_report(
     lines += [
         "## Pretraining",
         "",
-        *pretraining_lines(protocol, rows, reference),
+        *pretraining_lines(protocol, rows, reference, probes),
         "",
         "## Settings",
         "",

@@ -145,6 +145,15 @@ class ProbeConfig(FileOptions):
         configs = [self.finetune_config(init) for init in inits]
         object.__setattr__(self, "image_size", configs[0].image_size)
 
+    @classmethod
+    def for_finetuning(
+        cls, finetune: FinetuneConfig, inits: Sequence[str], out: Path, **options
+    ) -> ProbeConfig:
+        """The probe of the network `finetune` would start from, for each of `inits`."""
+        copied = (*FINETUNE_OPTIONS, "transfer_stages", "fresh_decoder_levels")
+        return cls(init=tuple(inits), out=out,
+                   **{key: getattr(finetune, key) for key in copied}, **options)  # fmt: skip
+
     def finetune_config(self, init: str) -> FinetuneConfig:
         """The fine-tuning whose starting network is probed for `init`."""
         pretrained = init != "random"

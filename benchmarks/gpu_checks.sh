@@ -5,7 +5,8 @@
 # It installs the carried wheels (if any), then runs, each with its own time limit so one slow
 # check cannot eat the others' time: the CUDA-only tests, the corruption benchmark (GPU rates
 # against the 150k img/s target), the data-loading benchmark (CUDA model steps: fp32, bf16,
-# channels_last, compile), a pretraining run's throughput in bf16, and a torchrun (DDP) run.
+# channels_last, compile), a pretraining run's throughput in bf16, `probe` on CUDA, and a
+# torchrun (DDP) run.
 # Everything printed is also written to $OUT/gpu_checks.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,10 +51,14 @@ step "pretraining throughput" 100 python3 -m ctxrestore --quiet pretrain --phant
     --precision bf16 --out /tmp/gpu_pretrain
 cp /tmp/gpu_pretrain/log.csv "$OUT/pretrain_log.csv" 2>/dev/null
 tail -n 3 /tmp/gpu_pretrain/log.csv 2>/dev/null  # images_per_second is the 5th column
+# The probe on the GPU: that pretraining against random weights, as fine-tuning would start.
+step "probe on CUDA" 30 python3 -m ctxrestore --quiet probe segment --init /tmp/gpu_pretrain \
+    --init random --image-size 128 --num-images 400 --fraction 0.25 --device cuda \
+    --out "$OUT/probe"
 # The same through torchrun (DDP on one GPU): the launcher, NCCL and the rank-0 writes.
 step "torchrun (DDP, 1 GPU)" 60 python3 -m torch.distributed.run --standalone \
     --nproc_per_node 1 -m ctxrestore --quiet pretrain --phantom brain --image-size 64 \
     --batch-size 32 --num-images 512 --max-steps 20 --device cuda --out /tmp/gpu_ddp
 ls /tmp/gpu_ddp
-step "data-loading benchmark" 180 python3 benchmarks/data_loading.py "${LOADING[@]}" \
+step "data-loading benchmark" 150 python3 benchmarks/data_loading.py "${LOADING[@]}" \
     --json "$OUT/data_loading.json"

@@ -816,7 +816,7 @@ def probe(
     cache_dir: _CacheDir = None,
     skip_bad: _SkipBad = False,
 ) -> ProbeResult:
-    """Rank initialisations by a linear probe of their untrained features, in minutes.
+    """Rank initialisations before fine-tuning by a linear probe of their features.
 
     Builds each network as `finetune` with the same options would start it, fits a
     class-weighted logistic regression on the features its new head would read (per voxel for

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ctxrestore.errors import CtxRestoreError
@@ -37,6 +38,19 @@ def atomic_write(path: Path | str, write: Callable[[Path], None], suffix: str = 
 def write_json(path: Path | str, data: dict) -> Path:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     return atomic_write(path, lambda temporary: temporary.write_text(text))
+
+
+def write_csv(path: Path | str, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
+    """Rows as CSV, atomically; the columns default to the first row's keys, missing cells
+    are left empty."""
+
+    def write(temporary: Path) -> None:
+        with temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(columns or rows[0]), restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_write(path, write)
 
 
 def read_json(path: Path | str) -> dict:

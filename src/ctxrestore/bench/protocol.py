@@ -21,7 +21,6 @@ the settings; another configuration in the same OUT is refused, naming what diff
 
 from __future__ import annotations
 
-import csv
 import logging
 import shutil
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from pathlib import Path
 from ctxrestore.engine.environment import environment_fingerprint
 from ctxrestore.engine.run_folder import METRICS_FILE, is_finished
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.files import atomic_write, read_json, write_json
+from ctxrestore.files import read_json, write_csv, write_json
 from ctxrestore.pretext.training import (
     PRETEXT_SPECIFIC_OPTIONS,
     PretrainConfig,
@@ -329,12 +328,4 @@ def result_row(protocol: Protocol, arm: Arm, fraction: str, seed: int) -> dict:
 def write_results(path: Path, rows: list[dict]) -> Path:
     """results.csv: one row per run, the run columns then every test metric (sorted)."""
     metrics = sorted({key for row in rows for key in row} - set(RUN_COLUMNS))
-    columns = [*RUN_COLUMNS, *metrics]
-
-    def write(temporary: Path) -> None:
-        with temporary.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    return atomic_write(path, write)
+    return write_csv(path, rows, [*RUN_COLUMNS, *metrics])

@@ -4,7 +4,6 @@ metric with its 95% interval, and the paired difference from the reference initi
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from ctxrestore.bench.stats import (
     paired_difference,
     relative_reduction,
 )
-from ctxrestore.files import atomic_write
+from ctxrestore.files import write_csv
 
 # Regions that BraTS is scored on; segmentation summaries show their global Dice too.
 BRATS_REGIONS = ("whole_tumour", "tumour_core", "enhancing_tumour")
@@ -144,15 +143,7 @@ def summarize(
 
 
 def write_summary(path: Path, summary: Sequence[dict]) -> Path:
-    columns = list(summary[0])
-
-    def write(temporary: Path) -> None:
-        with temporary.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(summary)
-
-    return atomic_write(path, write)
+    return write_csv(path, summary)
 
 
 # ----------------------------------------------------------------------------- Markdown

@@ -30,7 +30,6 @@ report says to compare draws of one recipe.
 
 from __future__ import annotations
 
-import csv
 import glob
 import itertools
 import logging
@@ -47,7 +46,7 @@ from ctxrestore.data.loading import FileOptions
 from ctxrestore.engine.checkpoint import load_checkpoint, weights_fingerprint
 from ctxrestore.engine.distributed import resolve_device
 from ctxrestore.errors import CtxRestoreError
-from ctxrestore.files import atomic_write, matching_folders, write_json
+from ctxrestore.files import atomic_write, matching_folders, write_csv, write_json
 from ctxrestore.models.classifier import Classifier
 from ctxrestore.models.localizer import Localizer
 from ctxrestore.models.network import EncoderDecoder
@@ -81,6 +80,22 @@ FEATURES = {
 }
 
 
+# The options handed to FinetuneConfig as they are (the transfer options are given to the
+# pretrained initialisations only: random weights have nothing to transfer).
+FINETUNE_OPTIONS = (
+    "task", "data", "fraction", "seed", "phantom", "num_images", "spatial_dims", "image_size",
+    "width", "test_fraction", "val_fraction", "box_head", "adapt_channels", "device",
+    "modality", "window", "target_spacing", "slice_axis", "cache", "cache_dir", "skip_bad",
+)  # fmt: skip
+
+
+def _expand_init(init: str) -> list[str]:
+    """A glob pattern stands for the pretraining folders it matches (K draws of a recipe)."""
+    if init == "random" or not glob.has_magic(init):
+        return [init]
+    return [str(folder) for folder in matching_folders(init, "pretraining run folders")]
+
+
 @dataclass(frozen=True)
 class ProbeConfig(FileOptions):
     """`ctxrestore.probe(...)`'s options; the network options are finetune's (the probed
@@ -109,15 +124,7 @@ class ProbeConfig(FileOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # a glob pattern stands for the pretraining folders it matches (K draws of a recipe)
-        inits = tuple(
-            str(folder)
-            for init in self.init
-            for folder in (
-                [init] if init == "random" or not glob.has_magic(init)
-                else matching_folders(init, "pretraining run folders")
-            )
-        )  # fmt: skip
+        inits = tuple(name for init in self.init for name in _expand_init(init))
         if not inits:
             raise CtxRestoreError("give at least one --init (a pretraining folder or 'random')")
         repeated = sorted({init for init in inits if inits.count(init) > 1})
@@ -167,15 +174,6 @@ class ProbeConfig(FileOptions):
     def to_json(self) -> dict:
         return {key: str(value) if isinstance(value, Path) else value
                 for key, value in asdict(self).items()} | {"init": list(self.init)}  # fmt: skip
-
-
-# The options handed to FinetuneConfig as they are (the transfer options are given to the
-# pretrained initialisations only: random weights have nothing to transfer).
-FINETUNE_OPTIONS = (
-    "task", "data", "fraction", "seed", "phantom", "num_images", "spatial_dims", "image_size",
-    "width", "test_fraction", "val_fraction", "box_head", "adapt_channels", "device",
-    "modality", "window", "target_spacing", "slice_axis", "cache", "cache_dir", "skip_bad",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -376,8 +374,9 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
                    for init in config.init}  # fmt: skip
     _check_one_preprocessing(config, {init: spec for init, (_, spec) in checkpoints.items()})
     first_spec = next((spec for _, spec in checkpoints.values() if spec is not None), None)
-    data = load_data(config.finetune_config(config.init[0]), first_spec)
-    split = split_data(config.finetune_config(config.init[0]), data)
+    first = config.finetune_config(config.init[0])  # data and split: the same for every init
+    data = load_data(first, first_spec)
+    split = split_data(first, data)
     train_items = [data.items[i] for i in split.train]
     score_items = [data.items[i] for i in getattr(split, config.score_on)]
     if not score_items:
@@ -421,22 +420,12 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
         logger.info("%s: balanced accuracy %.3f on the %s split (%d samples)", init,
                     row["balanced_accuracy"], config.score_on, len(score_y))  # fmt: skip
         rows.append(row)
-    _write_csv(out / PROBE_FILE, rows)
+    write_csv(out / PROBE_FILE, rows)
     write_json(out / "probe.json", {"config": config.to_json(), "rows": rows,
                                     "split": split.summary()})  # fmt: skip
     report = probe_report(config, rows, split, data.source)
     atomic_write(out / REPORT_FILE, lambda path: path.write_text(report))
     return ProbeResult(out, rows)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    def write(temporary: Path) -> None:
-        with temporary.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
 
 
 def _score(value: float | None) -> str:

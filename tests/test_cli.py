@@ -94,6 +94,22 @@ def test_errors_are_one_line_without_traceback(tmp_path, arguments, message):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_hides_progress_bars_and_progress_lines(tmp_path, quiet):
+    result = subprocess.run(
+        [sys.executable, "-m", "ctxrestore", *(["--quiet"] if quiet else []), "finetune",
+         "classify", "--out", str(tmp_path / "run"), "--num-images", "40", "--image-size", "32",
+         "--width", "4", "--batch-size", "8", "--max-steps", "2", "--epochs", "1",
+         "--device", "cpu"],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout + result.stderr
+    shown = ["phantom ultrasound", "2/2 steps", "fine-tuned 2 steps"]  # two bars, one log line
+    assert [text in printed for text in shown] == [not quiet] * len(shown), printed
+    assert quiet == (printed.strip() == "")
+
+
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(

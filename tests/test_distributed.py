@@ -1,5 +1,6 @@
 """Distributed pretraining for real: torchrun with 2 CPU processes and gloo (as lightly does)."""
 
+import csv
 import json
 import os
 import subprocess
@@ -51,3 +52,49 @@ def test_torchrun_two_processes_finetune_with_validation(tmp_path):
     assert summary["steps"] == 6 and summary["best_step"] == 6
     assert 0.0 <= summary["test"]["global_dice/mean"] <= 1.0
     assert (out / "best" / "model.safetensors").is_file()
+
+
+def _torchrun(port: int, arguments: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(port), "-m", "ctxrestore", *arguments]  # fmt: skip
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_benchmark_resumes_and_refuses_changed_settings(tmp_path):
+    """One process pretrains and fine-tunes many times: it joins the process group once (a
+    second join after leaving it failed inside gloo), rank 0 alone decides what is finished and
+    writes the outputs, and its refusal stops every rank instead of leaving them waiting."""
+    out = tmp_path / "bench"
+    arguments = [
+        "benchmark", "--task", "classify", "--methods", "random,context_restoration",
+        "--fractions", "1.0", "--seeds", "2", "--pretrain-seeds", "2", "--num-images", "40",
+        "--image-size", "32", "--width", "4", "--pretrain-images", "32", "--pretrain-steps", "2",
+        "--pretrain-batch-size", "8", "--max-steps", "2", "--batch-size", "8",
+        "--patch-size", "4", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+    first = _torchrun(29519, arguments)
+    assert first.returncode == 0, first.stderr[-3000:]
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((row["method"], row["seed"], row["pretrain_seed"]) for row in rows) == [
+        ("context_restoration", "0", "0"), ("context_restoration", "1", "1"),
+        ("random", "0", ""), ("random", "1", ""),
+    ]  # fmt: skip
+    assert all(0.0 <= float(row["macro_f1"]) <= 1.0 for row in rows)
+    assert (out / "report.md").is_file() and (out / "plot.png").is_file()
+    probes = (out / "probe" / "context_restoration" / "probe.csv").read_text().splitlines()
+    assert len(probes) == 3  # the header and one row per pretraining
+    # Rank 0 alone logs: each line once.
+    assert first.stderr.count("4 runs (4 trained now, 0 finished before)") == 1
+    assert not [path for path in out.rglob(".*")]  # no stray temporaries from a second writer
+
+    again = _torchrun(29520, arguments)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("4 runs (0 trained now, 4 finished before)") == 1
+
+    changed = _torchrun(29521, [*arguments[:-2], "--width", "8", "--out", str(out)])
+    assert changed.returncode != 0  # (torchrun then prints its own traceback)
+    # Rank 0 refused, and rank 1 stopped with the same one-line error instead of waiting.
+    assert changed.stderr.count("holds a benchmark with other settings (width") == 2

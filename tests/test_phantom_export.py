@@ -35,9 +35,7 @@ def read_case(case):
 
 
 def test_ultrasound_class_folders_read_back(tmp_path):
-    export_phantom(
-        "ultrasound", tmp_path / "us", count=10, image_size=SIZE, seed=3, show_progress=False
-    )
+    export_phantom("ultrasound", tmp_path / "us", count=10, image_size=SIZE, seed=3)
     items, names = read_class_folders(tmp_path / "us")
     assert names == list(get_phantom("ultrasound").class_names)
     expected = {f"ultrasound_{i:05d}.png": s for i, s in enumerate(samples("ultrasound", 10))}
@@ -61,7 +59,6 @@ def test_segmentation_layouts_read_back_unchanged(tmp_path, name, dims):
         spatial_dims=dims,
         image_size=SIZE if dims == 2 else 32,
         seed=3,
-        show_progress=False,
     )
     info = get_phantom(name)
     layout = read_segmentation_layout(out)
@@ -79,9 +76,7 @@ def test_segmentation_layouts_read_back_unchanged(tmp_path, name, dims):
 
 
 def test_abdomen_boxes_read_back(tmp_path):
-    out = export_phantom(
-        "abdomen", tmp_path / "ab", count=8, image_size=SIZE, seed=3, show_progress=False
-    )
+    out = export_phantom("abdomen", tmp_path / "ab", count=8, image_size=SIZE, seed=3)
     boxes = read_boxes_csv(out / "boxes.csv")
     for index, sample in enumerate(samples("abdomen", 8)):
         assert boxes[f"imagesTr/abdomen_{index:05d}_0000.nii.gz"] == sample.boxes

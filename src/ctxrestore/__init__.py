@@ -14,6 +14,7 @@ from ctxrestore.api import (
     probe,
 )
 from ctxrestore.corruption import ContextRestoration, ContextRestorationd, context_restoration
+from ctxrestore.progress import show_progress
 
 __all__ = [
     "ContextRestoration",
@@ -29,4 +30,5 @@ __all__ = [
     "predict",
     "pretrain",
     "probe",
+    "show_progress",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Annotated
 
 import typer
@@ -13,6 +14,7 @@ from rich.logging import RichHandler
 import ctxrestore
 from ctxrestore import api
 from ctxrestore.errors import CtxRestoreError
+from ctxrestore.progress import show_progress
 
 app = typer.Typer(
     name="ctxrestore",
@@ -38,11 +40,16 @@ def _main(
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
     debug: Annotated[bool, typer.Option(help="Show full tracebacks of errors.")] = False,
-    quiet: Annotated[bool, typer.Option(help="Only warnings and errors.")] = False,
+    quiet: Annotated[
+        bool, typer.Option(help="Only warnings and errors: no progress bars or progress lines.")
+    ] = False,
 ) -> None:
     _state["debug"] = debug
+    show_progress(not quiet)
+    # Under torchrun the other ranks only warn: one copy of each line, from rank 0.
+    other_rank = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
+        level=logging.WARNING if quiet or other_rank else logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=_errors, show_path=False)],
         force=True,

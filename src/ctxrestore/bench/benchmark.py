@@ -23,6 +23,7 @@ from ctxrestore.bench.protocol import (
     RANDOM,
     RESULTS_FILE,
     Arm,
+    GridRun,
     Protocol,
     run_grid,
     stored_settings,
@@ -34,7 +35,7 @@ from ctxrestore.corruption.sampling import PLACEMENTS as SWAP_PLACEMENTS
 from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import get_phantom
 from ctxrestore.data.splits import parse_fraction
-from ctxrestore.engine.distributed import resolve_device
+from ctxrestore.engine.distributed import on_main, resolve_device, setup_distributed
 from ctxrestore.engine.run_folder import check_head_only_steps, check_patience
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models import PRETRAINING_NETWORKS, pretraining_spec
@@ -482,8 +483,14 @@ def probe_pretrainings(protocol: Protocol) -> dict[tuple[str, int], float]:
 
 
 def run_protocol(protocol: Protocol) -> BenchmarkResult:
-    """Run the grid (resuming), then write results.csv, summary.csv, plot.png, report.md."""
+    """Run the grid (resuming), then write results.csv, summary.csv, plot.png, report.md
+    (under torchrun on rank 0, which hands every process the result)."""
     grid = run_grid(protocol)
+    context = setup_distributed(protocol.finetune_options["device"])  # joined by the grid
+    return on_main(context, _write_outputs, protocol, grid)
+
+
+def _write_outputs(protocol: Protocol, grid: GridRun) -> BenchmarkResult:
     out, rows, metric = protocol.out, grid.rows, protocol.metric
     results = write_results(out / RESULTS_FILE, rows)
     methods = [arm.name for arm in protocol.arms]

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctxrestore.engine.distributed import DistributedContext, on_main, setup_distributed
 from ctxrestore.engine.environment import environment_fingerprint
 from ctxrestore.engine.run_folder import METRICS_FILE, is_finished
 from ctxrestore.errors import CtxRestoreError
@@ -225,6 +226,10 @@ def stored_settings(out: Path) -> dict | None:
     return read_json(path) if path.exists() else None
 
 
+def _unfinished(protocol: Protocol, grid: list[tuple[Arm, str, int]]) -> list[int]:
+    return [i for i, cell in enumerate(grid) if not is_finished(protocol.run_folder(*cell))]
+
+
 def _prepare_unfinished(folder: Path, resume: bool) -> bool:
     """Whether to continue the interrupted run in `folder`; without resume it starts over."""
     if not folder.exists():
@@ -242,15 +247,15 @@ def pretrainings(protocol: Protocol) -> list[tuple[Arm, int]]:
     return [(arm, seed) for seed in range(protocol.pretrain_seeds) for arm in pretrained]
 
 
-def run_pretrainings(protocol: Protocol) -> None:
+def run_pretrainings(protocol: Protocol, context: DistributedContext) -> None:
     todo = pretrainings(protocol)
     for index, (arm, seed) in enumerate(todo, start=1):
         folder = protocol.pretrain_folder(arm, seed)
-        if is_finished(folder):
+        if on_main(context, is_finished, folder):
             logger.info("pretraining %d/%d: %s (seed %d) is done; reusing %s", index, len(todo),
                         arm.title, seed, folder)  # fmt: skip
             continue
-        resume = _prepare_unfinished(folder, protocol.resume)
+        resume = on_main(context, _prepare_unfinished, folder, protocol.resume)
         config = protocol.pretrain_config(arm, seed, resume=resume)
         logger.info(
             "pretraining %d/%d: %s (seed %d), %d steps x %d images%s",
@@ -280,11 +285,14 @@ class GridRun:
 
 def run_grid(protocol: Protocol) -> GridRun:
     """Pretrain every arm (once per pretraining seed), then fine-tune every arm x fraction x
-    seed (resuming)."""
-    check_settings(protocol.out, protocol.settings)
-    run_pretrainings(protocol)
+    seed (resuming). Under torchrun every process trains every run, and rank 0 alone decides
+    what is finished and clears what is not (on_main), so no two processes race on a folder."""
+    context = setup_distributed(protocol.finetune_options["device"])
+    on_main(context, check_settings, protocol.out, protocol.settings)
+    run_pretrainings(protocol, context)
     grid = list(protocol.grid())
-    pending = [cell for cell in grid if not is_finished(protocol.run_folder(*cell))]
+    unfinished = on_main(context, _unfinished, protocol, grid)
+    pending = [grid[index] for index in unfinished]
     logger.info(
         "%d fine-tuning runs: %d finished, %d to run", len(grid), len(grid) - len(pending),
         len(pending),
@@ -292,7 +300,7 @@ def run_grid(protocol: Protocol) -> GridRun:
     metric_checked = False
     for index, (arm, fraction, seed) in enumerate(pending, start=1):
         folder = protocol.run_folder(arm, fraction, seed)
-        resume = _prepare_unfinished(folder, protocol.resume)
+        resume = on_main(context, _prepare_unfinished, folder, protocol.resume)
         logger.info(
             "fine-tuning %d/%d: %s, fraction %s, seed %d%s", index, len(pending), arm.title,
             fraction, seed, " (resumed)" if resume else "",

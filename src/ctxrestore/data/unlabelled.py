@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 from torch.utils.data import Dataset
 
 from ctxrestore.data.cache import ArrayCache
@@ -33,6 +32,7 @@ from ctxrestore.data.preprocess import (
 )
 from ctxrestore.data.readers import ImageSource, find_sources
 from ctxrestore.errors import CtxRestoreError
+from ctxrestore.progress import track
 
 Case = tuple[str, tuple[ImageSource | Path, ...]]
 

@@ -1,13 +1,20 @@
 """Devices and torchrun: read the launcher's variables once into one small object.
 
 A plain `python`/`ctxrestore` run is world size 1. Under `torchrun --nproc_per_node N` each
-process joins a process group: NCCL on GPUs, gloo on CPU. Only rank 0 writes files.
+process joins a process group (NCCL on GPUs, gloo on CPU) once, and keeps it for every run it
+makes: a benchmark pretrains and fine-tunes many times in one process, and torchrun's
+rendezvous cannot be joined a second time after the group is destroyed (gloo then connects to
+the first group's closed ports). Only rank 0 reads and writes run folders; `on_main` hands its
+decisions, and its errors, to the other ranks.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -15,6 +22,7 @@ import torch.distributed as dist
 from ctxrestore.errors import CtxRestoreError
 
 DEVICES = ("auto", "cpu", "cuda")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,20 +53,29 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 def setup_distributed(device: str = "auto") -> DistributedContext:
-    """Join torchrun's process group if launched by it; otherwise a single process."""
+    """Join torchrun's process group if launched by it (once per process; it is left at
+    exit); otherwise a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        if resolved.type == "cuda":
-            torch.cuda.set_device(resolved)
-        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    if world_size > 1:
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            if resolved.type == "cuda":
+                torch.cuda.set_device(resolved)
+            dist.init_process_group(backend=backend)
+            atexit.register(_leave_process_group)
+        elif dist.get_backend() != backend:
+            raise CtxRestoreError(
+                f"this process already runs on {dist.get_backend()}; a run on device "
+                f"'{resolved.type}' needs {backend}: use one device for every run of a torchrun"
+            )
     return DistributedContext(rank, local_rank, world_size, resolved)
 
 
-def teardown_distributed(context: DistributedContext) -> None:
-    if context.is_distributed and dist.is_initialized():
+def _leave_process_group() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -83,3 +100,18 @@ def broadcast_object(obj: object, context: DistributedContext) -> object:
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def on_main(context: DistributedContext, function: Callable[..., T], *args, **kwargs) -> T:
+    """`function` run on rank 0 only, its result handed to every rank. A CtxRestoreError it
+    raises is raised on every rank, so no rank waits for one that has stopped."""
+    outcome: tuple[bool, object] = (True, None)
+    if context.is_main:
+        try:
+            outcome = (True, function(*args, **kwargs))
+        except CtxRestoreError as error:
+            outcome = (False, str(error))
+    succeeded, value = broadcast_object(outcome, context)
+    if not succeeded:
+        raise CtxRestoreError(value)
+    return value

@@ -44,6 +44,7 @@ from ctxrestore.engine.distributed import (
 )
 from ctxrestore.engine.sampler import EpochSampler
 from ctxrestore.errors import CtxRestoreError
+from ctxrestore.progress import progress_shown
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +408,7 @@ def fit(
         TextColumn("{task.completed}/{task.total} steps"),
         TextColumn("loss {task.fields[loss]:.4g}"),
         TimeRemainingColumn(),
-        disable=not context.is_main,
+        disable=not (context.is_main and progress_shown()),
     )
     model.train()
     batch = None

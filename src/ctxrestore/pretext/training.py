@@ -28,11 +28,7 @@ from ctxrestore.engine.checkpoint import (
     load_checkpoint,
     weights_fingerprint,
 )
-from ctxrestore.engine.distributed import (
-    barrier,
-    setup_distributed,
-    teardown_distributed,
-)
+from ctxrestore.engine.distributed import barrier, on_main, setup_distributed
 from ctxrestore.engine.loop import FitResult, LoopConfig, fit
 from ctxrestore.engine.run_folder import (
     METRICS_FILE,
@@ -384,78 +380,74 @@ def pretext_options(config: PretrainConfig) -> dict:
 def run_pretraining(config: PretrainConfig) -> PretrainResult:
     """Pretrain by the pretext on unlabelled images; see `ctxrestore.pretrain`."""
     context = setup_distributed(config.device)
-    try:
-        pretext = create_pretext(config.method, **pretext_options(config))
-        dataset = build_dataset(config)
-        in_channels = int(dataset[0]["image"].shape[0])
-        spec = build_spec(config, pretext, in_channels, getattr(dataset, "channel_names", None))
-        # The patch must fit the images; fail now rather than at the first step.
-        pretext.make_batch(torch.zeros(1, in_channels, *config.spatial_size), torch.Generator())
-        torch.manual_seed(config.seed)  # same initial weights on every rank and every run
-        model = build_model(spec["model"])
-        out = Path(config.out)
-        if config.init is not None:  # checked before the run folder is made; a resume then
-            spec["init"] = start_from(  # loads its own weights
-                model, Path(config.init), spec, freeze_encoder=config.freeze_encoder
-            )
-            if config.resume:
-                check_same_start(out, Path(config.init), spec["init"]["weights"])
-        if context.is_main:
-            check_run_folder(
-                out, config.to_json(), config.resume, defaults=option_defaults(PretrainConfig)
-            )
-            start_run_folder(
-                out, config.to_json(), context.device, context.world_size, config.resume
-            )
-        steps_per_epoch = len(dataset) // config.batch_size
-        max_steps = config.max_steps or max(1, steps_per_epoch) * config.epochs
-        loop = LoopConfig(
-            max_steps=max_steps,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            warmup_steps=min(config.warmup_steps, max_steps // 2),
-            precision=config.precision,
-            log_every=config.log_every,
-            checkpoint_every=config.checkpoint_every,
-            preview_every=config.preview_every,
-            num_workers=config.num_workers,
-            seed=config.seed,
-            compile=config.compile,
+    pretext = create_pretext(config.method, **pretext_options(config))
+    dataset = build_dataset(config)
+    in_channels = int(dataset[0]["image"].shape[0])
+    spec = build_spec(config, pretext, in_channels, getattr(dataset, "channel_names", None))
+    # The patch must fit the images; fail now rather than at the first step.
+    pretext.make_batch(torch.zeros(1, in_channels, *config.spatial_size), torch.Generator())
+    torch.manual_seed(config.seed)  # same initial weights on every rank and every run
+    model = build_model(spec["model"])
+    out = Path(config.out)
+    if config.init is not None:  # checked before the run folder is made; a resume then
+        spec["init"] = start_from(  # loads its own weights
+            model, Path(config.init), spec, freeze_encoder=config.freeze_encoder
         )
-        result: FitResult = fit(
-            model=model,
-            dataset=dataset,
-            task=PretextTraining(pretext),
-            config=loop,
-            context=context,
-            run_dir=out,
-            spec=spec,
-            resume=config.resume and (out / WEIGHTS_FILE).exists(),
+        if config.resume:
+            check_same_start(out, Path(config.init), spec["init"]["weights"])
+    on_main(
+        context,
+        check_run_folder,
+        out,
+        config.to_json(),
+        config.resume,
+        defaults=option_defaults(PretrainConfig),
+    )
+    if context.is_main:
+        start_run_folder(out, config.to_json(), context.device, context.world_size, config.resume)
+    steps_per_epoch = len(dataset) // config.batch_size
+    max_steps = config.max_steps or max(1, steps_per_epoch) * config.epochs
+    loop = LoopConfig(
+        max_steps=max_steps,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=min(config.warmup_steps, max_steps // 2),
+        precision=config.precision,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        preview_every=config.preview_every,
+        num_workers=config.num_workers,
+        seed=config.seed,
+        compile=config.compile,
+    )
+    result: FitResult = fit(
+        model=model,
+        dataset=dataset,
+        task=PretextTraining(pretext),
+        config=loop,
+        context=context,
+        run_dir=out,
+        spec=spec,
+        resume=config.resume and (out / WEIGHTS_FILE).exists(),
+    )
+    metrics = evaluate_pretext(
+        model, pretext, evaluation_images(config, dataset), context.device, config.seed
+    )
+    if context.is_main:
+        write_json(
+            out / METRICS_FILE,
+            {
+                "steps": result.steps,
+                "final_loss": result.final_loss,
+                **metrics,
+                "summary": pretext.summary(metrics),
+                **({"skipped_files": dataset.skipped} if getattr(dataset, "skipped", None) else {}),
+            },
         )
-        metrics = evaluate_pretext(
-            model, pretext, evaluation_images(config, dataset), context.device, config.seed
-        )
-        if context.is_main:
-            write_json(
-                out / METRICS_FILE,
-                {
-                    "steps": result.steps,
-                    "final_loss": result.final_loss,
-                    **metrics,
-                    "summary": pretext.summary(metrics),
-                    **(
-                        {"skipped_files": dataset.skipped}
-                        if getattr(dataset, "skipped", None)
-                        else {}
-                    ),
-                },
-            )
-            write_pretraining_report(out)
-        barrier(context)  # every rank leaves together (see tasks/training.py)
-        return PretrainResult(out, result.steps, result.resumed_from, result.final_loss, metrics)
-    finally:
-        teardown_distributed(context)
+        write_pretraining_report(out)
+    barrier(context)  # every rank leaves together (see tasks/training.py)
+    return PretrainResult(out, result.steps, result.resumed_from, result.final_loss, metrics)
 
 
 def start_from(model: nn.Module, folder: Path, spec: dict, *, freeze_encoder: bool) -> dict:

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 
 from ctxrestore.data.cache import ArrayCache
 from ctxrestore.data.layouts import (
@@ -48,6 +47,7 @@ from ctxrestore.data.phantoms import get_phantom, phantom_dataset
 from ctxrestore.data.preprocess import Preprocessing, slice_indices, take_slice
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.models.transfer import GENERIC_CHANNEL
+from ctxrestore.progress import track
 from ctxrestore.tasks.classify import ClassificationTask
 from ctxrestore.tasks.localize import LocalizationTask, boxes_from_masks
 from ctxrestore.tasks.segment import SegmentationTask

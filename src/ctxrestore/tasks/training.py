@@ -24,7 +24,7 @@ from ctxrestore.data.phantoms import list_phantoms
 from ctxrestore.data.preprocess import Preprocessing
 from ctxrestore.data.splits import Split, parse_fraction, split_cases, write_split
 from ctxrestore.engine.checkpoint import WEIGHTS_FILE, load_checkpoint, weights_fingerprint
-from ctxrestore.engine.distributed import barrier, setup_distributed, teardown_distributed
+from ctxrestore.engine.distributed import broadcast_object, on_main, setup_distributed
 from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
     METRICS_FILE,
@@ -392,158 +392,154 @@ def _loader(items: list[dict], indices: tuple[int, ...]) -> DataLoader:
 def run_finetuning(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune one task from pretrained or random weights; see `ctxrestore.finetune`."""
     context = setup_distributed(config.device)
-    try:
-        out = Path(config.out)
-        if context.is_main:
-            check_run_folder(
-                out,
-                config.to_json(),
-                config.resume,
-                may_change=("patience",),
-                defaults=option_defaults(FinetuneConfig),
-            )
-        state, init_spec, init_weights = None, None, None
-        if config.init != "random":  # read once: its intensity scaling, then its weights
-            state, init_spec = load_checkpoint(Path(config.init))
-            init_weights = weights_fingerprint(state)
-            if config.resume:
-                check_same_start(out, Path(config.init), init_weights)
-        data = load_data(config, init_spec)
-        pretrained = check_init(config, data, state, init_spec)
-        split = split_data(config, data)
-        train_items = [data.items[i] for i in split.train]
-        check_every_class_trained(data.task, train_items, config.fraction, split)
-        task = data.task
-        if config.task == "localize":
-            task = dataclasses.replace(task, box_head=config.box_head)
-            task.check_head_fits_data()
-        if config.balance:
-            task = task.balanced(train_items)
-        if config.augment:
-            task = dataclasses.replace(task, augmentation=Augmentation())
-        model, network, transfer = build_network(config, task, data, pretrained)
-        if config.freeze_encoder:
-            freeze_encoder(model, [item["image"] for item in train_items], context.device)
-        spec = {
-            "format": SPEC_FORMAT,
-            "ctxrestore_version": ctxrestore.__version__,
-            "model": network,
-            "spatial_dims": config.spatial_dims,
-            "in_channels": data.in_channels,
-            "channel_names": list(data.channel_names),
-            "image_size": list(config.spatial_size),
-            "intensity": data.intensity,
-            **(
-                {"preprocessing": data.preprocessing, "slice_axis": config.slice_axis}
-                if data.preprocessing
-                else {}
-            ),
-            "task": task.to_json(),
-            "init": {
-                "source": config.init,
-                "weights": init_weights,
-                "transfer": transfer.to_json(),
-            },
-            "data": {"source": data.source, "split_seed": config.seed},
-        }
-        if context.is_main:
-            start_run_folder(
-                out, config.to_json(), context.device, context.world_size, config.resume
-            )
-            write_split(out / SPLIT_FILE, split)
+    out = Path(config.out)
+    on_main(
+        context,
+        check_run_folder,
+        out,
+        config.to_json(),
+        config.resume,
+        may_change=("patience",),
+        defaults=option_defaults(FinetuneConfig),
+    )
+    state, init_spec, init_weights = None, None, None
+    if config.init != "random":  # read once: its intensity scaling, then its weights
+        state, init_spec = load_checkpoint(Path(config.init))
+        init_weights = weights_fingerprint(state)
+        if config.resume:
+            check_same_start(out, Path(config.init), init_weights)
+    data = load_data(config, init_spec)
+    pretrained = check_init(config, data, state, init_spec)
+    split = split_data(config, data)
+    train_items = [data.items[i] for i in split.train]
+    check_every_class_trained(data.task, train_items, config.fraction, split)
+    task = data.task
+    if config.task == "localize":
+        task = dataclasses.replace(task, box_head=config.box_head)
+        task.check_head_fits_data()
+    if config.balance:
+        task = task.balanced(train_items)
+    if config.augment:
+        task = dataclasses.replace(task, augmentation=Augmentation())
+    model, network, transfer = build_network(config, task, data, pretrained)
+    if config.freeze_encoder:
+        freeze_encoder(model, [item["image"] for item in train_items], context.device)
+    spec = {
+        "format": SPEC_FORMAT,
+        "ctxrestore_version": ctxrestore.__version__,
+        "model": network,
+        "spatial_dims": config.spatial_dims,
+        "in_channels": data.in_channels,
+        "channel_names": list(data.channel_names),
+        "image_size": list(config.spatial_size),
+        "intensity": data.intensity,
+        **(
+            {"preprocessing": data.preprocessing, "slice_axis": config.slice_axis}
+            if data.preprocessing
+            else {}
+        ),
+        "task": task.to_json(),
+        "init": {
+            "source": config.init,
+            "weights": init_weights,
+            "transfer": transfer.to_json(),
+        },
+        "data": {"source": data.source, "split_seed": config.seed},
+    }
+    if context.is_main:
+        start_run_folder(out, config.to_json(), context.device, context.world_size, config.resume)
+        write_split(out / SPLIT_FILE, split)
 
-        batch_size = min(config.batch_size, len(split.train))
-        batch_size -= batch_size % context.world_size
-        if batch_size < config.batch_size:
-            logger.warning(
-                "%d training images: batch size %d instead of %d",
-                len(split.train), batch_size, config.batch_size,
-            )  # fmt: skip
-        validate_every = max(len(split.train) // batch_size, MIN_EPOCH_STEPS)
-        max_steps = validate_every * config.epochs
-        if config.max_steps is not None:
-            max_steps = min(max_steps, config.max_steps)
-        if config.head_only_steps >= max_steps:
-            raise CtxRestoreError(
-                f"--head-only-steps {config.head_only_steps} is not shorter than the "
-                f"{max_steps}-step schedule: the pretrained layers would never train "
-                "(use --freeze-encoder for that)"
-            )
-        loop = LoopConfig(
-            max_steps=max_steps,
-            batch_size=batch_size,
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            warmup_steps=min(config.warmup_steps, max_steps // 2),
-            precision=config.precision,
-            log_every=min(config.log_every, max_steps),
-            checkpoint_every=config.checkpoint_every,
-            preview_every=config.preview_every,
-            num_workers=config.num_workers,
-            seed=config.seed,
-            compile=config.compile,
-        )
-        device = context.device
-        validation = None
-        if split.val:
-            validation = Validation(
-                every=validate_every,
-                evaluate=lambda m: task.evaluate(m, _loader(data.items, split.val), device),
-                metric=task.metric,
-                # 0: run the whole schedule and keep the best validation (fair comparisons:
-                # a noisy early score must not end a run; docs/experiments.md 16)
-                patience=config.patience or None,
-            )
-        else:
-            logger.warning("no validation split: training %d steps, keeping the last", max_steps)
-        result = fit(
-            model=model,
-            dataset=ItemsDataset(data.items, split.train),
-            task=task,
-            config=loop,
-            context=context,
-            run_dir=out,
-            spec=spec,
-            resume=config.resume and (out / WEIGHTS_FILE).exists(),
-            validation=validation,
-            lr_scales=dict.fromkeys(transfer.prefixes, config.pretrained_lr_scale),
-            # LP-FT (Kumar et al. 2022): the new head first learns on fixed pretrained
-            # features, so its first random gradients do not rewrite them
-            delays=dict.fromkeys(transfer.prefixes, config.head_only_steps),
-        )
-        metrics: dict[str, float] = {}
-        if context.is_main:
-            metrics = _test(out, model, task, data, split, device)
-            summary = {
-                "task": config.task,
-                "init": config.init,
-                "init_weights": init_weights,
-                "fraction": config.fraction,
-                "seed": config.seed,
-                "split": {
-                    name: {"cases": len(split.case_ids(name)), "items": len(getattr(split, name))}
-                    for name in ("train", "val", "test")
-                },
-                "split_summary": split.summary(),
-                "skipped_files": data.skipped,
-                "steps": result.steps,
-                "best_step": result.best_step,
-                "best_validation": {task.metric: result.best_score},
-                "stopped_early": result.stopped_early,
-                "transfer": transfer.to_json(),
-                "test": metrics,
-            }
-            write_json(out / METRICS_FILE, summary)
-            write_finetuning_report(out, task, model, data, split, device, config.figures)
-        # Every rank leaves together: a rank tearing down its gloo group while rank 0 still
-        # tests and writes aborted ("terminate called without an active exception") under load.
-        barrier(context)
-        return FinetuneResult(
-            out, result.steps, result.best_step, result.stopped_early, metrics,
-            transfer.to_json(),
+    batch_size = min(config.batch_size, len(split.train))
+    batch_size -= batch_size % context.world_size
+    if batch_size < config.batch_size:
+        logger.warning(
+            "%d training images: batch size %d instead of %d",
+            len(split.train), batch_size, config.batch_size,
         )  # fmt: skip
-    finally:
-        teardown_distributed(context)
+    validate_every = max(len(split.train) // batch_size, MIN_EPOCH_STEPS)
+    max_steps = validate_every * config.epochs
+    if config.max_steps is not None:
+        max_steps = min(max_steps, config.max_steps)
+    if config.head_only_steps >= max_steps:
+        raise CtxRestoreError(
+            f"--head-only-steps {config.head_only_steps} is not shorter than the "
+            f"{max_steps}-step schedule: the pretrained layers would never train "
+            "(use --freeze-encoder for that)"
+        )
+    loop = LoopConfig(
+        max_steps=max_steps,
+        batch_size=batch_size,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=min(config.warmup_steps, max_steps // 2),
+        precision=config.precision,
+        log_every=min(config.log_every, max_steps),
+        checkpoint_every=config.checkpoint_every,
+        preview_every=config.preview_every,
+        num_workers=config.num_workers,
+        seed=config.seed,
+        compile=config.compile,
+    )
+    device = context.device
+    validation = None
+    if split.val:
+        validation = Validation(
+            every=validate_every,
+            evaluate=lambda m: task.evaluate(m, _loader(data.items, split.val), device),
+            metric=task.metric,
+            # 0: run the whole schedule and keep the best validation (fair comparisons:
+            # a noisy early score must not end a run; docs/experiments.md 16)
+            patience=config.patience or None,
+        )
+    else:
+        logger.warning("no validation split: training %d steps, keeping the last", max_steps)
+    result = fit(
+        model=model,
+        dataset=ItemsDataset(data.items, split.train),
+        task=task,
+        config=loop,
+        context=context,
+        run_dir=out,
+        spec=spec,
+        resume=config.resume and (out / WEIGHTS_FILE).exists(),
+        validation=validation,
+        lr_scales=dict.fromkeys(transfer.prefixes, config.pretrained_lr_scale),
+        # LP-FT (Kumar et al. 2022): the new head first learns on fixed pretrained
+        # features, so its first random gradients do not rewrite them
+        delays=dict.fromkeys(transfer.prefixes, config.head_only_steps),
+    )
+    metrics: dict[str, float] = {}
+    if context.is_main:
+        metrics = _test(out, model, task, data, split, device)
+        summary = {
+            "task": config.task,
+            "init": config.init,
+            "init_weights": init_weights,
+            "fraction": config.fraction,
+            "seed": config.seed,
+            "split": {
+                name: {"cases": len(split.case_ids(name)), "items": len(getattr(split, name))}
+                for name in ("train", "val", "test")
+            },
+            "split_summary": split.summary(),
+            "skipped_files": data.skipped,
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "best_validation": {task.metric: result.best_score},
+            "stopped_early": result.stopped_early,
+            "transfer": transfer.to_json(),
+            "test": metrics,
+        }
+        write_json(out / METRICS_FILE, summary)
+        write_finetuning_report(out, task, model, data, split, device, config.figures)
+    # Every rank returns the test metrics (a benchmark checks them on each), and every rank
+    # leaves together: one that left while rank 0 still tested aborted gloo under load.
+    metrics = broadcast_object(metrics, context)
+    return FinetuneResult(
+        out, result.steps, result.best_step, result.stopped_early, metrics,
+        transfer.to_json(),
+    )  # fmt: skip
 
 
 def _test(out: Path, model: nn.Module, task, data: LabelledData, split: Split, device):

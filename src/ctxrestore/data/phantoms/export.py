@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.progress import track
-
 import ctxrestore
 from ctxrestore.data.layouts import (
     BOXES_FILE,
@@ -27,6 +25,7 @@ from ctxrestore.data.layouts import (
 from ctxrestore.data.phantoms.registry import get_phantom
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import write_json
+from ctxrestore.progress import track
 
 PROVENANCE_FILE = "phantom.json"
 
@@ -39,7 +38,6 @@ def export_phantom(
     spatial_dims: int = 2,
     image_size: int = 128,
     seed: int = 0,
-    show_progress: bool = True,
 ) -> Path:
     """Generate `count` samples of phantom `name` into `out`; returns `out`."""
     info = get_phantom(name)
@@ -52,10 +50,7 @@ def export_phantom(
         raise CtxRestoreError(f"{out} is not empty; choose a new folder for the phantom data")
     spatial_size = (image_size,) * spatial_dims
     cases, boxes = [], []
-    indices = range(count)
-    if show_progress:
-        indices = track(indices, description=f"writing {name} phantoms", transient=True)
-    for index in indices:
+    for index in track(range(count), f"writing {name} phantoms", transient=True):
         sample = info.generator(index, seed=seed, spatial_size=spatial_size)
         stem = f"{name}_{index:05d}"
         if info.task == "classify":

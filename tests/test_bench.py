@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import ctxrestore.api as api
+import ctxrestore.bench.benchmark as benchmark_module
 from ctxrestore.bench import mean_ci, paired_difference, relative_reduction
 from ctxrestore.bench.benchmark import (
     BenchmarkOptions,
@@ -679,7 +680,7 @@ def test_more_methods_and_fractions_extend_a_benchmark_and_fewer_are_refused(tmp
         api.benchmark(out=tmp_path / "out", **{**grown, "fractions": "1.0"})
 
 
-def test_each_seed_fine_tunes_from_its_own_pretraining_with_pretrain_seeds(tmp_path):
+def test_each_seed_fine_tunes_from_its_own_pretraining_with_pretrain_seeds(tmp_path, monkeypatch):
     options = {**TINY, "fractions": "1.0", "seeds": 3, "pretrain_seeds": 2}
     result = api.benchmark(out=tmp_path / "out", **options)
     assert (result.runs, result.trained) == (6, 6)
@@ -717,6 +718,21 @@ def test_each_seed_fine_tunes_from_its_own_pretraining_with_pretrain_seeds(tmp_p
         assert cells[-2] == f"{float(row['balanced_accuracy']):.3g}"
     assert "on the split of seed 0 at fraction 1.0, scored on its validation images" in report
     assert not (tmp_path / "out" / "probe" / "random").exists()  # nothing pretrained to probe
+    # Resumed with everything finished, the report reuses the probes of the same weights ...
+    record = tmp_path / "out" / "probe" / "context_restoration" / "probe.json"
+    probes, run_probe = [], benchmark_module.run_probe
+    monkeypatch.setattr(benchmark_module, "run_probe",
+                        lambda config: probes.append(config) or run_probe(config))  # fmt: skip
+    assert api.benchmark(out=tmp_path / "out", **options).report.read_text() == report
+    assert probes == []
+    # ... and probes again when a pretraining's weights are not the ones probed.
+    stored = json.loads(record.read_text())
+    fingerprint, stored["rows"][1]["init_weights"] = stored["rows"][1]["init_weights"], "0" * 16
+    record.write_text(json.dumps(stored))
+    assert api.benchmark(out=tmp_path / "out", **options).report.read_text() == report
+    assert [[Path(init).name for init in config.init] for config in probes] == [
+        ["seed_0", "seed_1"]]  # fmt: skip
+    assert json.loads(record.read_text())["rows"][1]["init_weights"] == fingerprint
     # The pairing of finished runs depends on it: another count in the same OUT is refused.
     with pytest.raises(CtxRestoreError, match=r"pretrain_seeds: 2 -> 3"):
         api.benchmark(out=tmp_path / "out", **{**options, "pretrain_seeds": 3})

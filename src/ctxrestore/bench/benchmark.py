@@ -11,6 +11,7 @@ restoration, varied one at a time around a default. Both go through the same pro
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -35,9 +36,11 @@ from ctxrestore.corruption.sampling import PLACEMENTS as SWAP_PLACEMENTS
 from ctxrestore.data.loading import FileOptions
 from ctxrestore.data.phantoms import get_phantom
 from ctxrestore.data.splits import parse_fraction
+from ctxrestore.engine.checkpoint import load_checkpoint, weights_fingerprint
 from ctxrestore.engine.distributed import on_main, resolve_device, setup_distributed
 from ctxrestore.engine.run_folder import check_head_only_steps, check_patience
 from ctxrestore.errors import CtxRestoreError
+from ctxrestore.files import read_json
 from ctxrestore.models import PRETRAINING_NETWORKS, pretraining_spec
 from ctxrestore.models.contrastive import check_projector
 from ctxrestore.pretext import create_pretext, list_pretexts
@@ -52,7 +55,7 @@ from ctxrestore.pretext.training import (
 )
 from ctxrestore.tasks.datasets import DEFAULT_PHANTOMS, boxes_only
 from ctxrestore.tasks.localize import BOXES_ONLY_MESSAGE, DECODER_BOX_HEADS, check_box_head
-from ctxrestore.tasks.probe import ProbeConfig, run_probe
+from ctxrestore.tasks.probe import PROBE_RECORD, ProbeConfig, run_probe
 from ctxrestore.tasks.training import DEFAULT_IMAGE_SIZES, TASK_NAMES, check_fresh_decoder_levels
 
 logger = logging.getLogger(__name__)
@@ -474,12 +477,28 @@ def probe_pretrainings(protocol: Protocol) -> dict[tuple[str, int], float]:
         draws = range(protocol.pretrain_seeds)
         folders = [str(protocol.pretrain_folder(arm, draw)) for draw in draws]
         finetune = protocol.finetune_config(arm, fraction, seed)
-        probed = run_probe(
-            ProbeConfig.for_finetuning(finetune, folders, protocol.out / "probe" / arm.name)
-        )
-        for draw, row in zip(draws, probed.rows):
+        config = ProbeConfig.for_finetuning(finetune, folders, protocol.out / "probe" / arm.name)
+        rows = _earlier_probe(config) or run_probe(config).rows
+        for draw, row in zip(draws, rows):
             scores[arm.name, draw] = row["balanced_accuracy"]
     return scores
+
+
+def _earlier_probe(config: ProbeConfig) -> list[dict] | None:
+    """The rows an earlier report wrote for the same probe of the same weights (checked by
+    fingerprint: a pretraining deleted and run again is probed again), so that resuming a
+    benchmark does not probe again; None when there are none."""
+    path = Path(config.out) / PROBE_RECORD
+    if not path.exists():
+        return None
+    earlier = read_json(path)
+    if earlier.get("config") != json.loads(json.dumps(config.to_json())):  # as stored
+        return None
+    fingerprints = [weights_fingerprint(load_checkpoint(Path(init))[0]) for init in config.init]
+    if [row.get("init_weights") for row in earlier["rows"]] != fingerprints:
+        return None
+    logger.info("linear probes of %s: reusing %s (the same weights)", config.init[0], path)
+    return earlier["rows"]
 
 
 def run_protocol(protocol: Protocol) -> BenchmarkResult:

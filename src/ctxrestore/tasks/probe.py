@@ -67,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 SCORE_SPLITS = ("val", "test")
 PROBE_FILE = "probe.csv"
+PROBE_RECORD = "probe.json"  # the config and rows, for the benchmark to reuse
 REPORT_FILE = "report.md"
 IGNORED = -1  # a sample's target where it has no single class (overlapping boxes)
 CHUNK = {2: 16, 3: 2}  # images / volumes per forward pass
@@ -421,7 +422,7 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
                     row["balanced_accuracy"], config.score_on, len(score_y))  # fmt: skip
         rows.append(row)
     write_csv(out / PROBE_FILE, rows)
-    write_json(out / "probe.json", {"config": config.to_json(), "rows": rows,
+    write_json(out / PROBE_RECORD, {"config": config.to_json(), "rows": rows,
                                     "split": split.summary()})  # fmt: skip
     report = probe_report(config, rows, split, data.source)
     atomic_write(out / REPORT_FILE, lambda path: path.write_text(report))

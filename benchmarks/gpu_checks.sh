@@ -55,7 +55,9 @@ tail -n 3 /tmp/gpu_pretrain/log.csv 2>/dev/null  # images_per_second is the 5th 
 step "probe on CUDA" 30 python3 -m ctxrestore --quiet probe segment --init /tmp/gpu_pretrain \
     --init random --image-size 128 --num-images 400 --fraction 0.25 --device cuda \
     --out "$OUT/probe"
-# The same through torchrun (DDP on one GPU): the launcher, NCCL and the rank-0 writes.
+# The same through torchrun on one GPU: the launcher and the rank-0 writes. One process is
+# world size 1 (no process group); NCCL between ranks needs two GPUs (tests/test_distributed.py
+# runs two ranks on gloo, including a whole benchmark).
 step "torchrun (DDP, 1 GPU)" 60 python3 -m torch.distributed.run --standalone \
     --nproc_per_node 1 -m ctxrestore --quiet pretrain --phantom brain --image-size 64 \
     --batch-size 32 --num-images 512 --max-steps 20 --device cuda --out /tmp/gpu_ddp

@@ -94,6 +94,16 @@ def test_torchrun_two_processes_benchmark_resumes_and_refuses_changed_settings(t
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("4 runs (0 trained now, 4 finished before)") == 1
 
+    # A command that runs in one process (probe) runs on rank 0, which hands on its result.
+    probed = _torchrun(29522, [
+        "probe", "classify", "--init", str(out / "pretrain" / "context_restoration" / "seed_*"),
+        "--init", "random", "--num-images", "40", "--image-size", "32", "--width", "4",
+        "--device", "cpu", "--out", str(tmp_path / "probe"),
+    ])  # fmt: skip
+    assert probed.returncode == 0, probed.stderr[-3000:]
+    assert len((tmp_path / "probe" / "probe.csv").read_text().splitlines()) == 4
+    assert probed.stderr.count("best: ") == 1
+
     changed = _torchrun(29521, [*arguments[:-2], "--width", "8", "--out", str(out)])
     assert changed.returncode != 0  # (torchrun then prints its own traceback)
     # Rank 0 refused, and rank 1 stopped with the same one-line error instead of waiting.

@@ -17,6 +17,7 @@ from ctxrestore.data import list_phantoms
 from ctxrestore.data.intensity import CT_WINDOWS, MODALITIES
 from ctxrestore.data.phantoms.export import export_phantom
 from ctxrestore.data.phantoms.gallery import phantom_gallery
+from ctxrestore.engine.distributed import on_main, setup_distributed
 from ctxrestore.files import atomic_write
 from ctxrestore.models import PRETRAINING_NETWORKS
 from ctxrestore.pretext import list_pretexts
@@ -825,7 +826,8 @@ def probe(
     report.md. Use it to choose between pretrainings of one recipe, then fine-tune the best.
     """
     options = {key: _value(value) for key, value in locals().items()}
-    result = run_probe(ProbeConfig(**options))
+    # Under torchrun rank 0 alone probes and writes, and hands every process the result.
+    result = on_main(setup_distributed(options["device"]), run_probe, ProbeConfig(**options))
     best = result.best()
     logger.info(
         "best: %s (balanced accuracy %.3f on %s); report in %s",
@@ -855,9 +857,9 @@ def predict(
     (NIfTI on the input's grid and position, or PNG for 2D images). OUT/predictions.png shows
     some of them. Inputs are preprocessed as the run's training data was (its spec).
     """
-    result = run_prediction(
-        run, images, out, device=_value(device), batch_size=batch_size, skip_bad=skip_bad
-    )
+    context = setup_distributed(_value(device))  # under torchrun rank 0 alone predicts
+    result = on_main(context, run_prediction, run, images, out, device=_value(device),
+                     batch_size=batch_size, skip_bad=skip_bad)  # fmt: skip
     logger.info("predicted %d inputs into %s", result.count, result.out)
     return result
 
@@ -937,11 +939,17 @@ def demo(
         "",
     ]
     for phantom in DEMO_TASKS.values():
-        gallery = out / "phantoms" / f"{phantom}.png"
-        phantom_gallery(phantom, gallery, count=6, image_size=settings["image_size"] or 64)
         lines += [f"![{phantom} phantom](phantoms/{phantom}.png)", ""]
+    # Under torchrun rank 0 alone draws and writes (the benchmarks above did the same).
+    context = setup_distributed(_value(device))
+    return on_main(context, _write_demo_report, out, "\n".join(lines), settings["image_size"])
+
+
+def _write_demo_report(out: Path, text: str, image_size: int | None) -> Path:
+    for phantom in DEMO_TASKS.values():
+        gallery = out / "phantoms" / f"{phantom}.png"
+        phantom_gallery(phantom, gallery, count=6, image_size=image_size or 64)
     report = out / "report.md"
-    text = "\n".join(lines)
     atomic_write(report, lambda temporary: temporary.write_text(text))
     logger.info("demo report: %s", report)
     return report

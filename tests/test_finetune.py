@@ -3,6 +3,7 @@ transfer really loads, the errors for checkpoints that do not fit, splits, resum
 
 import csv
 import json
+import re
 import shutil
 from collections import Counter
 from types import SimpleNamespace
@@ -159,6 +160,24 @@ def test_fine_tuning_from_an_unfinished_pretraining_says_so(tmp_path, pretrained
         ctxrestore.finetune("classify", out=tmp_path / "b", init=str(pretrained["classify"]),
                             **TINY_FINETUNE)  # fmt: skip
     assert "unfinished run" not in caplog.text
+
+
+@pytest.mark.parametrize("missing", ["prefixes", "in_channels"])
+def test_an_init_folder_without_a_ctxrestore_spec_is_refused_by_name(tmp_path, pretrained,
+                                                                      missing):  # fmt: skip
+    """Pretraining and fine-tuning read --init through one check, before any run folder."""
+    foreign = tmp_path / "foreign"
+    shutil.copytree(pretrained["classify"], foreign)
+    spec = json.loads((foreign / "spec.json").read_text())
+    del (spec["model"] if missing == "prefixes" else spec)[missing]
+    (foreign / "spec.json").write_text(json.dumps(spec))
+    message = f"{foreign / 'spec.json'} is not a ctxrestore spec"
+    with pytest.raises(CtxRestoreError, match=re.escape(message)):
+        ctxrestore.finetune("classify", out=tmp_path / "a", init=str(foreign), **TINY_FINETUNE)
+    with pytest.raises(CtxRestoreError, match=re.escape(message)):
+        ctxrestore.pretrain(out=tmp_path / "b", network="sononet", phantom="ultrasound",
+                            init=str(foreign), **TINY_PRETRAIN)  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_frozen_encoder_keeps_its_pretrained_values(tmp_path, pretrained):

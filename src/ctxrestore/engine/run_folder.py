@@ -35,6 +35,21 @@ def is_finished(folder: Path) -> bool:
     return (Path(folder) / METRICS_FILE).is_file()
 
 
+def check_init_folder(folder: Path, spec: dict) -> None:
+    """A folder that --init names (to pretrain or fine-tune from): its spec must be one
+    ctxrestore wrote, with the network's parts named (refused by name otherwise), and a run
+    still going or interrupted is warned about."""
+    model = spec.get("model")
+    if not isinstance(model, dict) or "prefixes" not in model or not {
+        "spatial_dims", "in_channels"} <= spec.keys():  # fmt: skip
+        raise CtxRestoreError(
+            f"{Path(folder) / SPEC_FILE} is not a ctxrestore spec (no network with named "
+            "parts, spatial_dims and in_channels): --init takes a folder that `ctxrestore "
+            "pretrain` or `finetune` wrote"
+        )
+    warn_if_unfinished(folder)
+
+
 def warn_if_unfinished(folder: Path) -> None:
     """Before starting from `folder`'s weights: a run writes its checkpoint every few hundred
     steps and metrics.json at the end, so a folder with a training state but no metrics.json

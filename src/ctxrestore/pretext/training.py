@@ -32,12 +32,12 @@ from ctxrestore.engine.distributed import barrier, on_main, setup_distributed
 from ctxrestore.engine.loop import FitResult, LoopConfig, fit
 from ctxrestore.engine.run_folder import (
     METRICS_FILE,
+    check_init_folder,
     check_run_folder,
     check_same_start,
     check_stage_options,
     option_defaults,
     start_run_folder,
-    warn_if_unfinished,
 )
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_image_grid
@@ -457,9 +457,7 @@ def start_from(model: nn.Module, folder: Path, spec: dict, *, freeze_encoder: bo
     restoration); `freeze_encoder` keeps that encoder fixed, so the second pretext trains only
     what follows it. Returns what moved (and what is fixed), for the spec and the report."""
     state, init_spec = load_checkpoint(folder)
-    if "prefixes" not in init_spec.get("model", {}) or "spatial_dims" not in init_spec:
-        raise CtxRestoreError(f"{folder / SPEC_FILE} is not a ctxrestore spec")
-    warn_if_unfinished(folder)
+    check_init_folder(folder, init_spec)
     source = f"--init {folder}"
     check_compatible(
         init_spec,

@@ -29,13 +29,13 @@ from ctxrestore.engine.loop import BEST_DIR, LoopConfig, Validation, fit
 from ctxrestore.engine.run_folder import (
     METRICS_FILE,
     check_head_only_steps,
+    check_init_folder,
     check_patience,
     check_run_folder,
     check_same_start,
     check_stage_options,
     option_defaults,
     start_run_folder,
-    warn_if_unfinished,
 )
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.files import write_json
@@ -219,9 +219,7 @@ def check_init(
     """(pretrained state, pretrained spec), checked against the data before any training."""
     if spec is None:
         return None, None
-    if "model" not in spec or "spatial_dims" not in spec or "in_channels" not in spec:
-        raise CtxRestoreError(f"{Path(config.init) / 'spec.json'} is not a ctxrestore spec")
-    warn_if_unfinished(Path(config.init))
+    check_init_folder(Path(config.init), spec)
     check_compatible(
         spec,
         spatial_dims=config.spatial_dims,

@@ -14,6 +14,7 @@ import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -22,6 +23,10 @@ import torch.distributed as dist
 from ctxrestore.errors import CtxRestoreError
 
 DEVICES = ("auto", "cpu", "cuda")
+# How long a rank waits in a collective. The others wait while rank 0 alone tests a fine-tuned
+# network, writes its report or probes pretrainings: minutes on large 3D data, past NCCL's
+# default of 10 minutes.
+COLLECTIVE_TIMEOUT = timedelta(hours=1)
 T = TypeVar("T")
 
 
@@ -64,7 +69,7 @@ def setup_distributed(device: str = "auto") -> DistributedContext:
         if not dist.is_initialized():
             if resolved.type == "cuda":
                 torch.cuda.set_device(resolved)
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
             atexit.register(_leave_process_group)
         elif dist.get_backend() != backend:
             raise CtxRestoreError(

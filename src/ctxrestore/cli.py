@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Annotated
 
 import typer
@@ -13,6 +12,7 @@ from rich.logging import RichHandler
 
 import ctxrestore
 from ctxrestore import api
+from ctxrestore.engine.distributed import launched_rank
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.progress import show_progress
 
@@ -47,7 +47,7 @@ def _main(
     _state["debug"] = debug
     show_progress(not quiet)
     # Under torchrun the other ranks only warn: one copy of each line, from rank 0.
-    other_rank = os.environ.get("RANK", "0") != "0"
+    other_rank = launched_rank() != 0
     logging.basicConfig(
         level=logging.WARNING if quiet or other_rank else logging.INFO,
         format="%(message)s",

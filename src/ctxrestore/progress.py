@@ -3,11 +3,12 @@ rank 0 only under torchrun, so N processes do not draw N bars over each other.""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from rich.progress import track as _rich_track
+
+from ctxrestore.engine.distributed import launched_rank
 
 T = TypeVar("T")
 _state = {"shown": True}
@@ -19,7 +20,7 @@ def show_progress(shown: bool = True) -> None:
 
 
 def progress_shown() -> bool:
-    return _state["shown"] and os.environ.get("RANK", "0") == "0"
+    return _state["shown"] and launched_rank() == 0
 
 
 def track(sequence: Iterable[T], description: str, **options) -> Iterator[T]:

@@ -504,9 +504,8 @@ def _earlier_probe(config: ProbeConfig) -> list[dict] | None:
 def run_protocol(protocol: Protocol) -> BenchmarkResult:
     """Run the grid (resuming), then write results.csv, summary.csv, plot.png, report.md
     (under torchrun on rank 0, which hands every process the result)."""
-    grid = run_grid(protocol)
-    context = setup_distributed(protocol.finetune_options["device"])  # joined by the grid
-    return on_main(context, _write_outputs, protocol, grid)
+    context = setup_distributed(protocol.finetune_options["device"])  # once, for every run
+    return on_main(context, _write_outputs, protocol, run_grid(protocol, context))
 
 
 def _write_outputs(protocol: Protocol, grid: GridRun) -> BenchmarkResult:

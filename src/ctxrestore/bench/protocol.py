@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctxrestore.engine.distributed import DistributedContext, on_main, setup_distributed
+from ctxrestore.engine.distributed import DistributedContext, on_main
 from ctxrestore.engine.environment import environment_fingerprint
 from ctxrestore.engine.run_folder import METRICS_FILE, is_finished
 from ctxrestore.errors import CtxRestoreError
@@ -283,11 +283,10 @@ class GridRun:
     skipped: int
 
 
-def run_grid(protocol: Protocol) -> GridRun:
+def run_grid(protocol: Protocol, context: DistributedContext) -> GridRun:
     """Pretrain every arm (once per pretraining seed), then fine-tune every arm x fraction x
     seed (resuming). Under torchrun every process trains every run, and rank 0 alone decides
     what is finished and clears what is not (on_main), so no two processes race on a folder."""
-    context = setup_distributed(protocol.finetune_options["device"])
     on_main(context, check_settings, protocol.out, protocol.settings)
     run_pretrainings(protocol, context)
     grid = list(protocol.grid())

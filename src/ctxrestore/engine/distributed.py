@@ -46,6 +46,12 @@ class DistributedContext:
         return self.world_size > 1
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), readable before any run
+    joins the process group: for what the CLI prints."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """'auto' is CUDA when present, else CPU; under torchrun each process takes its own GPU."""
     if device not in DEVICES:
@@ -61,7 +67,7 @@ def setup_distributed(device: str = "auto") -> DistributedContext:
     """Join torchrun's process group if launched by it (once per process; it is left at
     exit); otherwise a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
     if world_size > 1:

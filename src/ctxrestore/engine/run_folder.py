@@ -40,8 +40,8 @@ def check_init_folder(folder: Path, spec: dict) -> None:
     ctxrestore wrote, with the network's parts named (refused by name otherwise), and a run
     still going or interrupted is warned about."""
     model = spec.get("model")
-    if not isinstance(model, dict) or "prefixes" not in model or not {
-        "spatial_dims", "in_channels"} <= spec.keys():  # fmt: skip
+    parts_named = isinstance(model, dict) and "prefixes" in model
+    if not parts_named or not {"spatial_dims", "in_channels"} <= spec.keys():
         raise CtxRestoreError(
             f"{Path(folder) / SPEC_FILE} is not a ctxrestore spec (no network with named "
             "parts, spatial_dims and in_channels): --init takes a folder that `ctxrestore "

@@ -54,6 +54,20 @@ def test_torchrun_two_processes_finetune_with_validation(tmp_path):
     assert (out / "best" / "model.safetensors").is_file()
 
 
+COMPARE_SCRIPT = """
+import os
+from ctxrestore import api
+from ctxrestore.bench import comparison
+
+writes = []
+write_results = comparison.write_results
+comparison.write_results = lambda *args: (writes.append(args[0]), write_results(*args))[1]
+result = api.compare(arm=["random={runs}/random/*/*",
+                          "context_restoration={runs}/context_restoration/*/*"], out="{out}")
+print(f"rank {{os.environ['RANK']}} wrote results.csv {{len(writes)}} time(s); {{result.runs}} runs")
+"""
+
+
 def _torchrun(port: int, arguments: list[str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(port), "-m", "ctxrestore", *arguments]  # fmt: skip
@@ -103,6 +117,20 @@ def test_torchrun_two_processes_benchmark_resumes_and_refuses_changed_settings(t
     assert probed.returncode == 0, probed.stderr[-3000:]
     assert len((tmp_path / "probe" / "probe.csv").read_text().splitlines()) == 4
     assert probed.stderr.count("best: ") == 1
+
+    # compare reads runs and writes files only: rank 0 does it, the other rank gets its result.
+    script = tmp_path / "compare_on_two_ranks.py"
+    script.write_text(COMPARE_SCRIPT.format(runs=out / "runs", out=tmp_path / "compared"))
+    compared = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29523", str(script)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert sorted(line for line in compared.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0 wrote results.csv 1 time(s); 4 runs", "rank 1 wrote results.csv 0 time(s); 4 runs"]
+    assert (tmp_path / "compared" / "report.md").is_file()
+    assert not [path for path in (tmp_path / "compared").rglob(".*")]
 
     changed = _torchrun(29521, [*arguments[:-2], "--width", "8", "--out", str(out)])
     assert changed.returncode != 0  # (torchrun then prints its own traceback)

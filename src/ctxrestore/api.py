@@ -747,7 +747,9 @@ def compare(
     for text in arm:
         name, runs = parse_arm(text)
         arms.setdefault(name, []).append(runs)
-    return compare_runs(out, arms, reference=reference, metric=metric)
+    # Under torchrun, rank 0 alone reads the runs and writes the outputs.
+    return on_main(setup_distributed(), compare_runs, out, arms, reference=reference,
+                   metric=metric)  # fmt: skip
 
 
 def probe(

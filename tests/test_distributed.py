@@ -64,7 +64,8 @@ write_results = comparison.write_results
 comparison.write_results = lambda *args: (writes.append(args[0]), write_results(*args))[1]
 result = api.compare(arm=["random={runs}/random/*/*",
                           "context_restoration={runs}/context_restoration/*/*"], out="{out}")
-print(f"rank {{os.environ['RANK']}} wrote results.csv {{len(writes)}} time(s); {{result.runs}} runs")
+rank = os.environ["RANK"]
+print(f"rank {{rank}} wrote results.csv {{len(writes)}} time(s); {{result.runs}} runs")
 """
 
 
@@ -128,7 +129,9 @@ def test_torchrun_two_processes_benchmark_resumes_and_refuses_changed_settings(t
     )  # fmt: skip
     assert compared.returncode == 0, compared.stderr[-3000:]
     assert sorted(line for line in compared.stdout.splitlines() if line.startswith("rank")) == [
-        "rank 0 wrote results.csv 1 time(s); 4 runs", "rank 1 wrote results.csv 0 time(s); 4 runs"]
+        "rank 0 wrote results.csv 1 time(s); 4 runs",
+        "rank 1 wrote results.csv 0 time(s); 4 runs",
+    ]
     assert (tmp_path / "compared" / "report.md").is_file()
     assert not [path for path in (tmp_path / "compared").rglob(".*")]
 

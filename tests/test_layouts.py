@@ -102,3 +102,9 @@ def test_boxes_round_trip_with_absent_organs(tmp_path):
     assert read_boxes_csv(tmp_path / "boxes.csv") == {
         "a.nii.gz": {"liver": ((1, 2), (5, 9)), "spleen": None}
     }
+
+
+def test_a_folder_without_dataset_json_is_told_what_layout_is_expected(tmp_path):
+    (tmp_path / "scan.png").write_bytes(b"")
+    with pytest.raises(CtxRestoreError, match=r"has no dataset\.json: .*imagesTr/, labelsTr/"):
+        read_segmentation_layout(tmp_path)

@@ -220,6 +220,13 @@ def _channel_files(folder: Path, entry: object, channels: int, where: str) -> tu
 def read_segmentation_layout(folder: Path | str) -> SegmentationLayout:
     """Read dataset.json and check that every file it names exists."""
     folder = Path(folder)
+    if folder.is_dir() and not (folder / DATASET_FILE).is_file():
+        raise CtxRestoreError(
+            f"{folder} has no {DATASET_FILE}: segmentation and localisation data is a Medical "
+            f"Segmentation Decathlon / nnU-Net folder ({DATASET_FILE}, imagesTr/, labelsTr/; "
+            f"localisation adds {BOXES_FILE}); `ctxrestore phantoms abdomen --out DIR` writes "
+            f"an example"
+        )
     data = read_json(folder / DATASET_FILE)
     channels = data.get("channel_names") or data.get("modality")
     raw_labels = data.get("labels")

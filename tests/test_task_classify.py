@@ -111,6 +111,9 @@ def test_task_refuses_bad_configuration_and_round_trips_through_json():
         ClassificationTask(("a", "a"))
     with pytest.raises(CtxRestoreError, match="one per class"):
         ClassificationTask(("a", "b"), class_weights=(1.0,))
+    with pytest.raises(CtxRestoreError, match=r"2 finite values >= 0, one per class \('a', 'b'\)"):
+        ClassificationTask(("a", "b"), class_weights=(1.0, float("nan")))
+    assert ClassificationTask(("a", "b"), class_weights=(0, 1)).class_weights == (0.0, 1.0)
     task = ClassificationTask(("a", "b"), class_weights=(1.0, 2.0))
     assert task.name == "classify" and task.metric == "macro_f1"
     rebuilt = ClassificationTask.from_json(json.loads(json.dumps(task.to_json())))

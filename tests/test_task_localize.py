@@ -224,6 +224,8 @@ def test_task_validation_json_and_balancing(caplog):
         LocalizationTask(("liver", "liver"))
     with pytest.raises(CtxRestoreError, match="presence_weights must be 2"):
         LocalizationTask(("liver", "spleen"), presence_weights=(1.0,))
+    with pytest.raises(CtxRestoreError, match=r"2 finite values > 0, one per organ"):
+        LocalizationTask(("liver", "spleen"), presence_weights=(0.0, 1.0))
     task = LocalizationTask(("liver", "spleen", "kidney", "aorta"))
     assert task.name == "localize" and task.metric == "iou/mean"
     assert task.to_json() == {

@@ -13,12 +13,15 @@ Batches are dicts of tensors, already on the device:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
+
+from ctxrestore.errors import CtxRestoreError
 
 
 class DownstreamTask(Protocol):
@@ -65,3 +68,20 @@ class DownstreamTask(Protocol):
     def to_json(self) -> dict:
         """The task's parameters (class / organ / label names...), to rebuild it for predict."""
         ...
+
+
+def weights_per_name(
+    option: str, weights: Sequence[float], names: Sequence[str], *, per: str, zero_allowed: bool
+) -> tuple[float, ...]:
+    """`weights` as one finite float per name (>= 0, or > 0 where a zero would silence a
+    name), or an error that names the option and the names."""
+    values = tuple(float(weight) for weight in weights)
+    bound = ">= 0" if zero_allowed else "> 0"
+    if len(values) != len(names) or not all(
+        math.isfinite(value) and (value > 0 or (zero_allowed and value == 0)) for value in values
+    ):
+        raise CtxRestoreError(
+            f"{option} must be {len(names)} finite values {bound}, one per {per} "
+            f"{tuple(names)}; got {weights}"
+        )
+    return values

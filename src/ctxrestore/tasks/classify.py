@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch.nn import functional
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_labelled_gallery
 from ctxrestore.models.spec import model_spec
+from ctxrestore.tasks.base import weights_per_name
 
 if TYPE_CHECKING:
     from ctxrestore.tasks.augment import Augmentation
@@ -52,14 +52,9 @@ class ClassificationTask:
             raise CtxRestoreError(f"classification needs >= 2 distinct class names, got {names}")
         object.__setattr__(self, "class_names", names)
         if self.class_weights is not None:
-            weights = tuple(float(weight) for weight in self.class_weights)
-            if len(weights) != len(names) or not all(
-                math.isfinite(weight) and weight >= 0 for weight in weights
-            ):
-                raise CtxRestoreError(
-                    f"class_weights must be {len(names)} finite values >= 0, one per class "
-                    f"{names}; got {self.class_weights}"
-                )
+            weights = weights_per_name(
+                "class_weights", self.class_weights, names, per="class", zero_allowed=True
+            )
             object.__setattr__(self, "class_weights", weights)
 
     @property

@@ -53,6 +53,7 @@ from torch.nn import functional
 from ctxrestore.errors import CtxRestoreError
 from ctxrestore.figures import save_labelled_gallery
 from ctxrestore.models.spec import model_spec, unet_spec
+from ctxrestore.tasks.base import weights_per_name
 
 if TYPE_CHECKING:
     from ctxrestore.tasks.augment import Augmentation
@@ -127,14 +128,9 @@ class LocalizationTask:
                 )
             object.__setattr__(self, "organ_values", values)
         if self.presence_weights is not None:
-            weights = tuple(float(weight) for weight in self.presence_weights)
-            if len(weights) != len(names) or not all(
-                math.isfinite(weight) and weight > 0 for weight in weights
-            ):
-                raise CtxRestoreError(
-                    f"presence_weights must be {len(names)} finite values > 0, one per organ "
-                    f"{names}; got {self.presence_weights}"
-                )
+            weights = weights_per_name(
+                "presence_weights", self.presence_weights, names, per="organ", zero_allowed=False
+            )
             object.__setattr__(self, "presence_weights", weights)
 
     @property

@@ -896,7 +896,7 @@ def demo(
         "runs/demo"
     ),
     quick: Annotated[
-        bool, typer.Option(help="Two initialisations, one fraction: a minute or two on a CPU.")
+        bool, typer.Option(help="Two initialisations, one fraction: under a minute on a CPU.")
     ] = False,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = "auto",
 ) -> Path:

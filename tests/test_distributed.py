@@ -69,6 +69,22 @@ print(f"rank {{rank}} wrote results.csv {{len(writes)}} time(s); {{result.runs}}
 """
 
 
+REFUSAL_SCRIPT = """
+import sys
+
+import torch.distributed as dist
+
+from ctxrestore.cli import app
+
+try:
+    app(sys.argv[1:])
+except SystemExit as stop:
+    code = stop.code
+dist.barrier()
+sys.exit(code)
+"""
+
+
 def _torchrun(port: int, arguments: list[str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(port), "-m", "ctxrestore", *arguments]  # fmt: skip
@@ -135,7 +151,16 @@ def test_torchrun_two_processes_benchmark_resumes_and_refuses_changed_settings(t
     assert (tmp_path / "compared" / "report.md").is_file()
     assert not [path for path in (tmp_path / "compared").rglob(".*")]
 
-    changed = _torchrun(29521, [*arguments[:-2], "--width", "8", "--out", str(out)])
+    # torchrun stops the other ranks as soon as one exits, which can be before rank 1 has
+    # printed its error: this script has each rank print its error, then wait for the other.
+    script = tmp_path / "refuse_on_two_ranks.py"
+    script.write_text(REFUSAL_SCRIPT)
+    changed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29521", str(script), *arguments[:-2], "--width", "8",
+         "--out", str(out)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
+    )  # fmt: skip
     assert changed.returncode != 0  # (torchrun then prints its own traceback)
     # Rank 0 refused, and rank 1 stopped with the same one-line error instead of waiting.
     assert changed.stderr.count("holds a benchmark with other settings (width") == 2

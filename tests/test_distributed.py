@@ -5,54 +5,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from ctxrestore.engine.checkpoint import load_checkpoint
 from ctxrestore.engine.loop import read_log
-
-
-@pytest.mark.distributed
-def test_torchrun_two_processes_pretrain(tmp_path):
-    out = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29517", "-m", "ctxrestore", "--quiet", "pretrain",
-        "--out", str(out), "--device", "cpu", "--num-images", "32", "--image-size", "32",
-        "--width", "4", "--batch-size", "8", "--max-steps", "4", "--patch-size", "4",
-        "--log-every", "1",
-    ]  # fmt: skip
-    environment = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [row["step"] for row in read_log(out)] == [1, 2, 3, 4]
-    weights, spec = load_checkpoint(out)
-    assert spec["model"]["name"] == "unet"
-    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
-    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
-    # Only rank 0 wrote files: no stray temporaries from a second writer.
-    assert not [path for path in out.iterdir() if path.name.startswith(".")]
-
-
-@pytest.mark.distributed
-def test_torchrun_two_processes_finetune_with_validation(tmp_path):
-    """Validation runs on rank 0 and its early-stop decision reaches every process."""
-    out = tmp_path / "segment"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29518", "-m", "ctxrestore", "--quiet", "finetune", "segment",
-        "--out", str(out), "--device", "cpu", "--num-images", "40", "--image-size", "32",
-        "--width", "4", "--batch-size", "8", "--max-steps", "6", "--epochs", "1",
-    ]  # fmt: skip
-    environment = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "metrics.json").read_text())
-    assert summary["steps"] == 6 and summary["best_step"] == 6
-    assert 0.0 <= summary["test"]["global_dice/mean"] <= 1.0
-    assert (out / "best" / "model.safetensors").is_file()
-
 
 COMPARE_SCRIPT = """
 import os
@@ -61,7 +20,14 @@ from ctxrestore.bench import comparison
 
 writes = []
 write_results = comparison.write_results
-comparison.write_results = lambda *args: (writes.append(args[0]), write_results(*args))[1]
+
+
+def counted_write_results(*args):
+    writes.append(args[0])
+    return write_results(*args)
+
+
+comparison.write_results = counted_write_results
 result = api.compare(arm=["random={runs}/random/*/*",
                           "context_restoration={runs}/context_restoration/*/*"], out="{out}")
 rank = os.environ["RANK"]
@@ -85,11 +51,49 @@ sys.exit(code)
 """
 
 
-def _torchrun(port: int, arguments: list[str]) -> subprocess.CompletedProcess:
+def _torchrun(
+    port: int, arguments: list[str], script: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Two CPU processes of `ctxrestore ARGUMENTS` (or of `script ARGUMENTS`)."""
+    target = [str(script)] if script else ["-m", "ctxrestore"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(port), "-m", "ctxrestore", *arguments]  # fmt: skip
+               "--master_port", str(port), *target, *arguments]  # fmt: skip
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_pretrain(tmp_path):
+    out = tmp_path / "run"
+    result = _torchrun(29517, [
+        "--quiet", "pretrain", "--out", str(out), "--device", "cpu", "--num-images", "32",
+        "--image-size", "32", "--width", "4", "--batch-size", "8", "--max-steps", "4",
+        "--patch-size", "4", "--log-every", "1",
+    ])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["step"] for row in read_log(out)] == [1, 2, 3, 4]
+    weights, spec = load_checkpoint(out)
+    assert spec["model"]["name"] == "unet"
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    # Only rank 0 wrote files: no stray temporaries from a second writer.
+    assert not [path for path in out.iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_finetune_with_validation(tmp_path):
+    """Validation runs on rank 0 and its early-stop decision reaches every process."""
+    out = tmp_path / "segment"
+    result = _torchrun(29518, [
+        "--quiet", "finetune", "segment", "--out", str(out), "--device", "cpu",
+        "--num-images", "40", "--image-size", "32", "--width", "4", "--batch-size", "8",
+        "--max-steps", "6", "--epochs", "1",
+    ])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["steps"] == 6 and summary["best_step"] == 6
+    assert 0.0 <= summary["test"]["global_dice/mean"] <= 1.0
+    assert (out / "best" / "model.safetensors").is_file()
 
 
 @pytest.mark.distributed
@@ -138,11 +142,7 @@ def test_torchrun_two_processes_benchmark_resumes_and_refuses_changed_settings(t
     # compare reads runs and writes files only: rank 0 does it, the other rank gets its result.
     script = tmp_path / "compare_on_two_ranks.py"
     script.write_text(COMPARE_SCRIPT.format(runs=out / "runs", out=tmp_path / "compared"))
-    compared = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29523", str(script)],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
-    )  # fmt: skip
+    compared = _torchrun(29523, [], script)
     assert compared.returncode == 0, compared.stderr[-3000:]
     assert sorted(line for line in compared.stdout.splitlines() if line.startswith("rank")) == [
         "rank 0 wrote results.csv 1 time(s); 4 runs",
@@ -155,12 +155,7 @@ def test_torchrun_two_processes_benchmark_resumes_and_refuses_changed_settings(t
     # printed its error: this script has each rank print its error, then wait for the other.
     script = tmp_path / "refuse_on_two_ranks.py"
     script.write_text(REFUSAL_SCRIPT)
-    changed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29521", str(script), *arguments[:-2], "--width", "8",
-         "--out", str(out)],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
-    )  # fmt: skip
+    changed = _torchrun(29521, [*arguments[:-2], "--width", "8", "--out", str(out)], script)
     assert changed.returncode != 0  # (torchrun then prints its own traceback)
     # Rank 0 refused, and rank 1 stopped with the same one-line error instead of waiting.
     assert changed.stderr.count("holds a benchmark with other settings (width") == 2

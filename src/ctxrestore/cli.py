@@ -12,8 +12,8 @@ from rich.logging import RichHandler
 
 import ctxrestore
 from ctxrestore import api
-from ctxrestore.engine.distributed import launched_rank
 from ctxrestore.errors import CtxRestoreError
+from ctxrestore.launcher import launched_rank
 from ctxrestore.progress import show_progress
 
 app = typer.Typer(

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from rich.progress import track as _rich_track
 
-from ctxrestore.engine.distributed import launched_rank
+from ctxrestore.launcher import launched_rank
 
 T = TypeVar("T")
 _state = {"shown": True}

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ctxrestore.errors import CtxRestoreError
+from ctxrestore.launcher import launched_rank
 
 DEVICES = ("auto", "cpu", "cuda")
 # How long a rank waits in a collective. The others wait while rank 0 alone tests a fine-tuned
@@ -44,12 +45,6 @@ class DistributedContext:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
-
-
-def launched_rank() -> int:
-    """This process's rank as torchrun set it (0 without torchrun), readable before any run
-    joins the process group: for what the CLI prints."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:

@@ -30,8 +30,10 @@ def counted_write_results(*args):
 comparison.write_results = counted_write_results
 result = api.compare(arm=["random={runs}/random/*/*",
                           "context_restoration={runs}/context_restoration/*/*"], out="{out}")
+# One file per rank: lines printed by two processes to one pipe can interleave.
 rank = os.environ["RANK"]
-print(f"rank {{rank}} wrote results.csv {{len(writes)}} time(s); {{result.runs}} runs")
+with open(f"{marks}/rank_{{rank}}.txt", "w") as mark:
+    mark.write(f"rank {{rank}} wrote results.csv {{len(writes)}} time(s); {{result.runs}} runs")
 """
 
 
@@ -141,10 +143,11 @@ def test_torchrun_two_processes_benchmark_resumes_and_refuses_changed_settings(t
 
     # compare reads runs and writes files only: rank 0 does it, the other rank gets its result.
     script = tmp_path / "compare_on_two_ranks.py"
-    script.write_text(COMPARE_SCRIPT.format(runs=out / "runs", out=tmp_path / "compared"))
+    script.write_text(COMPARE_SCRIPT.format(runs=out / "runs", out=tmp_path / "compared",
+                                            marks=tmp_path))  # fmt: skip
     compared = _torchrun(29523, [], script)
     assert compared.returncode == 0, compared.stderr[-3000:]
-    assert sorted(line for line in compared.stdout.splitlines() if line.startswith("rank")) == [
+    assert [(tmp_path / f"rank_{rank}.txt").read_text() for rank in (0, 1)] == [
         "rank 0 wrote results.csv 1 time(s); 4 runs",
         "rank 1 wrote results.csv 0 time(s); 4 runs",
     ]
